@@ -1,0 +1,123 @@
+"""Config: YAML file -> one frozen `Config`, or every problem with its YAML path and line."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator, Mapping
+from pathlib import Path as FsPath
+
+from pydantic import ValidationError
+
+from router.config.loader import Loaded, Path, Problem, load_text
+from router.config.model import (
+    ApiKeyConfig,
+    BackendConfig,
+    Config,
+    Limits,
+    MockProviderConfig,
+    OpenAIProviderConfig,
+    ProviderConfig,
+    RouteConfig,
+)
+from router.locs import input_path
+
+__all__ = [
+    "ApiKeyConfig",
+    "BackendConfig",
+    "Config",
+    "ConfigError",
+    "Limits",
+    "MockProviderConfig",
+    "OpenAIProviderConfig",
+    "Problem",
+    "ProviderConfig",
+    "RouteConfig",
+    "load_config",
+    "parse_config",
+]
+
+
+class ConfigError(Exception):
+    def __init__(self, source: str, problems: list[Problem]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(p.render(source) for p in problems))
+
+
+def load_config(path: str | FsPath, env: Mapping[str, str] | None = None) -> Config:
+    source = str(path)
+    try:
+        text = FsPath(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(source, [Problem((), f"cannot read file: {exc}")]) from exc
+    return parse_config(text, source=source, env=env)
+
+
+def parse_config(text: str, *, source: str = "<config>",
+                 env: Mapping[str, str] | None = None) -> Config:
+    loaded = load_text(text, env)
+    if loaded.problems:
+        raise ConfigError(source, loaded.problems)
+    if not isinstance(loaded.data, dict):
+        raise ConfigError(source, [Problem((), "the top level must be a mapping")])
+    try:
+        config = Config.model_validate(loaded.data)
+    except ValidationError as exc:
+        raise ConfigError(source, _pydantic_problems(exc, loaded)) from None
+    problems = [Problem(p, msg, loaded.line_of(p)) for p, msg in _cross_checks(config)]
+    if problems:
+        raise ConfigError(source, problems)
+    return config
+
+
+def _pydantic_problems(exc: ValidationError, loaded: Loaded) -> list[Problem]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        path = input_path(loaded.data, err["loc"], missing=err["type"] == "missing")
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "union_tag_invalid":
+            ctx = err.get("ctx", {})
+            msg = f"unknown provider type {ctx.get('tag')!r} (expected {ctx.get('expected_tags')})"
+        problems.append(Problem(path, msg, loaded.line_of(path)))
+    return problems
+
+
+def _cross_checks(config: Config) -> Iterator[tuple[Path, str]]:
+    routes = config.routes
+    for route_name, route in routes.items():
+        names: set[str] = set()
+        for i, backend in enumerate(route.backends):
+            where: Path = ("routes", route_name, "backends", i)
+            if backend.provider not in config.providers:
+                yield (*where, "provider"), f"unknown provider {backend.provider!r}"
+            if backend.display_name in names:
+                yield where, f"duplicate backend name {backend.display_name!r} (set `name`)"
+            names.add(backend.display_name)
+        for i, fallback in enumerate(route.fallbacks):
+            if fallback not in routes:
+                yield ("routes", route_name, "fallbacks", i), f"unknown route {fallback!r}"
+            elif fallback == route_name:
+                yield ("routes", route_name, "fallbacks", i), "a route cannot fall back to itself"
+    if config.default_route is not None and config.default_route not in routes:
+        yield ("default_route",), f"unknown route {config.default_route!r}"
+    ids: set[str] = set()
+    for i, key in enumerate(config.auth.api_keys):
+        if key.id in ids:
+            yield ("auth", "api_keys", i, "id"), f"duplicate key id {key.id!r}"
+        ids.add(key.id)
+        for j, model in enumerate(key.models):
+            if model != "*" and model not in routes:
+                yield ("auth", "api_keys", i, "models", j), f"unknown route {model!r}"
+    if config.auth.dev_api_key is not None and not _is_loopback(config.server.host):
+        yield ("auth", "dev_api_key"), "a dev key is only allowed when server.host is loopback"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,138 @@
+"""The config's typed, frozen shape. Unknown keys are errors; providers are a tagged union."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Strategy = Literal["round_robin", "weighted", "least_busy", "latency", "random"]
+Fanout = Literal["none"]
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=64)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    shutdown_grace_s: float = Field(30.0, ge=0, le=3600)
+    keepalive_timeout_s: float = Field(75.0, gt=0)
+    max_streams: int = Field(10_000, ge=1)
+    max_response_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    reload_poll_s: float = Field(1.0, ge=0)
+
+
+class StoreConfig(Frozen):
+    url: str = "memory://"
+    on_failure: Literal["open", "closed"] = "open"
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, v: str) -> str:
+        if not v.startswith("memory://"):
+            raise ValueError("only memory:// is supported in this version")
+        return v
+
+
+class Limits(Frozen):
+    rpm: PositiveInt | None = None
+    tpm: PositiveInt | None = None
+    concurrency: PositiveInt | None = None
+    tokens_per_day: PositiveInt | None = None
+
+
+class ApiKeyConfig(Frozen):
+    id: str = Field(min_length=1, max_length=64)
+    key_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    user: str = Field(min_length=1)
+    limits: Limits | None = None
+    models: tuple[str, ...] = ("*",)
+    admin: bool = False
+
+
+class AuthConfig(Frozen):
+    api_keys: tuple[ApiKeyConfig, ...] = ()
+    # Plaintext key for local development only: printed at start-up, refused off loopback.
+    dev_api_key: str | None = Field(None, min_length=16)
+    default_limits: Limits = Limits()
+
+
+class OpenAIProviderConfig(Frozen):
+    type: Literal["openai"]
+    base_url: str = Field(pattern=r"^https?://[^\s]+$")
+    api_key: str | None = Field(None, repr=False)
+    headers: dict[str, str] = Field(default_factory=dict, repr=False)
+    max_connections: int = Field(256, ge=1)
+    probe: bool = True
+
+
+class MockProviderConfig(Frozen):
+    type: Literal["mock"]
+    latency_ms: float = Field(0.0, ge=0)
+    chunks: int = Field(8, ge=1, le=10_000)
+    chunk_gap_ms: float = Field(0.0, ge=0)
+    text: str | None = None
+
+
+ProviderConfig = Annotated[
+    OpenAIProviderConfig | MockProviderConfig, Field(discriminator="type")
+]
+
+
+class BackendConfig(Frozen):
+    provider: str
+    model: str = Field(min_length=1)
+    name: str | None = Field(None, min_length=1, max_length=64)
+    weight: float = Field(1.0, gt=0)
+    max_concurrency: PositiveInt | None = None
+
+    @property
+    def display_name(self) -> str:
+        return self.name or f"{self.provider}/{self.model}"
+
+
+class EjectionConfig(Frozen):
+    consecutive_failures: int = Field(5, ge=1)
+    base_cooldown_s: float = Field(30.0, gt=0)
+    max_cooldown_s: float = Field(300.0, gt=0)
+
+
+class RouteConfig(Frozen):
+    strategy: Strategy = "round_robin"
+    fanout: Fanout = "none"
+    retries: int = Field(2, ge=0, le=10)
+    timeout_s: float = Field(600.0, gt=0)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    first_byte_timeout_s: float | None = Field(None, gt=0)
+    idle_timeout_s: float = Field(120.0, gt=0)
+    backends: tuple[BackendConfig, ...] = Field(min_length=1)
+    fallbacks: tuple[str, ...] = ()
+    ejection: EjectionConfig = EjectionConfig()
+
+
+class HealthConfig(Frozen):
+    enabled: bool = True
+    interval_s: float = Field(10.0, gt=0)
+    timeout_s: float = Field(2.0, gt=0)
+
+
+class LoggingConfig(Frozen):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+    access_log: bool = True
+
+
+class Config(Frozen):
+    server: ServerConfig = ServerConfig()
+    store: StoreConfig = StoreConfig()
+    auth: AuthConfig = AuthConfig()
+    providers: dict[str, ProviderConfig] = Field(min_length=1)
+    routes: dict[str, RouteConfig] = Field(min_length=1)
+    default_route: str | None = None
+    health: HealthConfig = HealthConfig()
+    logging: LoggingConfig = LoggingConfig()

@@ -1,0 +1,155 @@
+"""The RouterError family: every failure a client can see, with its status, code and log level.
+
+Foreign exceptions (aiohttp, redis, jwt) are translated into these where they occur; the error
+boundary in app.py turns them into OpenAI-style error objects (or the seed's 422 detail list).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import orjson
+from aiohttp import web
+
+JSON = "application/json"
+
+
+class RouterError(Exception):
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    code: ClassVar[str | None] = None
+    log_level: ClassVar[int] = logging.ERROR
+
+    def __init__(self, message: str, *, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "code": self.code}}
+
+    def to_response(self) -> web.Response:
+        return web.Response(
+            status=self.status,
+            body=orjson.dumps(self.body()),
+            content_type=JSON,
+            headers=self.headers,
+        )
+
+
+class ValidationFailed(RouterError):
+    """422 in the seed's shape: {"detail": [{"loc": [...], "msg": ..., "type": ...}, ...]}."""
+
+    status = 422
+    type = "invalid_request_error"
+    code = "validation_error"
+    log_level = logging.INFO
+
+    def __init__(self, detail: Sequence[Mapping[str, Any]]) -> None:
+        super().__init__("request body failed validation")
+        self.detail = list(detail)
+
+    def body(self) -> dict[str, Any]:
+        return {"detail": self.detail}
+
+
+class BadRequest(RouterError):
+    status = 400
+    type = "invalid_request_error"
+    code = "bad_request"
+    log_level = logging.INFO
+
+
+class Unauthorized(RouterError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+    log_level = logging.INFO
+
+    def __init__(self, message: str, *, credentials_sent: bool = True) -> None:
+        # RFC 6750: no error attribute when the request carried no credentials at all.
+        challenge = 'Bearer realm="router"'
+        if credentials_sent:
+            desc = message.replace('"', "'")
+            challenge += f', error="invalid_token", error_description="{desc}"'
+        super().__init__(message, headers={"WWW-Authenticate": challenge})
+
+
+class Forbidden(RouterError):
+    status = 403
+    type = "invalid_request_error"
+    code = "model_not_allowed"
+    log_level = logging.INFO
+
+
+class NotFound(RouterError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+    log_level = logging.INFO
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class MethodNotAllowed(RouterError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+    log_level = logging.INFO
+
+
+class PayloadTooLarge(RouterError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+    log_level = logging.INFO
+
+
+class UnsupportedMediaType(RouterError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+    log_level = logging.INFO
+
+
+class UpstreamError(RouterError):
+    """An upstream answered badly or not at all; the last one's failure is what the client sees."""
+
+    status = 502
+    type = "upstream_error"
+    code = "bad_gateway"
+    log_level = logging.WARNING
+
+
+class UpstreamUnavailable(UpstreamError):
+    status = 503
+    code = "backend_unavailable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class UpstreamRateLimited(UpstreamError):
+    """Every candidate upstream answered 429: distinguishable from the router's own 429."""
+
+    status = 429
+    type = "upstream_rate_limited"
+    code = "upstream_rate_limited"
+
+
+class Overloaded(RouterError):
+    status = 503
+    type = "server_error"
+    code = "overloaded"
+    log_level = logging.WARNING
+
+
+class InternalError(RouterError):
+    status = 500
+    code = "internal_error"

@@ -1,0 +1,131 @@
+"""Thin endpoint functions: parse -> route -> relay. Auth and errors are the pipeline's job."""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from router.errors import (
+    Forbidden,
+    ModelNotFound,
+    Overloaded,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
+from router.relay import relay_json, relay_stream
+from router.routing.dispatch import dispatch
+from router.schema import openapi_document, parse_chat_request
+from router.state import PRINCIPAL, REQUEST_ID, RUNTIME, RUNTIME_NOW, STATUS, STREAMS
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    runtime = request[RUNTIME_NOW]
+    principal = request[PRINCIPAL]
+    server = runtime.config.server
+    body = parse_chat_request(await read_body(request, server.max_body_bytes))
+    stream = wants_stream(body.get("stream"), request.headers.get("Accept"))
+    name = body.get("model") or runtime.table.default_route
+    route = runtime.table.routes.get(name)
+    if route is None:
+        raise ModelNotFound(f"the model {name[:100]!r} does not exist")
+    if not principal.may_use(name):
+        raise Forbidden(f"this credential may not use the model {name!r}")
+    streams = request.app[STREAMS]
+    if stream and len(streams) >= server.max_streams:
+        raise Overloaded("too many open streams; retry shortly", headers={"Retry-After": "1"})
+    body["stream"] = stream
+    opened = await dispatch(route, body, stream=stream, request_id=request[REQUEST_ID],
+                            max_response_bytes=server.max_response_bytes)
+    headers = {"x-router-backend": opened.backend.name}
+    if stream:
+        return await relay_stream(request, opened, headers, streams)
+    return relay_json(opened, headers)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    runtime = request[RUNTIME_NOW]
+    principal = request[PRINCIPAL]
+    data = [{"id": name, "object": "model", "created": 0, "owned_by": "router"}
+            for name in runtime.table.routes if principal.may_use(name)]
+    return _json({"object": "list", "data": data})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return _json({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    if request.app[STATUS].draining:
+        return _json({"status": "draining"}, status=503)
+    request.app[RUNTIME]  # a runtime exists: the config loaded
+    return _json({"status": "ready"})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=_OPENAPI, content_type="application/json")
+
+
+_OPENAPI = orjson.dumps(openapi_document())
+
+
+def _json(payload: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(payload), status=status,
+                        content_type="application/json")
+
+
+async def read_body(request: web.Request, cap: int) -> bytes:
+    """The request body, at most `cap` bytes after decompression, else 413 before any upstream.
+
+    Counted here rather than by aiohttp's client_max_size, which streaming reads bypass.
+    """
+    if request.content_length is not None and request.content_length > cap:
+        raise PayloadTooLarge(f"request body is larger than {cap} bytes")
+    data = bytearray()
+    async for chunk in request.content.iter_any():
+        data += chunk
+        if len(data) > cap:
+            raise PayloadTooLarge(f"request body is larger than {cap} bytes")
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return bytes(data)
+    if encoding not in ("gzip", "deflate"):
+        raise UnsupportedMediaType(f"unsupported Content-Encoding {encoding[:32]!r}")
+    inflater = zlib.decompressobj(wbits=47)  # gzip or zlib, detected from the header
+    try:
+        out = inflater.decompress(bytes(data), cap + 1)
+    except zlib.error:
+        raise ValidationFailed([{"loc": ["body"], "msg": "body is not valid " + encoding,
+                                 "type": "decompression_error"}]) from None
+    if len(out) > cap or inflater.unconsumed_tail:
+        raise PayloadTooLarge(f"decompressed request body is larger than {cap} bytes")
+    return out
+
+
+def wants_stream(stream: bool | None, accept: str | None) -> bool:
+    """`stream` decides; when it is absent or null, whether Accept prefers text/event-stream."""
+    if stream is not None:
+        return stream
+    if not accept or "event-stream" not in accept:
+        return False
+    best_sse = best_json = -1.0
+    for i, part in enumerate(accept.split(",")):
+        media, _, params = part.strip().partition(";")
+        q = 1.0
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        rank = q - i * 1e-6  # equal q: the earlier entry wins
+        media = media.strip().lower()
+        if media == "text/event-stream":
+            best_sse = max(best_sse, rank)
+        elif media in ("application/json", "application/*", "*/*"):
+            best_json = max(best_json, rank)
+    return best_sse > 0 and best_sse > best_json

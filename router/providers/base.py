@@ -1,0 +1,56 @@
+"""The provider protocol: turn a routed request into an upstream exchange of bytes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any, Protocol
+
+from router.upstream import Timeouts
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamCall:
+    body: dict[str, Any]  # what the upstream gets: model set, session_id removed
+    stream: bool
+    request_id: str
+    timeouts: Timeouts
+
+
+@dataclass(slots=True)
+class Exchange:
+    """An upstream answer whose head has arrived; the body is an async iterator of bytes."""
+
+    status: int
+    content_type: str
+    chunks: AsyncIterator[bytes]
+    close: Callable[[], None]
+    retry_after_s: float | None = None
+
+
+class Provider(Protocol):
+    name: str
+
+    async def open(self, call: UpstreamCall) -> Exchange: ...
+
+    async def probe(self) -> bool | None:
+        """True/False for up/down; None when this provider has nothing to probe."""
+        ...
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    if seconds != seconds or seconds < 0:  # NaN or the past
+        return None
+    return min(seconds, 3600.0)

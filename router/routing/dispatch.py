@@ -1,0 +1,174 @@
+"""Try backends in order (strategy, retries, fallbacks) until one answers in time.
+
+A stream is committed once its first chunk arrives inside `first_byte_timeout_s`; a JSON answer
+is committed once its whole body arrived. Until then a failed backend means the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from router.errors import (
+    Overloaded,
+    RouterError,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+)
+from router.providers import Exchange, UpstreamCall
+from router.routing.table import Backend, Route
+from router.upstream import Timeouts
+
+log = logging.getLogger("router.dispatch")
+
+MAX_ERROR_BODY = 64 * 1024
+
+
+class UpstreamAnswer(RouterError):
+    """A 4xx that is the client's own fault (bad parameters, context too long): relayed as is."""
+
+    log_level = logging.INFO
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        super().__init__("upstream rejected the request")
+        self.status = status  # type: ignore[misc]
+        self._body = body
+
+    def body(self) -> dict[str, Any]:
+        return self._body
+
+
+@dataclass(slots=True)
+class Opened:
+    """A committed upstream answer. `finish()` must be called exactly once."""
+
+    backend: Backend
+    route: Route
+    exchange: Exchange
+    first: bytes  # the whole body for JSON; the first chunk for streams
+    attempts: int
+    _finished: bool = False
+
+    def finish(self, ok: bool) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self.exchange.close()
+        state = self.backend.state
+        state.inflight -= 1
+        if not ok:
+            state.record_failure(self.route.config.ejection)
+
+
+async def dispatch(route: Route, body: dict[str, Any], *, stream: bool, request_id: str,
+                   max_response_bytes: int) -> Opened:
+    tried: set[str] = set()
+    last_error: RouterError | None = None
+    attempts = 0
+    for r in route.chain():
+        for _ in range(r.config.retries + 1):
+            backend = r.pick(tried)
+            if backend is None:
+                break
+            tried.add(backend.name)
+            attempts += 1
+            try:
+                return await _attempt(r, backend, body, stream, request_id,
+                                      max_response_bytes, attempts)
+            except _Retryable as exc:
+                last_error = exc.error
+                log.info("backend %s failed: %s", backend.name, exc.error.message)
+    if last_error is not None:
+        raise last_error
+    raise Overloaded("every backend of this route is at its concurrency limit or down",
+                     headers={"Retry-After": "1"})
+
+
+class _Retryable(Exception):
+    def __init__(self, error: RouterError) -> None:
+        self.error = error
+
+
+async def _attempt(route: Route, backend: Backend, body: dict[str, Any], stream: bool,
+                   request_id: str, max_response_bytes: int, attempts: int) -> Opened:
+    cfg = route.config
+    upstream_body = dict(body)
+    upstream_body["model"] = backend.model
+    upstream_body.pop("session_id", None)
+    call = UpstreamCall(upstream_body, stream, request_id,
+                        Timeouts(cfg.connect_timeout_s, cfg.timeout_s, cfg.idle_timeout_s))
+    state = backend.state
+    state.inflight += 1
+    exchange: Exchange | None = None
+    committed = False
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(cfg.first_byte_timeout_s) as deadline:
+            exchange = await backend.provider.open(call)
+            if exchange.status >= 300:
+                raise await _refusal(route, backend, exchange)
+            if stream:
+                first = await anext(exchange.chunks, b"")
+            else:
+                # A JSON answer's head is its first byte; the body may take the whole timeout_s.
+                deadline.reschedule(None)
+                first = await _read_all(exchange, max_response_bytes)
+        state.record_ttfb(time.monotonic() - started)
+        state.record_success()
+        committed = True
+        return Opened(backend, route, exchange, first, attempts)
+    except TimeoutError:
+        state.record_failure(cfg.ejection)
+        raise _Retryable(UpstreamTimeout(
+            f"no first byte from upstream within {cfg.first_byte_timeout_s} s")) from None
+    except UpstreamError as exc:
+        state.record_failure(cfg.ejection)
+        raise _Retryable(exc) from exc
+    finally:
+        if not committed:
+            state.inflight -= 1
+            if exchange is not None:
+                exchange.close()
+
+
+async def _read_all(exchange: Exchange, limit: int) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in exchange.chunks:
+        size += len(chunk)
+        if size > limit:
+            raise UpstreamError("upstream response is too large")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def _refusal(route: Route, backend: Backend, exchange: Exchange) -> RouterError:
+    """A non-2xx head: what it means for this backend and what the client would see."""
+    status = exchange.status
+    if status == 429:
+        rest = exchange.retry_after_s if exchange.retry_after_s is not None else 1.0
+        backend.state.rest(rest)
+        retry_after = str(max(1, round(rest)))
+        raise _Retryable(UpstreamRateLimited(
+            "every upstream for this model is rate limited", headers={"Retry-After": retry_after}))
+    if status >= 500 or status in (401, 403, 407, 408):
+        # Upstream trouble, or the router's own upstream credentials: never the client's fault.
+        raise UpstreamError(f"upstream answered HTTP {status}")
+    try:
+        raw = await _read_all(exchange, MAX_ERROR_BODY)
+        parsed = orjson.loads(raw)
+        error = parsed["error"]
+        payload = {"error": {"message": str(error.get("message", "")),
+                             "type": str(error.get("type") or "invalid_request_error"),
+                             "code": error.get("code") if isinstance(error.get("code"), str)
+                             else None}}
+    except (UpstreamError, orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        payload = {"error": {"message": f"upstream rejected the request (HTTP {status})",
+                             "type": "invalid_request_error", "code": None}}
+    return UpstreamAnswer(status, payload)

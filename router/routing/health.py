@@ -1,0 +1,51 @@
+"""Backend health: in-flight count, time-to-first-byte EWMA, passive ejection, probe results.
+
+State is per process and survives config reloads for backends whose name is unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from router.config.model import EjectionConfig
+
+EWMA_ALPHA = 0.3
+
+
+@dataclass(slots=True)
+class BackendState:
+    inflight: int = 0
+    ewma_ttfb_s: float | None = None
+    consecutive_failures: int = 0
+    ejections: int = 0
+    ejected_until: float = 0.0
+    probe_down: bool = False
+
+    def available(self, now: float) -> bool:
+        return not self.probe_down and now >= self.ejected_until
+
+    def record_ttfb(self, seconds: float) -> None:
+        prev = self.ewma_ttfb_s
+        self.ewma_ttfb_s = seconds if prev is None else prev + EWMA_ALPHA * (seconds - prev)
+
+    def record_success(self) -> None:
+        self.consecutive_failures = 0
+        if self.ejected_until and time.monotonic() >= self.ejected_until:
+            self.ejections = 0
+            self.ejected_until = 0.0
+
+    def record_failure(self, policy: EjectionConfig) -> bool:
+        """Count a failure; returns True when this one ejects the backend."""
+        self.consecutive_failures += 1
+        if self.consecutive_failures < policy.consecutive_failures:
+            return False
+        self.consecutive_failures = 0
+        self.ejections += 1
+        cooldown = min(policy.base_cooldown_s * self.ejections, policy.max_cooldown_s)
+        self.ejected_until = time.monotonic() + cooldown
+        return True
+
+    def rest(self, seconds: float) -> None:
+        """An upstream asked us to back off (429 Retry-After)."""
+        self.ejected_until = max(self.ejected_until, time.monotonic() + seconds)

@@ -1,0 +1,93 @@
+"""Routes and their backends, built from the config; what a request may try, in order."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+from router.config import Config, RouteConfig
+from router.providers import Provider
+from router.routing.health import BackendState
+from router.routing.strategies import STRATEGIES, Strategy
+
+
+@dataclass(eq=False, slots=True)
+class Backend:
+    name: str
+    provider: Provider
+    model: str
+    weight: float
+    max_concurrency: int | None
+    state: BackendState
+
+    def has_room(self) -> bool:
+        return self.max_concurrency is None or self.state.inflight < self.max_concurrency
+
+
+@dataclass(eq=False, slots=True)
+class Route:
+    name: str
+    config: RouteConfig
+    backends: tuple[Backend, ...]
+    strategy: Strategy
+    fallbacks: tuple[Route, ...] = field(default=())
+
+    def pick(self, exclude: set[str]) -> Backend | None:
+        """The strategy's choice among available backends with room, not yet tried.
+
+        When every backend is ejected or probed down, all are candidates again: the last backend
+        is never ejected (Envoy's panic threshold, at 100%).
+        """
+        now = time.monotonic()
+        untried = [b for b in self.backends if b.name not in exclude]
+        healthy = [b for b in untried if b.state.available(now)]
+        if not healthy and not any(b.state.available(now) for b in self.backends):
+            healthy = untried
+        candidates = [b for b in healthy if b.has_room()]
+        if not candidates:
+            return None
+        return self.strategy.select(candidates)
+
+    def chain(self) -> Iterator[Route]:
+        """This route, then its fallbacks (depth first), each route once."""
+        seen: set[str] = set()
+        stack: list[Route] = [self]
+        while stack:
+            route = stack.pop(0)
+            if route.name in seen:
+                continue
+            seen.add(route.name)
+            yield route
+            stack[0:0] = list(route.fallbacks)
+
+
+class RoutingTable:
+    def __init__(self, config: Config, providers: Mapping[str, Provider],
+                 states: dict[str, BackendState]) -> None:
+        """`states` is shared across reloads; backends keep their counters by name."""
+        self.routes: dict[str, Route] = {}
+        self.default_route = config.default_route or next(iter(config.routes))
+        for name, rc in config.routes.items():
+            backends = tuple(
+                Backend(
+                    name=bc.display_name,
+                    provider=providers[bc.provider],
+                    model=bc.model,
+                    weight=bc.weight,
+                    max_concurrency=bc.max_concurrency,
+                    state=states.setdefault(bc.display_name, BackendState()),
+                )
+                for bc in rc.backends
+            )
+            self.routes[name] = Route(name, rc, backends, STRATEGIES[rc.strategy]())
+        for name, rc in config.routes.items():
+            self.routes[name].fallbacks = tuple(self.routes[f] for f in rc.fallbacks)
+
+    def backends(self) -> Iterator[Backend]:
+        seen: set[str] = set()
+        for route in self.routes.values():
+            for backend in route.backends:
+                if backend.name not in seen:
+                    seen.add(backend.name)
+                    yield backend

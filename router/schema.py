@@ -1,0 +1,188 @@
+"""The chat-completions request (the seed's fields), its 422 `detail` list, and OpenAPI from it.
+
+The pydantic model validates; the request dict itself is what goes upstream, so fields the seed
+does not name (stream_options, response_format, seed, user, ...) pass through untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from router.errors import ValidationFailed
+from router.locs import input_path
+
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+Number = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class FunctionDef(_Open):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(_Open):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class Message(_Open):
+    role: Role
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class ChatCompletionRequest(_Open):
+    """Create a chat completion (OpenAI dialect) with an optional router `session_id`."""
+
+    model: str | None = Field(None, min_length=1, max_length=256)
+    messages: list[Message] = Field(min_length=1)
+    temperature: Number | None = Field(None, ge=0, le=2)
+    top_p: Number | None = Field(None, ge=0, le=1)
+    n: int | None = Field(None, ge=1, le=128)
+    stream: bool | None = None
+    stop: str | list[str] | None = Field(None, max_length=4)
+    max_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
+    presence_penalty: Number | None = Field(None, ge=-2, le=2)
+    frequency_penalty: Number | None = Field(None, ge=-2, le=2)
+    tools: list[Tool] | None = Field(None, max_length=512)
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    session_id: str | None = Field(None, min_length=1, max_length=128)
+
+
+def parse_chat_request(raw: bytes) -> dict[str, Any]:
+    """Body bytes -> the validated request dict, or ValidationFailed with one entry per problem."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ValidationFailed(
+            [{"loc": ["body"], "msg": f"body is not valid JSON: {exc}", "type": "json_invalid"}]
+        ) from None
+    if not isinstance(body, dict):
+        raise ValidationFailed(
+            [{"loc": ["body"], "msg": "body must be a JSON object", "type": "model_type"}]
+        )
+    try:
+        ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        raise ValidationFailed(_detail(exc, body)) from None
+    return body
+
+
+def _detail(exc: ValidationError, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """pydantic errors -> the seed's detail list, one entry per location.
+
+    A union reports once per member (`stop.str`, `stop.list[str]`); those collapse into one entry
+    whose message lists what would have been accepted.
+    """
+    merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for err in exc.errors(include_url=False):
+        loc = input_path(body, err["loc"], missing=err["type"] == "missing")
+        entry = merged.get(loc)
+        if entry is None:
+            merged[loc] = {"loc": ["body", *loc], "msg": err["msg"], "type": err["type"]}
+        elif err["msg"] not in entry["msg"]:
+            entry["msg"] = f"{entry['msg']}; or {err['msg'][0].lower()}{err['msg'][1:]}"
+            entry["type"] = "union_type"
+    return list(merged.values())
+
+
+def openapi_document() -> dict[str, Any]:
+    """OpenAPI 3.1 of the public API, with the request schema generated from the model above."""
+    ref = "#/components/schemas/{model}"
+    request_schema = ChatCompletionRequest.model_json_schema(ref_template=ref)
+    schemas: dict[str, Any] = request_schema.pop("$defs", {})
+    schemas["ChatCompletionRequest"] = request_schema
+    schemas["ValidationError"] = {
+        "type": "object",
+        "required": ["detail"],
+        "properties": {"detail": {"type": "array", "items": {
+            "type": "object",
+            "required": ["loc", "msg", "type"],
+            "properties": {
+                "loc": {"type": "array", "items": {"anyOf": [{"type": "string"},
+                                                             {"type": "integer"}]}},
+                "msg": {"type": "string"},
+                "type": {"type": "string"},
+            },
+        }}},
+    }
+    schemas["Error"] = {
+        "type": "object",
+        "required": ["error"],
+        "properties": {"error": {"type": "object", "properties": {
+            "message": {"type": "string"},
+            "type": {"type": "string"},
+            "code": {"type": ["string", "null"]},
+        }}},
+    }
+    schemas["ModelList"] = {
+        "type": "object",
+        "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {
+            "type": "object",
+            "properties": {"id": {"type": "string"}, "object": {"const": "model"},
+                           "created": {"type": "integer"}, "owned_by": {"type": "string"}},
+        }}},
+    }
+
+    def error(description: str) -> dict[str, Any]:
+        return {"description": description, "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/Error"}}}}
+
+    chat = {
+        "summary": "Create Chat Completion",
+        "description": "OpenAI chat completions plus `session_id`. Streams (SSE) when `stream` "
+                       "is true, or when it is absent and `Accept` prefers text/event-stream.",
+        "security": [{"bearer": []}],
+        "requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}},
+        "responses": {
+            "200": {"description": "Successful Response", "content": {
+                "application/json": {"schema": {}},
+                "text/event-stream": {"schema": {"type": "string"}},
+            }},
+            "422": {"description": "Validation Error", "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/ValidationError"}}}},
+            "401": error("Missing or invalid credential"),
+            "403": error("Model not allowed for this credential"),
+            "404": error("Unknown model"),
+            "413": error("Body too large"),
+            "502": error("Upstream failure"),
+            "503": error("No backend available"),
+            "504": error("Upstream timeout"),
+        },
+    }
+    models = {
+        "summary": "List models",
+        "security": [{"bearer": []}],
+        "responses": {"200": {"description": "Model aliases the caller may use", "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/ModelList"}}}},
+            "401": error("Missing or invalid credential")},
+    }
+    probe = {"responses": {"200": {"description": "OK"}, "503": {"description": "Not ready"}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "router", "version": "1"},
+        "paths": {
+            "/api/v1/chat/completions": {"post": chat},
+            "/v1/chat/completions": {"post": {**chat, "summary": "Create Chat Completion (alias)"}},
+            "/api/v1/models": {"get": models},
+            "/v1/models": {"get": {**models, "summary": "List models (alias)"}},
+            "/healthz": {"get": {"summary": "Liveness", **probe}},
+            "/readyz": {"get": {"summary": "Readiness", **probe}},
+        },
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "description": "API key `sk-...`"}},
+        },
+    }

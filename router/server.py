@@ -1,0 +1,223 @@
+"""Serving: one worker process (listener, reload, probes, drain), or a supervisor of N of them.
+
+Workers share the port through SO_REUSEPORT. SIGTERM drains; SIGHUP or a file change reloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from router.app import build_app
+from router.config import Config, ConfigError, load_config
+from router.log import setup_logging
+from router.routing.health import BackendState
+from router.routing.prober import probe_forever
+from router.runtime import RuntimeRef, build_runtime
+from router.state import STATUS, STREAMS
+from router.tasks import spawn
+from router.upstream import AiohttpUpstream
+
+log = logging.getLogger("router.server")
+
+
+@dataclass(frozen=True)
+class Overrides:
+    host: str | None = None
+    port: int | None = None
+    workers: int | None = None
+
+    def apply(self, config: Config) -> Config:
+        changes = {k: v for k, v in (("host", self.host), ("port", self.port),
+                                     ("workers", self.workers)) if v is not None}
+        if not changes:
+            return config
+        return config.model_copy(update={"server": config.server.model_copy(update=changes)})
+
+    def argv(self) -> list[str]:
+        out: list[str] = []
+        if self.host is not None:
+            out += ["--host", self.host]
+        if self.port is not None:
+            out += ["--port", str(self.port)]
+        if self.workers is not None:
+            out += ["--workers", str(self.workers)]
+        return out
+
+
+def serve(path: str, overrides: Overrides, *, worker: bool = False) -> int:
+    config = overrides.apply(load_config(path))
+    setup_logging(config.logging)
+    if config.server.workers > 1 and not worker:
+        return _supervise(path, config, overrides)
+    _announce(config, worker)
+    _install_uvloop()
+    asyncio.run(_run_worker(path, config, overrides, reuse_port=config.server.workers > 1))
+    return 0
+
+
+def _announce(config: Config, worker: bool) -> None:
+    if worker:
+        return
+    if config.auth.dev_api_key:
+        print(f"router: dev API key (loopback only): {config.auth.dev_api_key}",
+              file=sys.stderr, flush=True)
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; tolerate odd platforms
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def _run_worker(path: str, config: Config, overrides: Overrides, *,
+                      reuse_port: bool) -> None:
+    pools = [getattr(p, "max_connections", 0) for p in config.providers.values()]
+    upstream = AiohttpUpstream(max_connections=max(sum(pools), 100),
+                               max_per_host=max([*pools, 1]))
+    states: dict[str, BackendState] = {}
+    ref = RuntimeRef(build_runtime(config, upstream, states))
+    app = build_app(ref, upstream)
+    server = config.server
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        handler_cancellation=True,  # a client that leaves cancels its upstream at once
+        access_log=None,
+        auto_decompress=False,  # bodies are inflated by read_body, under the size cap
+        keepalive_timeout=server.keepalive_timeout_s,
+        max_field_size=8190,
+        max_headers=128,
+        shutdown_timeout=2.0,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, server.host, server.port, reuse_port=reuse_port or None,
+                       backlog=2048)
+    await site.start()
+    log.info("listening on http://%s:%d (pid %d)", server.host, server.port, os.getpid())
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    watcher = _Watcher(path, overrides, ref, upstream, states)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: watcher.reload("SIGHUP"))
+    tasks = [spawn(probe_forever(ref), "prober")]
+    if server.reload_poll_s > 0:
+        tasks.append(spawn(watcher.watch(server.reload_poll_s), "config-watcher"))
+
+    await stop.wait()
+    await _drain(app, site, ref.current.config.server.shutdown_grace_s)
+    for task in tasks:
+        task.cancel()
+    await runner.cleanup()
+    await upstream.close()
+    log.info("stopped")
+
+
+async def _drain(app: web.Application, site: web.TCPSite, grace_s: float) -> None:
+    """Stop accepting, let in-flight requests finish within the grace, then end the rest."""
+    status = app[STATUS]
+    status.draining = True
+    await site.stop()
+    log.info("draining %d in-flight requests (grace %.0f s)", status.inflight, grace_s)
+    deadline = time.monotonic() + grace_s
+    while status.inflight > 0 and time.monotonic() < deadline:  # noqa: ASYNC110 - once, at exit
+        await asyncio.sleep(0.05)
+    streams = app[STREAMS]
+    if len(streams):
+        log.warning("grace over: ending %d streams", len(streams))
+        streams.abort_all()
+        end = time.monotonic() + 2.0
+        while len(streams) and time.monotonic() < end:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
+class _Watcher:
+    """Reloads the config on SIGHUP or when the file's content changes."""
+
+    def __init__(self, path: str, overrides: Overrides, ref: RuntimeRef,
+                 upstream: AiohttpUpstream, states: dict[str, BackendState]) -> None:
+        self._path = Path(path)
+        self._overrides = overrides
+        self._ref = ref
+        self._upstream = upstream
+        self._states = states
+        self._digest = self._read_digest()
+
+    def _read_digest(self) -> bytes | None:
+        try:
+            return hashlib.sha256(self._path.read_bytes()).digest()
+        except OSError:
+            return None
+
+    async def watch(self, every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            digest = await asyncio.to_thread(self._read_digest)
+            if digest is not None and digest != self._digest:
+                self._digest = digest
+                self.reload("file changed")
+
+    def reload(self, reason: str) -> bool:
+        old = self._ref.current.config
+        try:
+            new = self._overrides.apply(load_config(self._path))
+        except ConfigError as exc:
+            log.error("config reload (%s) refused; the old config keeps serving:\n%s",
+                      reason, exc)
+            return False
+        if (new.server.host, new.server.port, new.server.workers) != (
+                old.server.host, old.server.port, old.server.workers):
+            log.warning("server.host/port/workers changed: they take effect on restart")
+        self._ref.current = build_runtime(new, self._upstream, self._states)
+        log.info("config reloaded (%s)", reason)
+        return True
+
+
+def _supervise(path: str, config: Config, overrides: Overrides) -> int:
+    """Start N workers on one port; forward signals; restart a worker that dies unasked."""
+    _announce(config, worker=False)
+    argv = [sys.executable, "-m", "router", "serve", "--config", path, "--worker",
+            *overrides.argv()]
+    procs = [subprocess.Popen(argv) for _ in range(config.server.workers)]
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    log.info("supervising %d workers", len(procs))
+    while True:
+        alive = False
+        for i, p in enumerate(procs):
+            code = p.poll()
+            if code is None:
+                alive = True
+            elif not stopping:
+                log.error("worker %d exited with %s; restarting it", p.pid, code)
+                procs[i] = subprocess.Popen(argv)
+                alive = True
+        if not alive:
+            return 0
+        with contextlib.suppress(InterruptedError):
+            time.sleep(0.2)

@@ -1,0 +1,127 @@
+"""The one small interface to upstream HTTP: a keep-alive pool that POSTs and GETs.
+
+Everything aiohttp-client-specific lives here, so a leaner pool can replace it without touching
+providers or the relay. aiohttp's exceptions are translated into RouterErrors at this boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import aiohttp
+
+from router.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect_s: float
+    total_s: float
+    idle_s: float  # longest silence between two reads of the body
+
+
+class UpstreamResponse(Protocol):
+    status: int
+    headers: Mapping[str, str]
+
+    def iter_chunks(self) -> AsyncIterator[bytes]: ...
+    async def read(self, limit: int) -> bytes: ...
+    def close(self) -> None: ...
+
+
+class UpstreamClient(Protocol):
+    async def post(self, url: str, headers: Mapping[str, str], body: bytes,
+                   timeouts: Timeouts) -> UpstreamResponse: ...
+    async def get_status(self, url: str, headers: Mapping[str, str], timeout_s: float) -> int: ...
+    async def close(self) -> None: ...
+
+
+class _AiohttpResponse:
+    __slots__ = ("_resp", "headers", "status")
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self._resp = resp
+        self.status = resp.status
+        self.headers: Mapping[str, str] = resp.headers
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._resp.content.iter_any():
+                yield chunk
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise UpstreamTimeout("upstream went silent mid-response") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError("upstream connection broke mid-response") from exc
+
+    async def read(self, limit: int) -> bytes:
+        declared = self._resp.content_length
+        if declared is not None and declared > limit:
+            raise UpstreamError("upstream response is too large")
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in self.iter_chunks():
+            size += len(chunk)
+            if size > limit:
+                raise UpstreamError("upstream response is too large")
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        # Closing (not releasing) drops the connection: an unfinished body must not be reused,
+        # and the upstream sees its client leave at once.
+        if not self._resp.closed:
+            self._resp.close()
+
+
+class AiohttpUpstream:
+    """One ClientSession per worker, created at start-up and closed at shutdown."""
+
+    def __init__(self, *, max_connections: int, max_per_host: int,
+                 keepalive_s: float = 30.0) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=max_connections,
+            limit_per_host=max_per_host,
+            keepalive_timeout=keepalive_s,
+            ttl_dns_cache=60,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None),  # never aiohttp's 300 s default
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent",),
+            raise_for_status=False,
+        )
+
+    async def post(self, url: str, headers: Mapping[str, str], body: bytes,
+                   timeouts: Timeouts) -> UpstreamResponse:
+        timeout = aiohttp.ClientTimeout(
+            total=timeouts.total_s,
+            connect=timeouts.connect_s,
+            sock_read=timeouts.idle_s,
+        )
+        try:
+            resp = await self._session.post(url, data=body, headers=headers, timeout=timeout)
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamUnavailable("could not connect to upstream") from exc
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise UpstreamTimeout("upstream did not answer in time") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError("upstream request failed") from exc
+        return _AiohttpResponse(resp)
+
+    async def get_status(self, url: str, headers: Mapping[str, str], timeout_s: float) -> int:
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        try:
+            async with self._session.get(url, headers=headers, timeout=timeout) as resp:
+                await resp.read()
+                return resp.status
+        except (TimeoutError, aiohttp.ClientError):
+            return 0
+
+    async def close(self) -> None:
+        await self._session.close()
+        # Let the transports finish closing before the loop goes away.
+        await asyncio.sleep(0)

@@ -1,0 +1,381 @@
+"""A real aiohttp server speaking the OpenAI chat-completions dialect, misbehaving on demand.
+
+Behaviour is chosen by the request's ``model`` string (or a server-wide override set through
+``POST /_control``): directives joined by ``+``, each ``name`` or ``name:arg``, e.g.
+``first-byte:0.2+chunks:10+gap:0.05`` or ``status:503+retry-after:7``. Unknown words (real model
+names such as ``gpt-x``) mean a normal answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+CREATED = 1700000000
+TOOL_ARGUMENTS = '{"x": 1}'
+_TOOL_FRAGMENTS = ('{"x', '": ', "1}")
+_HANG_SECONDS = 3600.0
+
+
+@dataclass
+class Seen:
+    """One chat-completions request as the fake received it."""
+
+    t_received: float
+    headers: dict[str, str]
+    body: dict[str, Any]
+    t_disconnected: float | None = None
+    t_finished: float | None = None
+
+
+@dataclass
+class Recorder:
+    """What the fake saw: requests, and how many were being served at once."""
+
+    seen: list[Seen] = field(default_factory=list)
+    inflight: int = 0
+    max_inflight: int = 0
+    override: str | None = None
+    _counter: int = 0
+
+    def next_id(self) -> str:
+        self._counter += 1
+        return f"chatcmpl-fake-{self._counter}"
+
+
+RECORDER = web.AppKey("RECORDER", Recorder)
+NAME = web.AppKey("NAME", str)
+
+
+@dataclass
+class Behaviour:
+    first_byte: float = 0.0
+    chunks: int = 5
+    gap: float = 0.0
+    status: int | None = None
+    retry_after: str | None = None
+    cut: int | None = None
+    hang: bool = False
+    echo_auth: bool = False
+    malformed: bool = False
+    models_500: bool = False
+
+
+class BadDirective(ValueError):
+    pass
+
+
+def parse_behaviour(spec: str | None) -> Behaviour:
+    """Parse ``name[:arg]+name[:arg]...``; unknown names are ignored."""
+    b = Behaviour()
+    for part in (spec or "").split("+"):
+        name, _, arg = part.strip().partition(":")
+        try:
+            match name:
+                case "first-byte":
+                    b.first_byte = float(arg)
+                case "chunks":
+                    b.chunks = int(arg)
+                case "gap":
+                    b.gap = float(arg)
+                case "status":
+                    b.status = int(arg)
+                case "retry-after":
+                    b.retry_after = str(int(float(arg))) if arg else "1"
+                case "cut":
+                    b.cut = int(arg)
+                case "hang":
+                    b.hang = True
+                case "echo-auth":
+                    b.echo_auth = True
+                case "malformed":
+                    b.malformed = True
+                case "models-500":
+                    b.models_500 = True
+        except ValueError as exc:
+            raise BadDirective(f"bad directive {part!r}") from exc
+    return b
+
+
+def _error_body(message: str, type_: str = "server_error") -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "code": None}}
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def _prompt_tokens(body: dict[str, Any]) -> int:
+    chars = 0
+    for msg in body.get("messages") or []:
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            chars += sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
+    return chars // 4 + 1
+
+
+def _tool_name(body: dict[str, Any]) -> str | None:
+    """Name of the tool to call, or None when no tool call is due."""
+    tools = body.get("tools")
+    if not tools or body.get("tool_choice") == "none":
+        return None
+    first = tools[0] if isinstance(tools[0], dict) else {}
+    return str((first.get("function") or {}).get("name") or "tool")
+
+
+async def _send(
+    request: web.Request,
+    status: int,
+    payload: bytes,
+    headers: dict[str, str] | None = None,
+    content_type: str = "application/json",
+) -> web.Response:
+    """Send a complete response now, so the caller knows when it is finished."""
+    resp = web.Response(status=status, body=payload, headers=headers, content_type=content_type)
+    await resp.prepare(request)
+    await resp.write_eof()
+    return resp
+
+
+def _abort(request: web.Request) -> None:
+    """Tear the connection down mid-body; aiohttp's own write_eof then fails quietly."""
+    if request.transport is not None:
+        request.transport.abort()
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    rec = request.app[RECORDER]
+    t_received = time.monotonic()
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return await _send(request, 400, orjson.dumps(_error_body("bad JSON", "invalid_request")))
+    if not isinstance(body, dict):
+        body = {}
+    seen = Seen(t_received=t_received, headers=dict(request.headers), body=body)
+    rec.seen.append(seen)
+    rec.inflight += 1
+    rec.max_inflight = max(rec.max_inflight, rec.inflight)
+    try:
+        resp = await _answer(request, rec, body)
+        seen.t_finished = time.monotonic()
+        return resp
+    except asyncio.CancelledError:
+        seen.t_disconnected = time.monotonic()
+        raise
+    except ConnectionResetError:
+        # The client left and the handler was not cancelled (handler_cancellation off).
+        seen.t_disconnected = time.monotonic()
+        return web.Response(status=499)  # never delivered; aiohttp drops the write quietly
+    finally:
+        rec.inflight -= 1
+
+
+async def _answer(request: web.Request, rec: Recorder, body: dict[str, Any]) -> web.StreamResponse:
+    model = str(body.get("model", ""))
+    try:
+        b = parse_behaviour(rec.override if rec.override is not None else model)
+    except BadDirective as exc:
+        return await _send(request, 400, orjson.dumps(_error_body(str(exc), "invalid_request")))
+    if b.hang:
+        await asyncio.sleep(_HANG_SECONDS)
+    if b.first_byte > 0:
+        await asyncio.sleep(b.first_byte)
+    if b.status is not None:
+        headers = {"Retry-After": b.retry_after} if b.retry_after is not None else None
+        payload = orjson.dumps(_error_body(f"fake failure {b.status}"))
+        return await _send(request, b.status, payload, headers)
+
+    words = [f"tok{i} " for i in range(b.chunks)]
+    if b.echo_auth:
+        words.insert(0, f"auth={request.headers.get('Authorization', '')} ")
+    n = max(1, int(body.get("n") or 1))
+    tool = _tool_name(body)
+    cid = rec.next_id()
+    if body.get("stream"):
+        return await _stream(request, b, body, cid, model, words, n, tool)
+    if b.malformed:
+        return await _send(request, 200, b"{not json")
+
+    if tool is not None:
+        call = {
+            "id": "call_1",
+            "type": "function",
+            "function": {"name": tool, "arguments": TOOL_ARGUMENTS},
+        }
+        message: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": [call]}
+        finish, completion = "tool_calls", len(_TOOL_FRAGMENTS)
+    else:
+        message = {"role": "assistant", "content": "".join(words)}
+        finish, completion = "stop", len(words)
+    prompt = _prompt_tokens(body)
+    completion *= n
+    payload = orjson.dumps(
+        {
+            "id": cid,
+            "object": "chat.completion",
+            "created": CREATED,
+            "model": model,
+            "choices": [
+                {"index": i, "message": message, "finish_reason": finish, "logprobs": None}
+                for i in range(n)
+            ],
+            "usage": {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+            },
+        }
+    )
+    if b.cut is None:
+        return await _send(request, 200, payload)
+    resp = web.StreamResponse(status=200)
+    resp.content_type = "application/json"
+    resp.content_length = len(payload)
+    await resp.prepare(request)
+    await resp.write(payload[: len(payload) // 2])
+    _abort(request)
+    return resp
+
+
+async def _stream(
+    request: web.Request,
+    b: Behaviour,
+    body: dict[str, Any],
+    cid: str,
+    model: str,
+    words: list[str],
+    n: int,
+    tool: str | None,
+) -> web.StreamResponse:
+    resp = web.StreamResponse(status=200, headers={"Cache-Control": "no-cache"})
+    resp.content_type = "text/event-stream"
+    await resp.prepare(request)
+    if b.malformed:
+        await resp.write(b"data: {not json}\n\n")
+        await resp.write_eof()
+        return resp
+
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+        return _sse(
+            {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": CREATED,
+                "model": model,
+                "choices": [choice],
+            }
+        )
+
+    if tool is not None:
+        first: dict[str, Any] = {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "index": 0,
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": tool, "arguments": ""},
+                }
+            ],
+        }
+        deltas: list[dict[str, Any]] = [
+            {"tool_calls": [{"index": 0, "function": {"arguments": frag}}]}
+            for frag in _TOOL_FRAGMENTS
+        ]
+        finish = "tool_calls"
+    else:
+        first = {"role": "assistant", "content": ""}
+        deltas = [{"content": w} for w in words]
+        finish = "stop"
+
+    for i in range(n):
+        await resp.write(chunk(i, first))
+    for sent, delta in enumerate(deltas):
+        if b.cut is not None and sent >= b.cut:
+            _abort(request)
+            return resp
+        if b.gap > 0:
+            await asyncio.sleep(b.gap)
+        for i in range(n):
+            await resp.write(chunk(i, delta))
+    if b.cut is not None:  # asked to cut at or after the end: tear it before the finish chunk
+        _abort(request)
+        return resp
+    for i in range(n):
+        await resp.write(chunk(i, {}, finish))
+    if (body.get("stream_options") or {}).get("include_usage"):
+        prompt = _prompt_tokens(body)
+        completion = len(deltas) * n
+        await resp.write(
+            _sse(
+                {
+                    "id": cid,
+                    "object": "chat.completion.chunk",
+                    "created": CREATED,
+                    "model": model,
+                    "choices": [],
+                    "usage": {
+                        "prompt_tokens": prompt,
+                        "completion_tokens": completion,
+                        "total_tokens": prompt + completion,
+                    },
+                }
+            )
+        )
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
+
+
+async def models(request: web.Request) -> web.Response:
+    rec = request.app[RECORDER]
+    try:
+        broken = parse_behaviour(rec.override).models_500
+    except BadDirective:
+        broken = False
+    if broken:
+        return await _send(request, 500, orjson.dumps(_error_body("fake failure 500")))
+    data = [{"id": "fake-model", "object": "model", "created": 0, "owned_by": request.app[NAME]}]
+    return await _send(request, 200, orjson.dumps({"object": "list", "data": data}))
+
+
+async def control(request: web.Request) -> web.Response:
+    body = orjson.loads(await request.read() or b"{}")
+    behaviour = body.get("behaviour") if isinstance(body, dict) else None
+    request.app[RECORDER].override = str(behaviour) if behaviour is not None else None
+    return await _send(request, 200, b"{}")
+
+
+def build_app(name: str = "fake") -> web.Application:
+    """The fake upstream; serve it with ``web.AppRunner(app, handler_cancellation=True)``."""
+    app = web.Application()
+    app[RECORDER] = Recorder()
+    app[NAME] = name
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/_control", control)
+    return app
+
+
+async def start_fake(name: str = "fake") -> tuple[web.AppRunner, str, Recorder]:
+    """Start the fake on 127.0.0.1:<free port>; returns (runner, base_url ending in /v1, recorder).
+
+    Call ``await runner.cleanup()`` when done.
+    """
+    app = build_app(name)
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    return runner, f"http://{host}:{port}/v1", app[RECORDER]
