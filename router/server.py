@@ -85,47 +85,69 @@ def _install_uvloop() -> None:
 
 async def _run_worker(path: str, config: Config, overrides: Overrides, *,
                       reuse_port: bool) -> None:
-    pools = [getattr(p, "max_connections", 0) for p in config.providers.values()]
-    upstream = AiohttpUpstream(max_connections=max(sum(pools), 100),
-                               max_per_host=max([*pools, 1]))
-    states: dict[str, BackendState] = {}
-    ref = RuntimeRef(build_runtime(config, upstream, states))
-    app = build_app(ref, upstream)
-    server = config.server
-    runner = web.AppRunner(
-        app,
-        handle_signals=False,
-        handler_cancellation=True,  # a client that leaves cancels its upstream at once
-        access_log=None,
-        auto_decompress=False,  # bodies are inflated by read_body, under the size cap
-        keepalive_timeout=server.keepalive_timeout_s,
-        max_field_size=8190,
-        max_headers=128,
-        shutdown_timeout=2.0,
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, server.host, server.port, reuse_port=reuse_port or None,
-                       backlog=2048)
-    await site.start()
-    log.info("listening on http://%s:%d (pid %d)", server.host, server.port, os.getpid())
-
+    worker = Worker(path, config, overrides, reuse_port=reuse_port)
+    await worker.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    watcher = _Watcher(path, overrides, ref, upstream, states)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: watcher.reload("SIGHUP"))
-    tasks = [spawn(probe_forever(ref), "prober")]
-    if server.reload_poll_s > 0:
-        tasks.append(spawn(watcher.watch(server.reload_poll_s), "config-watcher"))
-
+    loop.add_signal_handler(signal.SIGHUP, lambda: spawn(worker.watcher.reload("SIGHUP"),
+                                                          "reload"))
     await stop.wait()
-    await _drain(app, site, ref.current.config.server.shutdown_grace_s)
-    for task in tasks:
-        task.cancel()
-    await runner.cleanup()
-    await upstream.close()
-    log.info("stopped")
+    await worker.stop()
+
+
+class Worker:
+    """One serving process's parts: upstream pool, runtime, app, listener, prober, watcher."""
+
+    def __init__(self, path: str, config: Config, overrides: Overrides = Overrides(), *,
+                 reuse_port: bool = False) -> None:
+        pools = [getattr(p, "max_connections", 0) for p in config.providers.values()]
+        self.upstream = AiohttpUpstream(max_connections=max(sum(pools), 100),
+                                        max_per_host=max([*pools, 1]))
+        self.states: dict[str, BackendState] = {}
+        self.ref = RuntimeRef(build_runtime(config, self.upstream, self.states))
+        self.app = build_app(self.ref, self.upstream)
+        self.watcher = _Watcher(path, overrides, self.ref, self.upstream, self.states)
+        self._reuse_port = reuse_port
+        self._tasks: list[asyncio.Task[None]] = []
+        server = config.server
+        self.runner = web.AppRunner(
+            self.app,
+            handle_signals=False,
+            handler_cancellation=True,  # a client that leaves cancels its upstream at once
+            access_log=None,
+            auto_decompress=False,  # bodies are inflated by read_body, under the size cap
+            keepalive_timeout=server.keepalive_timeout_s,
+            max_field_size=8190,
+            max_headers=128,
+            shutdown_timeout=2.0,
+        )
+        self.site: web.TCPSite | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        server = self.ref.current.config.server
+        await self.runner.setup()
+        self.site = web.TCPSite(self.runner, server.host, server.port,
+                                reuse_port=self._reuse_port or None, backlog=2048)
+        await self.site.start()
+        self.port = self.runner.addresses[0][1]
+        log.info("listening on http://%s:%d (pid %d)", server.host, self.port, os.getpid())
+        self._tasks.append(spawn(probe_forever(self.ref), "prober"))
+        if server.reload_poll_s > 0:
+            self._tasks.append(spawn(self.watcher.watch(server.reload_poll_s),
+                                     "config-watcher"))
+        return self.port
+
+    async def stop(self) -> None:
+        if self.site is not None:
+            await _drain(self.app, self.site, self.ref.current.config.server.shutdown_grace_s)
+        for task in self._tasks:
+            task.cancel()
+        await self.runner.cleanup()
+        await self.upstream.close()
+        log.info("stopped")
 
 
 async def _drain(app: web.Application, site: web.TCPSite, grace_s: float) -> None:
@@ -156,7 +178,7 @@ class _Watcher:
         self._ref = ref
         self._upstream = upstream
         self._states = states
-        self._digest = self._read_digest()
+        self._digest: bytes | None = None
 
     def _read_digest(self) -> bytes | None:
         try:
@@ -165,17 +187,19 @@ class _Watcher:
             return None
 
     async def watch(self, every_s: float) -> None:
+        self._digest = await asyncio.to_thread(self._read_digest)
         while True:
             await asyncio.sleep(every_s)
             digest = await asyncio.to_thread(self._read_digest)
             if digest is not None and digest != self._digest:
                 self._digest = digest
-                self.reload("file changed")
+                await self.reload("file changed")
 
-    def reload(self, reason: str) -> bool:
+    async def reload(self, reason: str) -> bool:
+        """Build a whole new runtime from the file and swap it in; a bad file changes nothing."""
         old = self._ref.current.config
         try:
-            new = self._overrides.apply(load_config(self._path))
+            new = self._overrides.apply(await asyncio.to_thread(load_config, self._path))
         except ConfigError as exc:
             log.error("config reload (%s) refused; the old config keeps serving:\n%s",
                       reason, exc)

@@ -1,0 +1,117 @@
+"""Fixtures: real servers on loopback. Fake upstreams, and the router's own Worker on port 0."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+
+from router.config import load_config
+from router.server import Worker
+from tests.fakes.openai_upstream import Recorder, start_fake
+
+KEY = "sk-test-" + "k" * 40
+KEY_SHA = hashlib.sha256(KEY.encode()).hexdigest()
+OTHER_KEY = "sk-test-" + "o" * 40
+USER_MSG = [{"role": "user", "content": "hello there"}]
+
+
+@dataclass
+class Fake:
+    name: str
+    base_url: str
+    recorder: Recorder
+
+    @property
+    def seen(self) -> list[Any]:
+        return self.recorder.seen
+
+
+@pytest.fixture
+async def fakes() -> AsyncIterator[Callable[..., Awaitable[Fake]]]:
+    runners: list[web.AppRunner] = []
+
+    async def start(name: str = "fake") -> Fake:
+        runner, url, recorder = await start_fake(name)
+        runners.append(runner)
+        return Fake(name, url, recorder)
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+def router_config(providers: dict[str, Any], routes: dict[str, Any],
+                  **extra: Any) -> dict[str, Any]:
+    """A test config: loopback, port 0, one test key, probes and file watching off."""
+    config: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 0, "shutdown_grace_s": 5, "reload_poll_s": 0},
+        "auth": {"api_keys": [
+            {"id": "test", "key_sha256": KEY_SHA, "user": "alice"},
+            {"id": "narrow", "key_sha256": hashlib.sha256(OTHER_KEY.encode()).hexdigest(),
+             "user": "bob", "models": [next(iter(routes))]},
+        ]},
+        "providers": providers,
+        "routes": routes,
+        "health": {"enabled": False},
+        "logging": {"level": "warning", "format": "text"},
+    }
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    return config
+
+
+@dataclass
+class RouterUnderTest:
+    worker: Worker
+    url: str
+    path: Path
+    http: aiohttp.ClientSession
+
+    def chat(self, body: dict[str, Any], *, key: str | None = KEY,
+             headers: dict[str, str] | None = None,
+             prefix: str = "/api/v1") -> Any:
+        """POST a chat completion; use as `async with r.chat(...) as resp`."""
+        hdrs = dict(headers or {})
+        if key is not None:
+            hdrs["Authorization"] = f"Bearer {key}"
+        return self.http.post(f"{self.url}{prefix}/chat/completions", json=body, headers=hdrs)
+
+    def write_config(self, config: dict[str, Any] | str) -> None:
+        text = config if isinstance(config, str) else yaml.safe_dump(config)
+        self.path.write_text(text)
+
+
+@pytest.fixture
+async def start_router(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[RouterUnderTest]]]:
+    started: list[RouterUnderTest] = []
+
+    async def start(config: dict[str, Any]) -> RouterUnderTest:
+        path = tmp_path / f"router-{len(started)}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        worker = Worker(str(path), load_config(path))
+        port = await worker.start()
+        http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        rut = RouterUnderTest(worker, f"http://127.0.0.1:{port}", path, http)
+        started.append(rut)
+        return rut
+
+    yield start
+    for rut in started:
+        await rut.http.close()
+        if rut.worker.site is not None:
+            await rut.worker.stop()
+
+
+def openai_provider(fake: Fake, **extra: Any) -> dict[str, Any]:
+    return {"type": "openai", "base_url": fake.base_url, **extra}
