@@ -102,6 +102,13 @@ class MethodNotAllowed(RouterError):
     log_level = logging.INFO
 
 
+class RequestTimeout(RouterError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+    log_level = logging.INFO
+
+
 class PayloadTooLarge(RouterError):
     status = 413
     type = "invalid_request_error"

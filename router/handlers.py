@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 from typing import Any
 
@@ -13,6 +14,7 @@ from router.errors import (
     ModelNotFound,
     Overloaded,
     PayloadTooLarge,
+    RequestTimeout,
     UnsupportedMediaType,
     ValidationFailed,
 )
@@ -26,7 +28,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     runtime = request[RUNTIME_NOW]
     principal = request[PRINCIPAL]
     server = runtime.config.server
-    body = parse_chat_request(await read_body(request, server.max_body_bytes))
+    try:
+        async with asyncio.timeout(server.body_timeout_s):
+            raw = await read_body(request, server.max_body_bytes)
+    except TimeoutError:
+        raise RequestTimeout("the request body did not arrive in time") from None
+    body = parse_chat_request(raw)
     stream = wants_stream(body.get("stream"), request.headers.get("Accept"))
     name = body.get("model") or runtime.table.default_route
     route = runtime.table.routes.get(name)

@@ -1,14 +1,18 @@
 """Upstream bytes -> client response. Streams are relayed chunk by chunk, never re-encoded.
 
 After the first byte went out there is no fallback: an upstream failure becomes one SSE `error`
-event (after closing a torn event), then a clean end of the chunked response.
+event (after closing a torn event), then a clean end of the chunked response. A heartbeat over
+all live streams sends SSE comments through long silences and ends streams whose upstream
+trickles bytes without completing an event.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -23,6 +27,7 @@ SSE_HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
 }
+KEEPALIVE = b": keep-alive\n\n"
 
 
 def relay_json(opened: Opened, headers: Mapping[str, str]) -> web.Response:
@@ -32,29 +37,62 @@ def relay_json(opened: Opened, headers: Mapping[str, str]) -> web.Response:
     return resp
 
 
+@dataclass(eq=False, slots=True)
+class LiveStream:
+    task: asyncio.Task[object]
+    resp: web.StreamResponse
+    idle_timeout_s: float
+    last_write: float
+    last_event: float
+    prev: bytes = b""
+    last: bytes = b""  # updated before each write, so it is what the transport has
+    abort_reason: str | None = None
+
+    def at_boundary(self) -> bool:
+        return at_event_boundary(self.prev[-4:] + self.last[-4:])
+
+
 class ActiveStreams:
-    """Streams being relayed, so a draining server can end the ones that outlive the grace."""
+    """Live streams: counted for the cap, ended by the drain, kept alive by the heartbeat."""
 
     def __init__(self) -> None:
-        self._tasks: dict[asyncio.Task[object], bool] = {}
+        self._live: set[LiveStream] = set()
 
     def __len__(self) -> int:
-        return len(self._tasks)
+        return len(self._live)
 
-    def abort_all(self) -> None:
-        for task in self._tasks:
-            self._tasks[task] = True
-            task.cancel()
+    def add(self, stream: LiveStream) -> None:
+        self._live.add(stream)
 
-    def add(self, task: asyncio.Task[object]) -> None:
-        self._tasks[task] = False
+    def discard(self, stream: LiveStream) -> None:
+        self._live.discard(stream)
 
-    def discard(self, task: asyncio.Task[object]) -> bool:
-        """Forget the task; True when it was aborted by the drain."""
-        return self._tasks.pop(task, False)
+    def abort_all(self, reason: str) -> None:
+        for stream in self._live:
+            _abort(stream, reason)
 
-    def aborted(self, task: asyncio.Task[object]) -> bool:
-        return self._tasks.get(task, False)
+    async def heartbeat(self, keepalive_s: float, every_s: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            now = time.monotonic()
+            for stream in list(self._live):
+                if stream.abort_reason is not None:
+                    continue
+                if now - stream.last_event > stream.idle_timeout_s:
+                    _abort(stream, "the upstream sent no complete event within idle_timeout_s")
+                elif now - stream.last_write >= keepalive_s and stream.at_boundary():
+                    stream.prev, stream.last = stream.last, KEEPALIVE
+                    stream.last_write = now
+                    try:
+                        async with asyncio.timeout(1.0):
+                            await stream.resp.write(KEEPALIVE)
+                    except (TimeoutError, ConnectionError, RuntimeError):
+                        pass  # a stuck or gone client is the relay's to notice
+
+
+def _abort(stream: LiveStream, reason: str) -> None:
+    stream.abort_reason = reason
+    stream.task.cancel()
 
 
 async def relay_stream(request: web.Request, opened: Opened, headers: Mapping[str, str],
@@ -62,44 +100,48 @@ async def relay_stream(request: web.Request, opened: Opened, headers: Mapping[st
     resp = web.StreamResponse(status=200, headers={**headers, **SSE_HEADERS})
     task = asyncio.current_task()
     assert task is not None
-    streams.add(task)
+    now = time.monotonic()
+    live = LiveStream(task, resp, opened.route.config.idle_timeout_s, now, now)
+    streams.add(live)
     ok = False
-    prev = last = b""
     try:
         await resp.prepare(request)
-        last = opened.first
-        await resp.write(last)
+        live.last = opened.first
+        await resp.write(opened.first)
         try:
             async for chunk in opened.exchange.chunks:
+                live.prev, live.last = live.last, chunk
+                now = time.monotonic()
+                live.last_write = now
+                if chunk.endswith(b"\n\n"):
+                    live.last_event = now
                 await resp.write(chunk)
-                prev, last = last, chunk
             ok = True
         except UpstreamError as exc:
             log.warning("stream from %s broke: %s", opened.backend.name, exc.message)
-            await _end_with_error(resp, prev, last, "upstream failed mid-stream")
+            await _end_with_error(live, "upstream failed mid-stream")
             return resp
         await resp.write_eof()
     except asyncio.CancelledError:
-        if streams.aborted(task):
-            # Shutdown grace ran out: tell the client why, then end cleanly.
-            task.uncancel()
-            await _end_with_error(resp, prev, last, "the router is shutting down")
-            return resp
-        raise  # the client left: finish() closes the upstream
+        if live.abort_reason is None:
+            raise  # the client left: finish() closes the upstream
+        # Ended by the router (drain deadline, idle upstream): say why, then end cleanly.
+        task.uncancel()
+        log.warning("stream from %s ended: %s", opened.backend.name, live.abort_reason)
+        await _end_with_error(live, live.abort_reason)
     except ConnectionError:
         pass  # the client left mid-write
     finally:
-        streams.discard(task)
+        streams.discard(live)
         opened.finish(ok=ok)
     return resp
 
 
-async def _end_with_error(resp: web.StreamResponse, prev: bytes, last: bytes,
-                          message: str) -> None:
-    tail = prev[-4:] + last[-4:]
+async def _end_with_error(live: LiveStream, message: str) -> None:
     event = error_event(message, "upstream_error", "stream_interrupted")
     try:
-        await resp.write(event if at_event_boundary(tail) else b"\n\n" + event)
-        await resp.write_eof()
-    except ConnectionError:
+        async with asyncio.timeout(5.0):
+            await live.resp.write(event if live.at_boundary() else b"\n\n" + event)
+            await live.resp.write_eof()
+    except (TimeoutError, ConnectionError):
         pass

@@ -135,6 +135,8 @@ class Worker:
         self.port = self.runner.addresses[0][1]
         log.info("listening on http://%s:%d (pid %d)", server.host, self.port, os.getpid())
         self._tasks.append(spawn(probe_forever(self.ref), "prober"))
+        self._tasks.append(spawn(self.app[STREAMS].heartbeat(server.sse_keepalive_s),
+                                 "stream-heartbeat"))
         if server.reload_poll_s > 0:
             self._tasks.append(spawn(self.watcher.watch(server.reload_poll_s),
                                      "config-watcher"))
@@ -162,7 +164,7 @@ async def _drain(app: web.Application, site: web.TCPSite, grace_s: float) -> Non
     streams = app[STREAMS]
     if len(streams):
         log.warning("grace over: ending %d streams", len(streams))
-        streams.abort_all()
+        streams.abort_all("the router is shutting down")
         end = time.monotonic() + 2.0
         while len(streams) and time.monotonic() < end:  # noqa: ASYNC110
             await asyncio.sleep(0.02)

@@ -21,7 +21,11 @@ class ServerConfig(Frozen):
     workers: int = Field(1, ge=1, le=64)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
     shutdown_grace_s: float = Field(30.0, ge=0, le=3600)
-    keepalive_timeout_s: float = Field(75.0, gt=0)
+    # Closes idle keep-alive connections, and connections that have not sent a whole request
+    # head by then (slowloris).
+    keepalive_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(30.0, gt=0)
+    sse_keepalive_s: float = Field(15.0, gt=0)
     max_streams: int = Field(10_000, ge=1)
     max_response_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     reload_poll_s: float = Field(1.0, ge=0)
