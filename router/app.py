@@ -25,10 +25,12 @@ from router.state import (
     RUNTIME,
     RUNTIME_NOW,
     STATUS,
+    STORE,
     STREAMS,
     UPSTREAM,
     ServerStatus,
 )
+from router.store import Store
 from router.upstream import UpstreamClient
 
 log = logging.getLogger("router.app")
@@ -118,7 +120,7 @@ async def _stamp_request_id(request: web.Request, response: web.StreamResponse) 
         response.headers["x-request-id"] = rid
 
 
-def build_app(ref: RuntimeRef, upstream: UpstreamClient) -> web.Application:
+def build_app(ref: RuntimeRef, upstream: UpstreamClient, store: Store) -> web.Application:
     app = web.Application(
         middlewares=[request_id_stage, error_stage, auth_stage],
         client_max_size=ref.current.config.server.max_body_bytes,
@@ -127,6 +129,7 @@ def build_app(ref: RuntimeRef, upstream: UpstreamClient) -> web.Application:
     app[STREAMS] = ActiveStreams()
     app[STATUS] = ServerStatus()
     app[UPSTREAM] = upstream
+    app[STORE] = store
     app.on_response_prepare.append(_stamp_request_id)
     for prefix in ("/api/v1", "/v1"):
         app.router.add_post(f"{prefix}/chat/completions", handlers.chat_completions)

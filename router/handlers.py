@@ -21,7 +21,7 @@ from router.errors import (
 from router.relay import relay_json, relay_stream
 from router.routing.dispatch import dispatch
 from router.schema import openapi_document, parse_chat_request
-from router.state import PRINCIPAL, REQUEST_ID, RUNTIME, RUNTIME_NOW, STATUS, STREAMS
+from router.state import PRINCIPAL, REQUEST_ID, RUNTIME, RUNTIME_NOW, STATUS, STORE, STREAMS
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -66,9 +66,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Ready: a config is loaded (it always is once serving), not draining, and the store
+    answers, unless `store.on_failure: open` lets us serve without it."""
     if request.app[STATUS].draining:
         return _json({"status": "draining"}, status=503)
-    request.app[RUNTIME]  # a runtime exists: the config loaded
+    config = request.app[RUNTIME].current.config
+    if config.store.on_failure == "closed" and not await request.app[STORE].ping():
+        return _json({"status": "store unreachable"}, status=503)
     return _json({"status": "ready"})
 
 

@@ -26,6 +26,7 @@ from router.routing.health import BackendState
 from router.routing.prober import probe_forever
 from router.runtime import RuntimeRef, build_runtime
 from router.state import STATUS, STREAMS
+from router.store import open_store
 from router.tasks import spawn
 from router.upstream import AiohttpUpstream
 
@@ -107,7 +108,8 @@ class Worker:
                                         max_per_host=max([*pools, 1]))
         self.states: dict[str, BackendState] = {}
         self.ref = RuntimeRef(build_runtime(config, self.upstream, self.states))
-        self.app = build_app(self.ref, self.upstream)
+        self.store = open_store(config.store)
+        self.app = build_app(self.ref, self.upstream, self.store)
         self.watcher = _Watcher(path, overrides, self.ref, self.upstream, self.states)
         self._reuse_port = reuse_port
         self._tasks: list[asyncio.Task[None]] = []
@@ -149,6 +151,7 @@ class Worker:
             task.cancel()
         await self.runner.cleanup()
         await self.upstream.close()
+        await self.store.close()
         log.info("stopped")
 
 

@@ -9,6 +9,7 @@ from aiohttp import web
 from router.auth import Principal
 from router.relay import ActiveStreams
 from router.runtime import Runtime, RuntimeRef
+from router.store import Store
 from router.upstream import UpstreamClient
 
 
@@ -22,6 +23,7 @@ RUNTIME = web.AppKey("runtime", RuntimeRef)
 STREAMS = web.AppKey("streams", ActiveStreams)
 STATUS = web.AppKey("status", ServerStatus)
 UPSTREAM = web.AppKey("upstream", UpstreamClient)
+STORE = web.AppKey("store", Store)
 
 REQUEST_ID = web.RequestKey("request_id", str)
 RUNTIME_NOW = web.RequestKey("runtime_now", Runtime)

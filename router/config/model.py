@@ -39,7 +39,7 @@ class StoreConfig(Frozen):
     @classmethod
     def _known_scheme(cls, v: str) -> str:
         if not v.startswith("memory://"):
-            raise ValueError("only memory:// is supported in this version")
+            raise ValueError("only memory:// is supported so far (Redis comes with limits)")
         return v
 
 
