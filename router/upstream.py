@@ -94,14 +94,17 @@ class AiohttpUpstream:
             skip_auto_headers=("User-Agent",),
             raise_for_status=False,
         )
+        self._timeouts: dict[Timeouts, aiohttp.ClientTimeout] = {}
 
     async def post(self, url: str, headers: Mapping[str, str], body: bytes,
                    timeouts: Timeouts) -> UpstreamResponse:
-        timeout = aiohttp.ClientTimeout(
-            total=timeouts.total_s,
-            connect=timeouts.connect_s,
-            sock_read=timeouts.idle_s,
-        )
+        timeout = self._timeouts.get(timeouts)
+        if timeout is None:
+            timeout = self._timeouts[timeouts] = aiohttp.ClientTimeout(
+                total=timeouts.total_s,
+                connect=timeouts.connect_s,
+                sock_read=timeouts.idle_s,
+            )
         try:
             resp = await self._session.post(url, data=body, headers=headers, timeout=timeout)
         except aiohttp.ClientConnectorError as exc:

@@ -32,12 +32,25 @@ class Exchange:
 
 class Provider(Protocol):
     name: str
+    secrets: tuple[str, ...]  # values no client may ever see (upstream keys)
 
     async def open(self, call: UpstreamCall) -> Exchange: ...
 
     async def probe(self) -> bool | None:
         """True/False for up/down; None when this provider has nothing to probe."""
         ...
+
+
+def leaks_secret(text: str, secrets: tuple[str, ...], fragment: int = 8) -> bool:
+    """Whether `text` quotes any secret, or any `fragment`-character piece of one."""
+    for secret in secrets:
+        if len(secret) < fragment:
+            if secret and secret in text:
+                return True
+            continue
+        if any(secret[i:i + fragment] in text for i in range(len(secret) - fragment + 1)):
+            return True
+    return False
 
 
 def parse_retry_after(value: str | None) -> float | None:

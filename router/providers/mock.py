@@ -21,6 +21,7 @@ class MockProvider:
         self.name = name
         self._config = config
         self._ids = itertools.count(1)
+        self.secrets: tuple[str, ...] = ()
 
     async def open(self, call: UpstreamCall) -> Exchange:
         if self._config.latency_ms:

@@ -24,6 +24,7 @@ class OpenAIProvider:
         if config.api_key:
             headers["Authorization"] = f"Bearer {config.api_key}"
         self._headers = headers
+        self.secrets = tuple(v for v in (config.api_key, *config.headers.values()) if v)
         self._probe_headers = {k: v for k, v in headers.items() if k != "Content-Type"}
 
     async def open(self, call: UpstreamCall) -> Exchange:

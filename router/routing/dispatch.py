@@ -22,8 +22,8 @@ from router.errors import (
     UpstreamTimeout,
 )
 from router.providers import Exchange, UpstreamCall
+from router.providers.base import leaks_secret
 from router.routing.table import Backend, Route
-from router.upstream import Timeouts
 
 log = logging.getLogger("router.dispatch")
 
@@ -101,8 +101,7 @@ async def _attempt(route: Route, backend: Backend, body: dict[str, Any], stream:
     upstream_body = dict(body)
     upstream_body["model"] = backend.model
     upstream_body.pop("session_id", None)
-    call = UpstreamCall(upstream_body, stream, request_id,
-                        Timeouts(cfg.connect_timeout_s, cfg.timeout_s, cfg.idle_timeout_s))
+    call = UpstreamCall(upstream_body, stream, request_id, route.timeouts)
     state = backend.state
     state.inflight += 1
     exchange: Exchange | None = None
@@ -164,7 +163,10 @@ async def _refusal(route: Route, backend: Backend, exchange: Exchange) -> Router
         raw = await _read_all(exchange, MAX_ERROR_BODY)
         parsed = orjson.loads(raw)
         error = parsed["error"]
-        payload = {"error": {"message": str(error.get("message", "")),
+        message = str(error.get("message", ""))
+        if leaks_secret(message, backend.provider.secrets):
+            message = f"upstream rejected the request (HTTP {status})"
+        payload = {"error": {"message": message,
                              "type": str(error.get("type") or "invalid_request_error"),
                              "code": error.get("code") if isinstance(error.get("code"), str)
                              else None}}

@@ -10,6 +10,7 @@ from router.config import Config, RouteConfig
 from router.providers import Provider
 from router.routing.health import BackendState
 from router.routing.strategies import STRATEGIES, Strategy
+from router.upstream import Timeouts
 
 
 @dataclass(eq=False, slots=True)
@@ -32,6 +33,11 @@ class Route:
     backends: tuple[Backend, ...]
     strategy: Strategy
     fallbacks: tuple[Route, ...] = field(default=())
+    timeouts: Timeouts = field(init=False)
+
+    def __post_init__(self) -> None:
+        c = self.config
+        self.timeouts = Timeouts(c.connect_timeout_s, c.timeout_s, c.idle_timeout_s)
 
     def pick(self, exclude: set[str]) -> Backend | None:
         """The strategy's choice among available backends with room, not yet tried.
