@@ -120,7 +120,8 @@ def wants_stream(stream: bool | None, accept: str | None) -> bool:
     """`stream` decides; when it is absent or null, whether Accept prefers text/event-stream."""
     if stream is not None:
         return stream
-    if not accept or "event-stream" not in accept:
+    accept = (accept or "").lower()  # media types and parameter names are case-insensitive
+    if "event-stream" not in accept:
         return False
     best_sse = best_json = -1.0
     for i, part in enumerate(accept.split(",")):
