@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
@@ -42,12 +43,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve(args.config, overrides, worker=args.worker)
         if args.command == "bench":
             try:
-                from tests.bench.__main__ import main as bench_main  # type: ignore[import-not-found]
+                bench = importlib.import_module("tests.bench.__main__")
             except ImportError:
                 print("router bench: run it from a source checkout (tests/bench)",
                       file=sys.stderr)
                 return 2
-            return int(bench_main(args.args))
+            return int(bench.main(args.args))
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem.render(exc.source), file=sys.stderr)

@@ -133,7 +133,8 @@ class UpstreamError(RouterError):
 
 
 class UpstreamUnavailable(UpstreamError):
-    status = 503
+    """Could not connect: 502 like any upstream failure (RELIABILITY: connect refused -> 502)."""
+
     code = "backend_unavailable"
 
 

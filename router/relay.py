@@ -28,6 +28,7 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",
 }
 KEEPALIVE = b": keep-alive\n\n"
+TAIL = 16  # enough for b"data: [DONE]\n\n" and an event boundary
 
 
 def relay_json(opened: Opened, headers: Mapping[str, str]) -> web.Response:
@@ -44,12 +45,14 @@ class LiveStream:
     idle_timeout_s: float
     last_write: float
     last_event: float
-    prev: bytes = b""
-    last: bytes = b""  # updated before each write, so it is what the transport has
+    tail: bytes = b""  # the last bytes handed to the transport (updated before each write)
     abort_reason: str | None = None
 
     def at_boundary(self) -> bool:
-        return at_event_boundary(self.prev[-4:] + self.last[-4:])
+        return at_event_boundary(self.tail)
+
+    def ended_with_done(self) -> bool:
+        return self.tail.rstrip().endswith(b"[DONE]")
 
 
 class ActiveStreams:
@@ -81,7 +84,7 @@ class ActiveStreams:
                 if now - stream.last_event > stream.idle_timeout_s:
                     _abort(stream, "the upstream sent no complete event within idle_timeout_s")
                 elif now - stream.last_write >= keepalive_s and stream.at_boundary():
-                    stream.prev, stream.last = stream.last, KEEPALIVE
+                    # Written only between events, and it ends between events: `tail` holds.
                     stream.last_write = now
                     try:
                         async with asyncio.timeout(1.0):
@@ -106,16 +109,20 @@ async def relay_stream(request: web.Request, opened: Opened, headers: Mapping[st
     ok = False
     try:
         await resp.prepare(request)
-        live.last = opened.first
+        live.tail = opened.first[-TAIL:]
         await resp.write(opened.first)
         try:
             async for chunk in opened.exchange.chunks:
-                live.prev, live.last = live.last, chunk
+                live.tail = chunk[-TAIL:] if len(chunk) >= TAIL else (live.tail + chunk)[-TAIL:]
                 now = time.monotonic()
                 live.last_write = now
                 if chunk.endswith(b"\n\n"):
                     live.last_event = now
                 await resp.write(chunk)
+            if not live.ended_with_done():
+                # Every stream ends with exactly one terminator: [DONE] or an error event.
+                await _end_with_error(live, "the upstream ended the stream without [DONE]")
+                return resp
             ok = True
         except UpstreamError as exc:
             log.warning("stream from %s broke: %s", opened.backend.name, exc.message)

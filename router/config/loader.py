@@ -81,11 +81,21 @@ def load_text(text: str, env: Mapping[str, str] | None = None) -> Loaded:
     except _TooBig:
         return Loaded(None, problems=[Problem((), f"document expands to more than {MAX_NODES} "
                                                  "nodes (alias bomb?)")])
+    except _BadScalar as exc:
+        return Loaded(None, problems=[exc.problem])
     return loaded
 
 
 class _TooBig(Exception):
     pass
+
+
+class _BadScalar(Exception):
+    """A tagged scalar the safe constructors refuse (`!!python/...`, `!!int "abc"`, `!foo`)."""
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem.message)
+        self.problem = problem
 
 
 def _build(node: yaml.Node, path: Path, out: Loaded, env: Mapping[str, str],
@@ -101,7 +111,7 @@ def _build(node: yaml.Node, path: Path, out: Loaded, env: Mapping[str, str],
                 out.problems.append(Problem(path, "merge keys (<<) are not supported",
                                             key_node.start_mark.line + 1))
                 continue
-            key = _scalar(key_node)
+            key = _scalar(key_node, path)
             if not isinstance(key, (str, int)):
                 out.problems.append(Problem(path, "mapping keys must be strings",
                                             key_node.start_mark.line + 1))
@@ -115,17 +125,22 @@ def _build(node: yaml.Node, path: Path, out: Loaded, env: Mapping[str, str],
         return result
     if isinstance(node, yaml.SequenceNode):
         return [_build(item, (*path, i), out, env, budget) for i, item in enumerate(node.value)]
-    value = _scalar(node)
+    value = _scalar(node, path)
     if isinstance(value, str) and "$" in value:
         value = _interpolate(value, path, out, env)
     return value
 
 
-def _scalar(node: yaml.Node) -> Any:
+def _scalar(node: yaml.Node, path: Path) -> Any:
     if not isinstance(node, yaml.ScalarNode):
         return None
     # A fresh constructor per scalar keeps no cache alive; only safe tags resolve.
-    return SafeConstructor().construct_object(node)
+    try:
+        return SafeConstructor().construct_object(node)
+    except (yaml.YAMLError, ValueError, TypeError, AttributeError) as exc:
+        reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise _BadScalar(Problem(path, f"invalid YAML value {node.tag!r}: {reason}",
+                                 node.start_mark.line + 1)) from None
 
 
 def _interpolate(value: str, path: Path, out: Loaded, env: Mapping[str, str]) -> str:

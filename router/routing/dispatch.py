@@ -118,6 +118,7 @@ async def _attempt(route: Route, backend: Backend, body: dict[str, Any], stream:
                 # A JSON answer's head is its first byte; the body may take the whole timeout_s.
                 deadline.reschedule(None)
                 first = await _read_all(exchange, max_response_bytes)
+                _check_json(first)
         state.record_ttfb(time.monotonic() - started)
         state.record_success()
         committed = True
@@ -145,6 +146,16 @@ async def _read_all(exchange: Exchange, limit: int) -> bytes:
             raise UpstreamError("upstream response is too large")
         parts.append(chunk)
     return b"".join(parts)
+
+
+def _check_json(body: bytes) -> None:
+    """A 2xx JSON answer that does not parse is an upstream failure: the next backend may do."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise UpstreamError("upstream answered with invalid JSON") from None
+    if not isinstance(parsed, dict):
+        raise UpstreamError("upstream answered with a JSON value that is not an object")
 
 
 async def _refusal(route: Route, backend: Backend, exchange: Exchange) -> RouterError:

@@ -297,22 +297,26 @@ async def test_upstream_torn_inside_an_event_closes_it_before_the_error(start_ro
 
 # -- 6. malformed upstream -------------------------------------------------------------------
 
-async def test_malformed_stream_is_relayed_and_ends_cleanly(fakes, start_router):
+async def test_stream_ending_without_done_gets_one_error_event(fakes, start_router):
     _, r = await _single(fakes, start_router, "malformed")
     async with r.chat({"model": "m", "messages": USER_MSG, "stream": True}) as resp:
         assert resp.status == 200
         got = await _read_raw(resp)
+    # Relayed as is (the router does not parse the stream), then exactly one terminator.
     assert got.startswith(b"data: {not json}\n\n")
+    assert DONE not in got
+    events = _events(got)
+    assert [e[0] for e in events].count("error") == 1
+    assert events[-1][0] == "error"
 
 
-async def test_malformed_json_answer_is_not_a_500(fakes, start_router):
+async def test_malformed_json_answer_is_502(fakes, start_router):
     _, r = await _single(fakes, start_router, "malformed")
     async with r.chat({"model": "m", "messages": USER_MSG}) as resp:
-        # Relayed as is today (200, the upstream's bytes); a 502 would also be a sane answer.
-        assert resp.status in (200, 502)
-        raw = await resp.read()
-    if resp.status == 200:
-        assert raw == b"{not json"
+        assert resp.status == 502
+        body = await resp.json()
+    assert body["error"]["type"] == "upstream_error"
+    assert "not json" not in body["error"]["message"]
 
 
 # -- 7. tools --------------------------------------------------------------------------------
