@@ -1,7 +1,7 @@
 """Upstream bytes -> client response. Streams are relayed chunk by chunk, never re-encoded.
 
 After the first byte went out there is no fallback: an upstream failure becomes one SSE `error`
-event (after closing a torn event), then a clean end of the chunked response. A heartbeat over
+event, then a clean end of the chunked response; a partial event is never sent. A heartbeat over
 all live streams sends SSE comments through long silences and ends streams whose upstream
 trickles bytes without completing an event.
 """
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from router.errors import UpstreamError
-from router.providers.sse import at_event_boundary, error_event
+from router.providers.sse import DONE, EventCutter, error_event
 from router.routing.dispatch import Opened
 
 log = logging.getLogger("router.relay")
@@ -47,9 +47,6 @@ class LiveStream:
     last_event: float
     tail: bytes = b""  # the last bytes handed to the transport (updated before each write)
     abort_reason: str | None = None
-
-    def at_boundary(self) -> bool:
-        return at_event_boundary(self.tail)
 
     def ended_with_done(self) -> bool:
         return self.tail.rstrip().endswith(b"[DONE]")
@@ -83,8 +80,8 @@ class ActiveStreams:
                     continue
                 if now - stream.last_event > stream.idle_timeout_s:
                     _abort(stream, "the upstream sent no complete event within idle_timeout_s")
-                elif now - stream.last_write >= keepalive_s and stream.at_boundary():
-                    # Written only between events, and it ends between events: `tail` holds.
+                elif now - stream.last_write >= keepalive_s:
+                    # Only whole events are ever written, so a comment fits in between.
                     stream.last_write = now
                     try:
                         async with asyncio.timeout(1.0):
@@ -109,16 +106,24 @@ async def relay_stream(request: web.Request, opened: Opened, headers: Mapping[st
     ok = False
     try:
         await resp.prepare(request)
-        live.tail = opened.first[-TAIL:]
-        await resp.write(opened.first)
+        cutter = EventCutter()
         try:
+            events = cutter.feed(opened.first)
+            if events:
+                live.tail = events[-TAIL:]
+                await resp.write(events)
             async for chunk in opened.exchange.chunks:
-                live.tail = chunk[-TAIL:] if len(chunk) >= TAIL else (live.tail + chunk)[-TAIL:]
-                now = time.monotonic()
-                live.last_write = now
-                if chunk.endswith(b"\n\n"):
-                    live.last_event = now
-                await resp.write(chunk)
+                events = cutter.feed(chunk)
+                if not events:
+                    continue
+                live.tail = events[-TAIL:] if len(events) >= TAIL else \
+                    (live.tail + events)[-TAIL:]
+                live.last_write = live.last_event = time.monotonic()
+                await resp.write(events)
+            if cutter.pending.strip() == DONE.strip():
+                # `data: [DONE]` without its blank line: still the end; relay it as sent.
+                live.tail = cutter.pending
+                await resp.write(cutter.pending)
             if not live.ended_with_done():
                 # Every stream ends with exactly one terminator: [DONE] or an error event.
                 await _end_with_error(live, "the upstream ended the stream without [DONE]")
@@ -148,7 +153,7 @@ async def _end_with_error(live: LiveStream, message: str) -> None:
     event = error_event(message, "upstream_error", "stream_interrupted")
     try:
         async with asyncio.timeout(5.0):
-            await live.resp.write(event if live.at_boundary() else b"\n\n" + event)
+            await live.resp.write(event)
             await live.resp.write_eof()
     except (TimeoutError, ConnectionError):
         pass

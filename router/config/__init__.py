@@ -72,8 +72,13 @@ def parse_config(text: str, *, source: str = "<config>",
 
 def _pydantic_problems(exc: ValidationError, loaded: Loaded) -> list[Problem]:
     problems = []
-    for err in exc.errors(include_url=False):
+    errors = exc.errors(include_url=False)
+    for err in errors:
         path = input_path(loaded.data, err["loc"], missing=err["type"] == "missing")
+        if err["type"] == "too_short" and any(
+                len(o["loc"]) > len(err["loc"]) and o["loc"][:len(err["loc"])] == err["loc"]
+                for o in errors):
+            continue  # "at least 1 item" only because an item inside was already reported
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"

@@ -6,6 +6,8 @@ from typing import Any
 
 import orjson
 
+from router.errors import UpstreamError
+
 DONE = b"data: [DONE]\n\n"
 
 
@@ -19,6 +21,35 @@ def error_event(message: str, type_: str = "upstream_error", code: str | None = 
     return b"event: error\ndata: " + body + b"\n\n"
 
 
-def at_event_boundary(tail: bytes) -> bool:
-    """Whether the bytes relayed so far end between two events (or nothing was sent)."""
-    return not tail or tail.endswith((b"\n\n", b"\r\n\r\n", b"\r\r"))
+class EventTooLarge(UpstreamError):
+    pass
+
+
+MAX_EVENT_BYTES = 1 << 20
+_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
+
+
+class EventCutter:
+    """Holds back a partial event so only whole events reach the client, byte for byte.
+
+    Upstreams usually write one or more whole events per chunk (the fast path); a chunk split
+    inside an event waits for the rest. A torn stream then never leaves half an event behind.
+    """
+
+    __slots__ = ("pending",)
+
+    def __init__(self) -> None:
+        self.pending = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The complete events now available (possibly b"")."""
+        if self.pending:
+            chunk = self.pending + chunk
+            self.pending = b""
+        if chunk.endswith(_ENDS):
+            return chunk
+        cut = max(chunk.rfind(end) + len(end) if end in chunk else 0 for end in _ENDS)
+        self.pending = chunk[cut:]
+        if len(self.pending) > MAX_EVENT_BYTES:
+            raise EventTooLarge(f"the upstream sent an SSE event over {MAX_EVENT_BYTES} bytes")
+        return chunk[:cut]

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from router.handlers import wants_stream
-from router.providers.sse import DONE, at_event_boundary, data_event, error_event
+from router.providers.sse import DONE, EventCutter, EventTooLarge, data_event, error_event
 
 
 def test_error_event_is_one_openai_style_error():
@@ -34,19 +34,33 @@ def test_data_event_and_done():
     assert DONE == b"data: [DONE]\n\n"
 
 
-@pytest.mark.parametrize(("tail", "boundary"), [
-    (b"", True),
-    (b"}\n\n", True),
-    (b"\r\n\r\n", True),
-    (b"}\r\r", True),
-    (b"data: {", False),
-    (b"}\n", False),
-    (b"}\r\n", False),
-    (b"\n\n}", False),
-    (b"\r", False),
-])
-def test_at_event_boundary(tail, boundary):
-    assert at_event_boundary(tail) is boundary
+@pytest.mark.parametrize("split", [1, 2, 3, 5, 7, 64])
+def test_event_cutter_passes_whole_events_only_and_loses_nothing(split):
+    stream = (b'data: {"a": "Gr\xc3\xbc\xc3\x9fe"}\n\n'
+              b"event: x\r\ndata: 2\r\n\r\n"
+              b": comment\n\n" + DONE)
+    cutter = EventCutter()
+    out = []
+    for i in range(0, len(stream), split):
+        events = cutter.feed(stream[i:i + split])
+        if events:
+            assert events.endswith((b"\n\n", b"\r\n\r\n"))
+        out.append(events)
+    assert b"".join(out) == stream
+    assert cutter.pending == b""
+
+
+def test_event_cutter_holds_a_partial_event_back():
+    cutter = EventCutter()
+    assert cutter.feed(b"data: 1\n\ndata: {\"par") == b"data: 1\n\n"
+    assert cutter.pending == b'data: {"par'
+
+
+def test_event_cutter_refuses_an_endless_event():
+    cutter = EventCutter()
+    with pytest.raises(EventTooLarge):
+        for _ in range(20):
+            cutter.feed(b"x" * 65536)
 
 
 @pytest.mark.parametrize(("stream", "accept", "expected"), [
