@@ -46,6 +46,7 @@ class LiveStream:
     last_write: float
     last_event: float
     tail: bytes = b""  # the last bytes handed to the transport (updated before each write)
+    writing: bool = False  # inside a write that waits for the client to read
     abort_reason: str | None = None
 
     def ended_with_done(self) -> bool:
@@ -71,14 +72,18 @@ class ActiveStreams:
         for stream in self._live:
             _abort(stream, reason)
 
-    async def heartbeat(self, keepalive_s: float, every_s: float = 1.0) -> None:
+    async def heartbeat(self, keepalive_s: float, write_stall_s: float,
+                        every_s: float = 1.0) -> None:
         while True:
             await asyncio.sleep(every_s)
             now = time.monotonic()
             for stream in list(self._live):
                 if stream.abort_reason is not None:
                     continue
-                if now - stream.last_event > stream.idle_timeout_s:
+                if stream.writing:
+                    if now - stream.last_write > write_stall_s:
+                        _abort(stream, "the client stopped reading")
+                elif now - stream.last_event > stream.idle_timeout_s:
                     _abort(stream, "the upstream sent no complete event within idle_timeout_s")
                 elif now - stream.last_write >= keepalive_s:
                     # Only whole events are ever written, so a comment fits in between.
@@ -119,7 +124,9 @@ async def relay_stream(request: web.Request, opened: Opened, headers: Mapping[st
                 live.tail = events[-TAIL:] if len(events) >= TAIL else \
                     (live.tail + events)[-TAIL:]
                 live.last_write = live.last_event = time.monotonic()
-                await resp.write(events)
+                live.writing = True
+                await resp.write(events)  # waits while the client's buffer is full
+                live.writing = False
             if cutter.pending.strip() == DONE.strip():
                 # `data: [DONE]` without its blank line: still the end; relay it as sent.
                 live.tail = cutter.pending

@@ -137,8 +137,8 @@ class Worker:
         self.port = self.runner.addresses[0][1]
         log.info("listening on http://%s:%d (pid %d)", server.host, self.port, os.getpid())
         self._tasks.append(spawn(probe_forever(self.ref), "prober"))
-        self._tasks.append(spawn(self.app[STREAMS].heartbeat(server.sse_keepalive_s),
-                                 "stream-heartbeat"))
+        self._tasks.append(spawn(self.app[STREAMS].heartbeat(
+            server.sse_keepalive_s, server.write_stall_timeout_s), "stream-heartbeat"))
         if server.reload_poll_s > 0:
             self._tasks.append(spawn(self.watcher.watch(server.reload_poll_s),
                                      "config-watcher"))

@@ -26,6 +26,7 @@ class ServerConfig(Frozen):
     keepalive_timeout_s: float = Field(10.0, gt=0)
     body_timeout_s: float = Field(30.0, gt=0)
     sse_keepalive_s: float = Field(15.0, gt=0)
+    write_stall_timeout_s: float = Field(30.0, gt=0)
     max_streams: int = Field(10_000, ge=1)
     max_response_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     reload_poll_s: float = Field(1.0, ge=0)
