@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -86,6 +87,10 @@ async def dispatch(route: Route, body: dict[str, Any], *, stream: bool, request_
                 log.info("backend %s failed: %s", backend.name, exc.error.message)
     if last_error is not None:
         raise last_error
+    rests = [rest for r in route.chain() if (rest := r.rest_remaining()) is not None]
+    if rests:
+        raise UpstreamRateLimited("every upstream for this model asked to wait",
+                                  headers={"Retry-After": str(max(1, math.ceil(min(rests))))})
     raise Overloaded("every backend of this route is at its concurrency limit or down",
                      headers={"Retry-After": "1"})
 

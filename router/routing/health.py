@@ -20,10 +20,14 @@ class BackendState:
     consecutive_failures: int = 0
     ejections: int = 0
     ejected_until: float = 0.0
+    resting_until: float = 0.0  # an upstream 429 asked us to wait: honoured even in panic
     probe_down: bool = False
 
     def available(self, now: float) -> bool:
-        return not self.probe_down and now >= self.ejected_until
+        return not self.probe_down and now >= self.ejected_until and now >= self.resting_until
+
+    def resting(self, now: float) -> bool:
+        return now < self.resting_until
 
     def record_ttfb(self, seconds: float) -> None:
         prev = self.ewma_ttfb_s
@@ -48,4 +52,4 @@ class BackendState:
 
     def rest(self, seconds: float) -> None:
         """An upstream asked us to back off (429 Retry-After)."""
-        self.ejected_until = max(self.ejected_until, time.monotonic() + seconds)
+        self.resting_until = max(self.resting_until, time.monotonic() + seconds)

@@ -43,17 +43,25 @@ class Route:
         """The strategy's choice among available backends with room, not yet tried.
 
         When every backend is ejected or probed down, all are candidates again: the last backend
-        is never ejected (Envoy's panic threshold, at 100%).
+        is never ejected (Envoy's panic threshold, at 100%). A backend resting after an upstream
+        429 stays out even then: its upstream told us when to come back.
         """
         now = time.monotonic()
         untried = [b for b in self.backends if b.name not in exclude]
         healthy = [b for b in untried if b.state.available(now)]
         if not healthy and not any(b.state.available(now) for b in self.backends):
-            healthy = untried
+            healthy = [b for b in untried if not b.state.resting(now)]
         candidates = [b for b in healthy if b.has_room()]
         if not candidates:
             return None
         return self.strategy.select(candidates)
+
+    def rest_remaining(self) -> float | None:
+        """Seconds until a backend of this route is out of its 429 rest, if all are resting."""
+        now = time.monotonic()
+        if not all(b.state.resting(now) for b in self.backends):
+            return None
+        return min(b.state.resting_until for b in self.backends) - now
 
     def chain(self) -> Iterator[Route]:
         """This route, then its fallbacks (depth first), each route once."""

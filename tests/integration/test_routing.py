@@ -419,3 +419,21 @@ async def test_a_route_whose_every_backend_fails_its_probe_still_serves(fakes, s
     await until_only(r, "mixed", "well/gpt-x")  # the probe has taken sick out
     for _ in range(3):
         assert (await ask(r))[:2] == (200, "sick/gpt-x")
+
+
+async def test_a_single_backend_resting_after_429_is_not_called_again(fakes, start_router):
+    limited = await fakes("limited")
+    r = await start_router(router_config(
+        {"limited": openai_provider(limited)},
+        {"m": {"retries": 0, "backends": [{"provider": "limited",
+                                           "model": "status:429+retry-after:3"}]}}))
+    async with r.chat({"model": "m", "messages": USER_MSG}) as resp:
+        assert resp.status == 429
+        assert resp.headers["Retry-After"] == "3"
+    for _ in range(3):
+        async with r.chat({"model": "m", "messages": USER_MSG}) as resp:
+            assert resp.status == 429
+            assert (await resp.json())["error"]["type"] == "upstream_rate_limited"
+            assert 1 <= int(resp.headers["Retry-After"]) <= 3
+    # The upstream asked for 3 s of rest: it saw only the first request.
+    assert len(limited.seen) == 1

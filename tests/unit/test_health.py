@@ -82,14 +82,19 @@ def test_rest_makes_the_backend_unavailable_for_that_long():
     assert state.consecutive_failures == 0  # a rest is not a failure
 
 
-def test_rest_never_shortens_an_ejection():
+def test_rest_never_shortens_an_ejection_or_a_longer_rest():
     state = BackendState()
     eject(state)  # 10 s
     until = state.ejected_until
     state.rest(1)
     assert state.ejected_until == until
+    assert not state.available(time.monotonic() + 5)
     state.rest(60)
-    assert state.ejected_until > until + 40
+    rest_until = state.resting_until
+    state.rest(2)
+    assert state.resting_until == rest_until
+    assert not state.available(time.monotonic() + 40)
+    assert state.resting(time.monotonic() + 40)
 
 
 def test_probe_down_makes_a_backend_unavailable_until_it_is_up():
