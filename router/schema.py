@@ -50,7 +50,7 @@ class ChatCompletionRequest(_Open):
     top_p: Number | None = Field(None, ge=0, le=1)
     n: int | None = Field(None, ge=1, le=128)
     stream: bool | None = None
-    stop: str | list[str] | None = Field(None, max_length=4)
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None  # up to 4 sequences
     max_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
     presence_penalty: Number | None = Field(None, ge=-2, le=2)
     frequency_penalty: Number | None = Field(None, ge=-2, le=2)
