@@ -1,0 +1,175 @@
+"""`router serve` as a real subprocess on a free loopback port, from a temp YAML file.
+
+Every process started here is ended by the fixture (SIGTERM, then SIGKILL to its own process
+group, which holds only it and its workers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 30.0  # generous: a loaded 2-core machine
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_for(predicate: Callable[[], Any], within_s: float, what: str,
+                   every: float = 0.05) -> Any:
+    """Poll a sync or async predicate until it returns something truthy."""
+    deadline = time.monotonic() + within_s
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within_s:.0f} s waiting for {what}")
+        await asyncio.sleep(every)
+
+
+@dataclass
+class RouterProcess:
+    proc: asyncio.subprocess.Process
+    port: int
+    config_path: Path
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    async def wait_log(self, needle: str, count: int = 1, within_s: float = 15.0) -> str:
+        await wait_for(lambda: self.log().count(needle) >= count, within_s,
+                       f"{count} x {needle!r} in the router log")
+        return self.log()
+
+    def write_config(self, config: dict[str, Any] | str) -> None:
+        """Replace the file atomically, as an editor or a config manager would."""
+        text = config if isinstance(config, str) else yaml.safe_dump(config)
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.config_path)
+
+    def send(self, sig: signal.Signals) -> None:
+        self.proc.send_signal(sig)
+
+    async def wait_exit(self, within_s: float) -> int:
+        try:
+            return await asyncio.wait_for(self.proc.wait(), within_s)
+        except TimeoutError:
+            raise AssertionError(f"router did not exit within {within_s:.1f} s:\n"
+                                 + self.log()[-3000:]) from None
+
+    def children(self) -> list[int]:
+        return children_of(self.pid)
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            out.append(int(entry.name))
+    return sorted(out)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+StartRouter = Callable[..., Awaitable[RouterProcess]]
+
+
+@pytest.fixture
+async def router_process(tmp_path: Path) -> AsyncIterator[StartRouter]:
+    """`await router_process(config, *args, env=..., ready=True)` starts `router serve`."""
+    started: list[RouterProcess] = []
+
+    async def start(config: dict[str, Any] | str, *args: str, env: dict[str, str] | None = None,
+                    ready: bool = True) -> RouterProcess:
+        n = len(started)
+        path = tmp_path / f"router-{n}.yaml"
+        path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
+        for _attempt in range(3):
+            port = free_port()
+            log_path = tmp_path / f"router-{n}-{port}.log"
+            full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+            with log_path.open("wb") as log_file:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "router", "serve", "--config", str(path),
+                    "--port", str(port), *args,
+                    stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                    cwd=ROOT, env=full_env, start_new_session=True)
+            rp = RouterProcess(proc, port, path, log_path)
+            started.append(rp)
+            if not ready:
+                return rp
+            if await _until_ready(rp):
+                return rp
+            if "in use" not in rp.log():  # lost a race for the port: try another
+                break
+        raise AssertionError("router did not become ready:\n" + rp.log()[-3000:])
+
+    yield start
+    for rp in started:
+        if rp.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                rp.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(rp.proc.wait(), 10)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(rp.pid, signal.SIGKILL)  # its own group: it and its workers
+                await rp.proc.wait()
+
+
+async def _until_ready(rp: RouterProcess) -> bool:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
+        while time.monotonic() < deadline:
+            if rp.proc.returncode is not None:
+                return False
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with http.get(rp.url + "/readyz") as resp:
+                    if resp.status == 200:
+                        return True
+            await asyncio.sleep(0.05)
+    return False
