@@ -87,7 +87,12 @@ def _install_uvloop() -> None:
 async def _run_worker(path: str, config: Config, overrides: Overrides, *,
                       reuse_port: bool) -> None:
     worker = Worker(path, config, overrides, reuse_port=reuse_port)
-    await worker.start()
+    try:
+        await worker.start()
+    except OSError:
+        await worker.runner.cleanup()
+        await worker.upstream.close()
+        raise
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -223,6 +228,8 @@ def _supervise(path: str, config: Config, overrides: Overrides) -> int:
     argv = [sys.executable, "-m", "router", "serve", "--config", path, "--worker",
             *overrides.argv()]
     procs = [subprocess.Popen(argv) for _ in range(config.server.workers)]
+    started = [time.monotonic()] * len(procs)
+    quick_deaths = 0
     stopping = False
 
     def forward(signum: int, _frame: object) -> None:
@@ -243,10 +250,18 @@ def _supervise(path: str, config: Config, overrides: Overrides) -> int:
             if code is None:
                 alive = True
             elif not stopping:
+                # A worker that dies right after starting (port taken, bad config) would only
+                # die again: give up after a few in a row instead of spinning.
+                quick_deaths = quick_deaths + 1 if time.monotonic() - started[i] < 2 else 0
+                if quick_deaths >= 3:
+                    log.error("workers keep exiting at start-up (last code %s); stopping", code)
+                    forward(signal.SIGTERM, None)
+                    continue
                 log.error("worker %d exited with %s; restarting it", p.pid, code)
                 procs[i] = subprocess.Popen(argv)
+                started[i] = time.monotonic()
                 alive = True
         if not alive:
-            return 0
+            return max((p.returncode or 0) for p in procs) if quick_deaths < 3 else 1
         with contextlib.suppress(InterruptedError):
             time.sleep(0.2)
