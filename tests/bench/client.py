@@ -1,0 +1,365 @@
+"""The benchmark's load generator: a lean HTTP/1.1 keep-alive client on raw asyncio + uvloop.
+
+Run as a subprocess (pinned beside the upstream) in one of four modes; each prints one JSON
+object on stdout:
+
+* ``openloop``: requests fired on a fixed schedule (``--rate``), each on an idle connection or
+  a new one, so a slow server cannot slow the offered load (no coordinated omission).
+* ``closed``: ``--connections`` loops for ``--duration`` seconds (the fallback when wrk is absent).
+* ``ttfb``: ``--count`` streamed requests one after another; time to the first SSE ``data:``.
+* ``hold``: ``--count`` streams opened at once; prints ``READY <n>`` once all have their first
+  chunk, then keeps them open until a line arrives on stdin (or ``--max-hold`` passes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import gc
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import cast
+
+import orjson
+
+# uvloop's loop.time() ticks in whole milliseconds: too coarse for sub-millisecond figures.
+now = time.perf_counter
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)")
+
+
+def build_request(host: str, port: int, path: str, body: bytes, key: str | None) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}",
+             "Content-Type: application/json", f"Content-Length: {len(body)}"]
+    if key:
+        lines.append(f"Authorization: Bearer {key}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+class ResponseFailed(Exception):
+    pass
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection, one request at a time; parses Content-Length and chunked."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._buf = bytearray()
+        self._done: asyncio.Future[int] | None = None
+        self._on_data: Callable[[], None] | None = None
+        self._status = 0
+        self._in_body = False
+        self._chunked = False
+        self._remaining = 0  # body bytes left (Content-Length) or left in the current chunk
+        self._keep_alive = True
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._done is not None and not self._done.done():
+            self._done.set_exception(ResponseFailed(f"connection lost: {exc}"))
+
+    def send(self, request: bytes, on_data: Callable[[], None] | None = None
+             ) -> asyncio.Future[int]:
+        """Send a request; the future gives the status when the whole response has arrived."""
+        assert self.transport is not None and self._done is None
+        self._done = asyncio.get_running_loop().create_future()
+        self._on_data = on_data
+        self._in_body = False
+        self.transport.write(request)
+        return self._done
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        if not self._in_body:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(buf[:end]).lower()
+            del buf[:end + 4]
+            self._status = int(head[9:12])
+            self._chunked = b"transfer-encoding: chunked" in head
+            self._keep_alive = b"connection: close" not in head
+            self._remaining = 0
+            if not self._chunked:
+                match = _CONTENT_LENGTH.search(head)
+                self._remaining = int(match.group(1)) if match else 0
+            self._in_body = True
+        if self._chunked:
+            self._read_chunks()
+        else:
+            if buf and self._on_data is not None:
+                self._fire_data()
+            take = min(self._remaining, len(buf))
+            del buf[:take]
+            self._remaining -= take
+            if self._remaining == 0:
+                self._finish()
+
+    def _read_chunks(self) -> None:
+        buf = self._buf
+        while True:
+            if self._remaining > 0:
+                take = min(self._remaining, len(buf))
+                if take == 0:
+                    return
+                if self._on_data is not None:
+                    self._fire_data()
+                del buf[:take]
+                self._remaining -= take
+                if self._remaining > 0:
+                    return
+                self._remaining = -2  # the CRLF after the chunk's data
+            if self._remaining == -2:
+                if len(buf) < 2:
+                    return
+                del buf[:2]
+                self._remaining = 0
+            end = buf.find(b"\r\n")
+            if end < 0:
+                return
+            size = int(bytes(buf[:end]).split(b";")[0], 16)
+            if size == 0:
+                if len(buf) < end + 4:
+                    return
+                del buf[:end + 4]  # no trailers from our servers
+                self._finish()
+                return
+            del buf[:end + 2]
+            self._remaining = size
+
+    def _fire_data(self) -> None:
+        callback, self._on_data = self._on_data, None
+        if callback is not None:
+            callback()
+
+    def _finish(self) -> None:
+        done, self._done = self._done, None
+        self._in_body = False
+        if not self._keep_alive and self.transport is not None:
+            self.transport.close()
+            self.closed = True
+        if done is not None and not done.done():
+            done.set_result(self._status)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def connect(host: str, port: int) -> _Connection:
+    loop = asyncio.get_running_loop()
+    _, conn = await loop.create_connection(_Connection, host, port)
+    return conn
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    """Milliseconds: p50, p90, p99, max, mean."""
+    if not samples:
+        return {}
+    data = sorted(samples)
+
+    def pct(p: float) -> float:
+        return data[min(len(data) - 1, round(p / 100 * (len(data) - 1)))] * 1000
+
+    return {"p50": pct(50), "p90": pct(90), "p99": pct(99), "max": data[-1] * 1000,
+            "mean": statistics.fmean(data) * 1000, "n": len(data)}
+
+
+async def open_loop(host: str, port: int, request: bytes, rate: float, duration: float,
+                    warmup: float) -> dict[str, object]:
+    loop = asyncio.get_running_loop()
+    idle: list[_Connection] = [await connect(host, port) for _ in range(16)]
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    pending: set[asyncio.Task[None]] = set()
+
+    async def one(sent: float, record: bool) -> None:
+        conn = idle.pop() if idle else await connect(host, port)
+        try:
+            status = await asyncio.wait_for(conn.send(request), 30)
+        except (ResponseFailed, OSError, TimeoutError) as exc:
+            errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+            conn.close()
+            return
+        if record:
+            latencies.append(now() - sent)
+            if status != 200:
+                errors[str(status)] = errors.get(str(status), 0) + 1
+        if not conn.closed:
+            idle.append(conn)
+
+    total = int(rate * (warmup + duration))
+    n_warm = int(rate * warmup)
+    start = now() + 0.05
+    late = 0
+    for i in range(total):
+        scheduled = start + i / rate
+        delay = scheduled - now()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        elif delay < -0.005:
+            late += 1
+        # Timed from this moment, not `scheduled`: uvloop's timers fire up to 1 ms late, and
+        # that jitter is the generator's, not the server's. The load stays open: no send
+        # waits for an earlier answer.
+        task = loop.create_task(one(now(), i >= n_warm))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+    if pending:
+        await asyncio.wait(pending, timeout=35)
+    for conn in idle:
+        conn.close()
+    return {"latency_ms": summary(latencies), "errors": errors, "sent": total - n_warm,
+            "late_sends": late, "rate": rate}
+
+
+async def closed_loop(host: str, port: int, request: bytes, connections: int,
+                      duration: float) -> dict[str, object]:
+    deadline = now() + duration
+    counts = {"ok": 0, "non200": 0, "errors": 0}
+
+    async def worker() -> None:
+        conn = await connect(host, port)
+        while now() < deadline:
+            try:
+                status = await asyncio.wait_for(conn.send(request), 30)
+            except (ResponseFailed, OSError, TimeoutError):
+                counts["errors"] += 1
+                conn.close()
+                conn = await connect(host, port)
+                continue
+            counts["ok" if status == 200 else "non200"] += 1
+            if conn.closed:
+                conn = await connect(host, port)
+        conn.close()
+
+    t0 = now()
+    await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(connections))),
+                           duration + 40)
+    elapsed = now() - t0
+    return {"rps": (counts["ok"] + counts["non200"]) / elapsed, **counts}
+
+
+def _stamp(times: list[float]) -> None:
+    times.append(now())
+
+
+async def ttfb(host: str, port: int, request: bytes, count: int) -> dict[str, object]:
+    conn = await connect(host, port)
+    firsts: list[float] = []
+    totals: list[float] = []
+    errors = 0
+    for i in range(count + 10):  # the first 10 warm up
+        first: list[float] = []
+        t0 = now()
+        try:
+            status = await asyncio.wait_for(
+                conn.send(request, on_data=functools.partial(_stamp, first)), 30)
+        except (ResponseFailed, OSError, TimeoutError):
+            errors += 1
+            conn.close()
+            conn = await connect(host, port)
+            continue
+        if status != 200 or not first:
+            errors += 1
+        elif i >= 10:
+            firsts.append(first[0] - t0)
+            totals.append(now() - t0)
+        if conn.closed:
+            conn = await connect(host, port)
+    conn.close()
+    return {"ttfb_ms": summary(firsts), "total_ms": summary(totals), "errors": errors}
+
+
+async def hold(host: str, port: int, request: bytes, count: int, max_hold: float
+               ) -> dict[str, object]:
+    loop = asyncio.get_running_loop()
+    conns: list[_Connection] = []
+    firsts: list[asyncio.Future[int]] = []
+    dones: list[asyncio.Future[int]] = []
+    sem = asyncio.Semaphore(100)
+    t0 = now()
+
+    async def open_one() -> None:
+        async with sem:
+            conn = await connect(host, port)
+            first: asyncio.Future[int] = loop.create_future()
+
+            def seen() -> None:
+                if not first.done():
+                    first.set_result(0)
+
+            conns.append(conn)
+            firsts.append(first)
+            dones.append(conn.send(request, on_data=seen))
+            await asyncio.wait([first, dones[-1]], return_when=asyncio.FIRST_COMPLETED)
+
+    opened = await asyncio.gather(*(open_one() for _ in range(count)), return_exceptions=True)
+    failed_open = sum(isinstance(r, BaseException) for r in opened)
+    ready = sum(f.done() for f in firsts)
+    still_open = sum(not d.done() for d in dones)
+    ramp = now() - t0
+    print(f"READY {ready} {still_open}", flush=True)
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(reader.readline(), max_hold)
+    for conn in conns:
+        conn.close()
+    for d in dones:
+        if not d.done():
+            d.cancel()
+    return {"ready": ready, "open_at_ready": still_open, "failed_open": failed_open,
+            "ramp_s": ramp}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.client")
+    parser.add_argument("mode", choices=["openloop", "closed", "ttfb", "hold"])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--path", default="/v1/chat/completions")
+    parser.add_argument("--key")
+    parser.add_argument("--model", default="bench-fast")
+    parser.add_argument("--stream", action="store_true")
+    parser.add_argument("--rate", type=float, default=300)
+    parser.add_argument("--duration", type=float, default=10)
+    parser.add_argument("--warmup", type=float, default=1)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--count", type=int, default=200)
+    parser.add_argument("--max-hold", type=float, default=60)
+    args = parser.parse_args(argv)
+    body = orjson.dumps({"model": args.model, "stream": args.stream,
+                         "messages": [{"role": "user", "content": "Say hello."}]})
+    request = build_request(args.host, args.port, args.path, body, args.key)
+    import uvloop
+
+    match args.mode:
+        case "openloop":
+            coro = open_loop(args.host, args.port, request, args.rate, args.duration,
+                             args.warmup)
+        case "closed":
+            coro = closed_loop(args.host, args.port, request, args.connections, args.duration)
+        case "ttfb":
+            coro = ttfb(args.host, args.port, request, args.count)
+        case _:
+            coro = hold(args.host, args.port, request, args.count, args.max_hold)
+    # Bounded runs: a collector pause in the generator would show up as server latency.
+    gc.disable()
+    result = uvloop.run(coro)
+    print(orjson.dumps(result).decode(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

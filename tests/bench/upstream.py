@@ -1,0 +1,181 @@
+"""A minimal, fast OpenAI-style upstream for the benchmark: a raw asyncio Protocol under uvloop.
+
+The aiohttp fake (tests/fakes) spends more CPU per request than the router does, so a direct
+figure measured against it would measure the fake. This one answers from prebuilt bytes:
+
+* ``"stream":true`` absent: one fixed chat.completion JSON body, keep-alive.
+* ``"stream":true`` with model ``bench-hold``: the first SSE chunk at once, then one chunk every
+  ``--hold-gap`` seconds for ``--hold-s`` seconds (the open-streams RSS measurement).
+* any other streamed model: a short SSE answer written at once, chunked.
+* ``GET`` anything: a model list (the router's probe, if enabled).
+
+Run: ``python -m tests.bench.upstream --port 0``; it prints ``PORT <n>`` when listening.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import re
+import sys
+from typing import cast
+
+import orjson
+
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
+_MODEL = re.compile(rb'"model":\s*"([^"]*)"')
+HOLD_MODEL = b"bench-hold"
+MAX_REQUEST = 1 << 20
+
+
+def _response(body: bytes, content_type: bytes = b"application/json") -> bytes:
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: " + content_type
+            + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+def _completion_body() -> bytes:
+    return orjson.dumps({
+        "id": "chatcmpl-bench", "object": "chat.completion", "created": 1700000000,
+        "model": "bench-fast",
+        "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                     "message": {"role": "assistant",
+                                 "content": "Hello! This is a fixed benchmark answer."}}],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 9, "total_tokens": 18},
+    })
+
+
+def _sse_event(delta: dict[str, object], finish: str | None = None) -> bytes:
+    return b"data: " + orjson.dumps({
+        "id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1700000000,
+        "model": "bench-stream",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+    }) + b"\n\n"
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+COMPLETION = _response(_completion_body())
+MODELS = _response(orjson.dumps({"object": "list", "data": [
+    {"id": "bench-fast", "object": "model", "created": 0, "owned_by": "bench"}]}))
+SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+SSE_FIRST = _chunk(_sse_event({"role": "assistant", "content": ""}))
+SSE_TOKEN = _chunk(_sse_event({"content": "tok "}))
+SSE_END = (_chunk(_sse_event({}, "stop")) + _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+SSE_FAST = SSE_HEAD + SSE_FIRST + SSE_TOKEN * 8 + SSE_END
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive client connection; requests are answered in order."""
+
+    def __init__(self, hold_s: float, hold_gap: float) -> None:
+        self._buf = bytearray()
+        self._transport: asyncio.Transport | None = None
+        self._hold_s = hold_s
+        self._hold_gap = hold_gap
+        self._timer: asyncio.TimerHandle | None = None
+        self._hold_left = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._transport = None
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        while self._timer is None:  # a held stream answers nothing else until it ends
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > MAX_REQUEST:
+                    self._close()
+                return
+            head = bytes(buf[:end])
+            match = _CONTENT_LENGTH.search(head)
+            size = int(match.group(1)) if match else 0
+            total = end + 4 + size
+            if total > MAX_REQUEST:
+                self._close()
+                return
+            if len(buf) < total:
+                return
+            body = bytes(buf[end + 4:total])
+            del buf[:total]
+            self._answer(head, body)
+
+    def _answer(self, head: bytes, body: bytes) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        if head.startswith(b"GET"):
+            transport.write(MODELS)
+        elif b'"stream":true' not in body and b'"stream": true' not in body:
+            transport.write(COMPLETION)
+        else:
+            model = _MODEL.search(body)
+            if model is not None and model.group(1) == HOLD_MODEL:
+                transport.write(SSE_HEAD + SSE_FIRST)
+                self._hold_left = max(1, int(self._hold_s / self._hold_gap))
+                self._timer = asyncio.get_running_loop().call_later(self._hold_gap, self._tick)
+            else:
+                transport.write(SSE_FAST)
+
+    def _tick(self) -> None:
+        transport = self._transport
+        if transport is None:
+            self._timer = None
+            return
+        self._hold_left -= 1
+        if self._hold_left > 0:
+            transport.write(SSE_TOKEN)
+            self._timer = asyncio.get_running_loop().call_later(self._hold_gap, self._tick)
+            return
+        transport.write(SSE_END)
+        self._timer = None
+        if self._buf:
+            self.data_received(b"")
+
+    def _close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+async def serve(host: str, port: int, hold_s: float, hold_gap: float) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: _Connection(hold_s, hold_gap), host, port,
+                                      backlog=4096, reuse_address=True)
+    bound = server.sockets[0].getsockname()[1]
+    print(f"PORT {bound}", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.upstream")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--hold-s", type=float, default=120.0,
+                        help="how long a bench-hold stream stays open")
+    parser.add_argument("--hold-gap", type=float, default=2.0,
+                        help="seconds between chunks of a bench-hold stream")
+    args = parser.parse_args(argv)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a router dependency
+        runner = asyncio.run
+    else:
+        runner = uvloop.run
+    with contextlib.suppress(KeyboardInterrupt):
+        runner(serve(args.host, args.port, args.hold_s, args.hold_gap))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
