@@ -123,6 +123,17 @@ class UnsupportedMediaType(RouterError):
     log_level = logging.INFO
 
 
+class HttpError(RouterError):
+    """A protocol-level refusal from aiohttp itself (bad method, bad request line, ...)."""
+
+    type = "invalid_request_error"
+    log_level = logging.INFO
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status  # type: ignore[misc]
+
+
 class UpstreamError(RouterError):
     """An upstream answered badly or not at all; the last one's failure is what the client sees."""
 

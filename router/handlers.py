@@ -28,12 +28,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     runtime = request[RUNTIME_NOW]
     principal = request[PRINCIPAL]
     server = runtime.config.server
-    try:
-        async with asyncio.timeout(server.body_timeout_s):
-            raw = await read_body(request, server.max_body_bytes)
-    except TimeoutError:
-        raise RequestTimeout("the request body did not arrive in time") from None
-    body = parse_chat_request(raw)
+    body = parse_chat_request(await read_body(request, server.max_body_bytes,
+                                              server.body_timeout_s))
     stream = wants_stream(body.get("stream"), request.headers.get("Accept"))
     name = body.get("model") or runtime.table.default_route
     route = runtime.table.routes.get(name)
@@ -88,18 +84,27 @@ def _json(payload: Any, status: int = 200) -> web.Response:
                         content_type="application/json")
 
 
-async def read_body(request: web.Request, cap: int) -> bytes:
-    """The request body, at most `cap` bytes after decompression, else 413 before any upstream.
+async def read_body(request: web.Request, cap: int, timeout_s: float) -> bytes:
+    """The request body, at most `cap` bytes after decompression, else 413 before any upstream;
+    all of it within `timeout_s`, else 408.
 
     Counted here rather than by aiohttp's client_max_size, which streaming reads bypass.
     """
     if request.content_length is not None and request.content_length > cap:
         raise PayloadTooLarge(f"request body is larger than {cap} bytes")
-    data = bytearray()
-    async for chunk in request.content.iter_any():
-        data += chunk
-        if len(data) > cap:
-            raise PayloadTooLarge(f"request body is larger than {cap} bytes")
+    content = request.content
+    data = bytearray(content.read_nowait())  # usually the whole body came with the head
+    if len(data) > cap:
+        raise PayloadTooLarge(f"request body is larger than {cap} bytes")
+    if not content.is_eof():
+        try:
+            async with asyncio.timeout(timeout_s):
+                async for chunk in content.iter_any():
+                    data += chunk
+                    if len(data) > cap:
+                        raise PayloadTooLarge(f"request body is larger than {cap} bytes")
+        except TimeoutError:
+            raise RequestTimeout("the request body did not arrive in time") from None
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding in ("", "identity"):
         return bytes(data)

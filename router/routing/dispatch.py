@@ -111,20 +111,29 @@ async def _attempt(route: Route, backend: Backend, body: dict[str, Any], stream:
     state.inflight += 1
     exchange: Exchange | None = None
     committed = False
+    first_byte_s = cfg.first_byte_timeout_s
     started = time.monotonic()
     try:
-        async with asyncio.timeout(cfg.first_byte_timeout_s) as deadline:
+        # No timer at all when no first-byte timeout is set: this is every request's path.
+        if first_byte_s is None:
             exchange = await backend.provider.open(call)
-            if exchange.status >= 300:
-                raise await _refusal(route, backend, exchange)
-            if stream:
+        else:
+            async with asyncio.timeout(first_byte_s):
+                exchange = await backend.provider.open(call)
+        if exchange.status >= 300:
+            raise await _refusal(route, backend, exchange)
+        if stream:
+            if first_byte_s is None:
                 first = await anext(exchange.chunks, b"")
             else:
-                # A JSON answer's head is its first byte; the body may take the whole timeout_s.
-                deadline.reschedule(None)
-                first = await _read_all(exchange, max_response_bytes)
-                _check_json(first)
-        state.record_ttfb(time.monotonic() - started)
+                async with asyncio.timeout(first_byte_s - (time.monotonic() - started)):
+                    first = await anext(exchange.chunks, b"")
+            state.record_ttfb(time.monotonic() - started)
+        else:
+            # A JSON answer's head is its first byte; the body may take the whole timeout_s.
+            state.record_ttfb(time.monotonic() - started)
+            first = await _read_all(exchange, max_response_bytes)
+            _check_json(first)
         state.record_success()
         committed = True
         return Opened(backend, route, exchange, first, attempts)

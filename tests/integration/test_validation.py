@@ -5,6 +5,7 @@ Every rejected request must leave the fake upstream untouched, and nothing may a
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import logging
 import zlib
@@ -380,4 +381,24 @@ async def test_validation_happens_on_both_paths_and_after_auth(routed):
         assert resp.status == 422
     async with r.chat(body_with(temperature=9), key=None) as resp:
         assert resp.status == 401  # no credential: nothing about the body is revealed
+    assert up.seen == []
+
+
+async def test_body_that_trickles_past_body_timeout_is_408(fakes, start_router):
+    up = await fakes("up")
+    r = await start_router(router_config(
+        {"up": openai_provider(up)},
+        {"m": {"backends": [{"provider": "up", "model": "gpt-x"}]}},
+        server={"body_timeout_s": 0.5}))
+    port = int(r.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    body = orjson.dumps({"model": "m", "messages": USER_MSG})
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                 b"Authorization: Bearer " + KEY.encode() + b"\r\n"
+                 b"Content-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body[:10])
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 408")
     assert up.seen == []
