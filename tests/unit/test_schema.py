@@ -8,7 +8,6 @@ import orjson
 import pytest
 
 from router.errors import ValidationFailed
-from router.handlers import wants_stream
 from router.locs import input_path
 from router.schema import ChatCompletionRequest, openapi_document, parse_chat_request
 
@@ -156,22 +155,3 @@ def test_openapi_describes_the_seed_request_and_the_422_shape():
     assert set(ChatCompletionRequest.model_fields) == SEED_FIELDS
 
 
-@pytest.mark.parametrize(("stream", "accept", "expected"), [
-    (None, None, False),
-    (None, "", False),
-    (None, "application/json", False),
-    (None, "*/*", False),
-    (None, "text/event-stream", True),
-    (None, "TEXT/Event-Stream", True),
-    (None, "text/event-stream;q=0", False),
-    (None, "application/json, text/event-stream", False),
-    (None, "text/event-stream, application/json", True),
-    (None, "application/json;q=0.5, text/event-stream", True),
-    (None, "text/event-stream;q=0.4, application/json;q=0.9", False),
-    (None, "text/event-stream; q=bogus, application/json", False),
-    (None, "text/html, text/event-stream", True),
-    (True, "application/json", True),
-    (False, "text/event-stream", False),
-])
-def test_wants_stream(stream, accept, expected):
-    assert wants_stream(stream, accept) is expected
