@@ -153,5 +153,3 @@ def test_openapi_describes_the_seed_request_and_the_422_shape():
     assert schemas["ValidationError"]["properties"]["detail"]["items"]["required"] == \
         ["loc", "msg", "type"]
     assert set(ChatCompletionRequest.model_fields) == SEED_FIELDS
-
-
