@@ -32,7 +32,7 @@ TAIL = 16  # enough for b"data: [DONE]\n\n" and an event boundary
 
 
 def relay_json(opened: Opened, headers: Mapping[str, str]) -> web.Response:
-    opened.finish(ok=True)
+    opened.finish(upstream_failed=False)
     resp = web.Response(status=opened.exchange.status, body=opened.first, headers=headers)
     resp.content_type = "application/json"
     return resp
@@ -48,6 +48,7 @@ class LiveStream:
     tail: bytes = b""  # the last bytes handed to the transport (updated before each write)
     writing: bool = False  # inside a write that waits for the client to read
     abort_reason: str | None = None
+    abort_blames_upstream: bool = False
 
     def ended_with_done(self) -> bool:
         return self.tail.rstrip().endswith(b"[DONE]")
@@ -70,7 +71,7 @@ class ActiveStreams:
 
     def abort_all(self, reason: str) -> None:
         for stream in self._live:
-            _abort(stream, reason)
+            _abort(stream, reason, blames_upstream=False)
 
     async def heartbeat(self, keepalive_s: float, write_stall_s: float,
                         every_s: float = 1.0) -> None:
@@ -82,9 +83,10 @@ class ActiveStreams:
                     continue
                 if stream.writing:
                     if now - stream.last_write > write_stall_s:
-                        _abort(stream, "the client stopped reading")
+                        _abort(stream, "the client stopped reading", blames_upstream=False)
                 elif now - stream.last_event > stream.idle_timeout_s:
-                    _abort(stream, "the upstream sent no complete event within idle_timeout_s")
+                    _abort(stream, "the upstream sent no complete event within idle_timeout_s",
+                           blames_upstream=True)
                 elif now - stream.last_write >= keepalive_s:
                     # Only whole events are ever written, so a comment fits in between.
                     stream.last_write = now
@@ -95,8 +97,9 @@ class ActiveStreams:
                         pass  # a stuck or gone client is the relay's to notice
 
 
-def _abort(stream: LiveStream, reason: str) -> None:
+def _abort(stream: LiveStream, reason: str, *, blames_upstream: bool) -> None:
     stream.abort_reason = reason
+    stream.abort_blames_upstream = blames_upstream
     stream.task.cancel()
 
 
@@ -108,7 +111,7 @@ async def relay_stream(request: web.Request, opened: Opened, headers: Mapping[st
     now = time.monotonic()
     live = LiveStream(task, resp, opened.route.config.idle_timeout_s, now, now)
     streams.add(live)
-    ok = False
+    upstream_failed = False
     try:
         await resp.prepare(request)
         cutter = EventCutter()
@@ -133,11 +136,12 @@ async def relay_stream(request: web.Request, opened: Opened, headers: Mapping[st
                 await resp.write(cutter.pending)
             if not live.ended_with_done():
                 # Every stream ends with exactly one terminator: [DONE] or an error event.
+                upstream_failed = True
                 await _end_with_error(live, "the upstream ended the stream without [DONE]")
                 return resp
-            ok = True
         except UpstreamError as exc:
             log.warning("stream from %s broke: %s", opened.backend.name, exc.message)
+            upstream_failed = True
             await _end_with_error(live, "upstream failed mid-stream")
             return resp
         await resp.write_eof()
@@ -146,13 +150,14 @@ async def relay_stream(request: web.Request, opened: Opened, headers: Mapping[st
             raise  # the client left: finish() closes the upstream
         # Ended by the router (drain deadline, idle upstream): say why, then end cleanly.
         task.uncancel()
+        upstream_failed = live.abort_blames_upstream
         log.warning("stream from %s ended: %s", opened.backend.name, live.abort_reason)
         await _end_with_error(live, live.abort_reason)
     except ConnectionError:
         pass  # the client left mid-write
     finally:
         streams.discard(live)
-        opened.finish(ok=ok)
+        opened.finish(upstream_failed=upstream_failed)
     return resp
 
 

@@ -56,14 +56,16 @@ class Opened:
     attempts: int
     _finished: bool = False
 
-    def finish(self, ok: bool) -> None:
+    def finish(self, upstream_failed: bool) -> None:
+        """Release the slot and close the exchange; count a failure only if the upstream was at
+        fault (a client that leaves or stops reading says nothing about the backend)."""
         if self._finished:
             return
         self._finished = True
         self.exchange.close()
         state = self.backend.state
         state.inflight -= 1
-        if not ok:
+        if upstream_failed:
             state.record_failure(self.route.config.ejection)
 
 
