@@ -66,7 +66,7 @@ async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse
     resp: web.StreamResponse | None = None
     try:
         try:
-            authenticate(request)
+            await authenticate(request)
             resp = await handler(request)
         except Exception as exc:
             resp = error_response(request, exc)
@@ -83,10 +83,11 @@ def name_request(request: web.Request) -> None:
     request[REQUEST_ID] = given if given and _REQUEST_ID_OK.match(given) else os.urandom(12).hex()
 
 
-def authenticate(request: web.Request) -> None:
+async def authenticate(request: web.Request) -> None:
     if request.path not in UNAUTHENTICATED:
         authenticator = request[RUNTIME_NOW].auth
-        request[PRINCIPAL] = authenticator.authenticate(request.headers.getall("Authorization", []))
+        request[PRINCIPAL] = await authenticator.authenticate(
+            request.headers.getall("Authorization", []))
 
 
 def error_response(request: web.Request, exc: Exception) -> web.Response:
@@ -144,6 +145,7 @@ def build_app(ref: RuntimeRef, upstream: UpstreamClient, store: Store) -> web.Ap
     for prefix in ("/api/v1", "/v1"):
         app.router.add_post(f"{prefix}/chat/completions", handlers.chat_completions)
         app.router.add_get(f"{prefix}/models", handlers.list_models, allow_head=False)
+    app.router.add_post("/api/v1/auth/token", handlers.issue_token)
     app.router.add_get("/healthz", handlers.healthz, allow_head=False)
     app.router.add_get("/readyz", handlers.readyz, allow_head=False)
     app.router.add_get("/openapi.json", handlers.openapi, allow_head=False)

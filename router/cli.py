@@ -25,8 +25,37 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file; exit 1 on problems")
     check.add_argument("file")
 
+    token = sub.add_parser("token", help="router JWTs")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    issue = token_sub.add_parser("issue", help="print a router JWT signed with auth.jwt")
+    issue.add_argument("--config", required=True, help="YAML config file")
+    issue.add_argument("--sub", required=True, help="the token's subject (user)")
+    issue.add_argument("--ttl", type=int, help="lifetime in seconds (at most auth.jwt.ttl_s)")
+    issue.add_argument("--scope", default="", help="space-separated scopes")
+    issue.add_argument("--admin", action="store_true", help="an admin token")
+
     sub.add_parser("bench", help="direct-vs-router benchmark (tests/bench; --help for its flags)")
     return parser
+
+
+def _issue_token(args: argparse.Namespace) -> int:
+    from router.auth import Principal, RouterTokens
+
+    config = load_config(args.config)
+    if config.auth.jwt is None:
+        print(f"router token issue: {args.config} has no auth.jwt section", file=sys.stderr)
+        return 1
+    tokens = RouterTokens(config.auth.jwt, config.auth.default_limits)
+    if not tokens.can_issue:
+        print("router token issue: auth.jwt has no private_key_file to sign with",
+              file=sys.stderr)
+        return 1
+    principal = Principal(id=f"jwt:{args.sub}", kind="router_jwt", user=args.sub,
+                          limits=config.auth.default_limits, models=None, admin=args.admin,
+                          scopes=frozenset(args.scope.split()))
+    token, _ = tokens.issue(principal, args.ttl)
+    print(token)
+    return 0
 
 
 def _bench(argv: list[str]) -> int:
@@ -50,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             load_config(args.file)
             print(f"{args.file}: ok")
             return 0
+        if args.command == "token":
+            return _issue_token(args)
         if args.command == "serve":
             from router.server import Overrides, serve
 

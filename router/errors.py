@@ -22,10 +22,13 @@ class RouterError(Exception):
     code: ClassVar[str | None] = None
     log_level: ClassVar[int] = logging.ERROR
 
-    def __init__(self, message: str, *, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(self, message: str, *, headers: Mapping[str, str] | None = None,
+                 code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.headers = dict(headers or {})
+        if code is not None:
+            self.code = code  # type: ignore[misc]
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "code": self.code}}
@@ -65,16 +68,17 @@ class BadRequest(RouterError):
 class Unauthorized(RouterError):
     status = 401
     type = "invalid_request_error"
-    code = "invalid_api_key"
+    code = "invalid_token"
     log_level = logging.INFO
 
-    def __init__(self, message: str, *, credentials_sent: bool = True) -> None:
+    def __init__(self, message: str, *, credentials_sent: bool = True,
+                 code: str = "invalid_token") -> None:
         # RFC 6750: no error attribute when the request carried no credentials at all.
         challenge = 'Bearer realm="router"'
         if credentials_sent:
             desc = message.replace('"', "'")
             challenge += f', error="invalid_token", error_description="{desc}"'
-        super().__init__(message, headers={"WWW-Authenticate": challenge})
+        super().__init__(message, headers={"WWW-Authenticate": challenge}, code=code)
 
 
 class Forbidden(RouterError):

@@ -12,6 +12,7 @@ from aiohttp import web
 from router.errors import (
     Forbidden,
     ModelNotFound,
+    NotFound,
     Overloaded,
     PayloadTooLarge,
     RequestTimeout,
@@ -47,6 +48,21 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if stream:
         return await relay_stream(request, opened, headers, streams)
     return relay_json(opened, headers)
+
+
+async def issue_token(request: web.Request) -> web.Response:
+    """Exchange an API key or an IdP access token for a router JWT (OAuth2-style answer)."""
+    principal = request[PRINCIPAL]
+    tokens = request[RUNTIME_NOW].auth.router_tokens
+    if tokens is None or not tokens.can_issue:
+        raise NotFound("token issuance is not configured (auth.jwt with a signing key)")
+    if principal.kind == "router_jwt":
+        raise Forbidden("exchange an API key or an IdP access token, not a router token",
+                        code="token_exchange_refused")
+    token, expires_in = tokens.issue(principal)
+    resp = _json({"access_token": token, "token_type": "Bearer", "expires_in": expires_in})
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from router.auth import Authenticator, StaticKeys
-from router.config import Config
+from router.auth import Authenticator, RouterTokens, StaticKeys
+from router.config import Config, ConfigError, Problem
 from router.providers import Provider, build_provider
 from router.routing.health import BackendState
 from router.routing.table import RoutingTable
@@ -24,12 +24,21 @@ def build_runtime(config: Config, client: UpstreamClient,
                   states: dict[str, BackendState]) -> Runtime:
     providers = {name: build_provider(name, pc, client, config.health.timeout_s)
                  for name, pc in config.providers.items()}
-    keys = StaticKeys(config.auth.api_keys, config.auth.default_limits, config.auth.dev_api_key)
+    auth = config.auth
+    keys = StaticKeys(auth.api_keys, auth.default_limits, auth.dev_api_key)
+    tokens = None
+    if auth.jwt is not None:
+        try:
+            tokens = RouterTokens(auth.jwt, auth.default_limits)
+        except (OSError, ValueError, TypeError) as exc:
+            # Unreadable or unparsable key files: a config problem, refused like one.
+            raise ConfigError("<config>", [Problem(("auth", "jwt"), f"cannot load the key: "
+                                                   f"{type(exc).__name__}")]) from None
     return Runtime(
         config=config,
         table=RoutingTable(config, providers, states),
         providers=providers,
-        auth=Authenticator(keys),
+        auth=Authenticator(keys, tokens),
     )
 
 

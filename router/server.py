@@ -210,6 +210,7 @@ class _Watcher:
         old = self._ref.current.config
         try:
             new = self._overrides.apply(await asyncio.to_thread(load_config, self._path))
+            runtime = build_runtime(new, self._upstream, self._states)
         except ConfigError as exc:
             log.error("config reload (%s) refused; the old config keeps serving:\n%s",
                       reason, exc)
@@ -217,7 +218,7 @@ class _Watcher:
         if (new.server.host, new.server.port, new.server.workers) != (
                 old.server.host, old.server.port, old.server.workers):
             log.warning("server.host/port/workers changed: they take effect on restart")
-        self._ref.current = build_runtime(new, self._upstream, self._states)
+        self._ref.current = runtime
         log.info("config reloaded (%s)", reason)
         return True
 

@@ -1,33 +1,95 @@
-"""Authorization header -> one Principal. The token's shape picks the verifier."""
+"""Authorization header -> one Principal. The token's shape picks the verifier:
+
+`sk-...` -> API key; a JWT whose `iss` is ours -> router JWT; a JWT whose `iss` is the IdP's ->
+the IdP's JWKS; anything else -> the IdP's introspection/userinfo (when configured).
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
+from typing import Protocol
+
+import orjson
+
 from router.auth.api_keys import StaticKeys, digest
 from router.auth.principal import Principal
+from router.auth.router_jwt import RouterTokens
 from router.errors import Unauthorized
 
-__all__ = ["Authenticator", "Principal", "StaticKeys", "digest"]
+__all__ = ["Authenticator", "IdpVerifier", "Principal", "RouterTokens", "StaticKeys", "digest"]
 
-MAX_TOKEN_LEN = 4096
+MAX_TOKEN_LEN = 8192
+UNSAFE_HEADERS = ("jku", "x5u", "x5c", "jwk")  # a token must not tell us where its key is
+
+
+class IdpVerifier(Protocol):
+    """Access tokens of an external OpenID Connect provider (router/auth/oidc.py)."""
+
+    issuer: str
+    accepts_opaque: bool
+
+    async def verify_jwt(self, token: str) -> Principal: ...
+    async def verify_opaque(self, token: str) -> Principal: ...
 
 
 class Authenticator:
-    def __init__(self, api_keys: StaticKeys) -> None:
-        self._api_keys = api_keys
+    def __init__(self, api_keys: StaticKeys, router_tokens: RouterTokens | None = None,
+                 idp: IdpVerifier | None = None) -> None:
+        self.api_keys = api_keys
+        self.router_tokens = router_tokens
+        self.idp = idp
 
-    def authenticate(self, headers: list[str]) -> Principal:
+    async def authenticate(self, headers: list[str]) -> Principal:
         """`headers` holds every Authorization header value the request carried."""
-        if not headers:
-            raise Unauthorized("missing Authorization header", credentials_sent=False)
-        if len(headers) > 1:
-            raise Unauthorized("more than one Authorization header")
-        scheme, _, token = headers[0].strip().partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise Unauthorized("expected 'Authorization: Bearer <token>'")
-        if len(token) > MAX_TOKEN_LEN or not token.isascii() or not token.isprintable():
-            raise Unauthorized("malformed bearer token")
+        token = bearer_token(headers)
         if token.startswith("sk-"):
-            return self._api_keys.verify(token)
-        # Router JWTs and OAuth2 access tokens get their verifiers in the auth issue.
-        raise Unauthorized("unrecognised credential: expected an API key 'sk-...'")
+            return self.api_keys.verify(token)
+        if token.count(".") == 2:
+            issuer = peek_issuer(token)
+            if self.router_tokens is not None and issuer == self.router_tokens.issuer:
+                return self.router_tokens.verify(token)
+            if self.idp is not None and issuer == self.idp.issuer:
+                return await self.idp.verify_jwt(token)
+            raise Unauthorized("token issuer is not trusted")
+        if self.idp is not None and self.idp.accepts_opaque:
+            return await self.idp.verify_opaque(token)
+        raise Unauthorized("unrecognised credential: expected an API key 'sk-...' or a JWT")
+
+
+def bearer_token(headers: list[str]) -> str:
+    if not headers:
+        raise Unauthorized("missing Authorization header", credentials_sent=False)
+    if len(headers) > 1:
+        raise Unauthorized("more than one Authorization header")
+    scheme, _, token = headers[0].strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized("expected 'Authorization: Bearer <token>'")
+    if len(token) > MAX_TOKEN_LEN or not token.isascii() or not token.isprintable() \
+            or " " in token:
+        raise Unauthorized("malformed bearer token")
+    return token
+
+
+def peek_issuer(token: str) -> str | None:
+    """The unverified `iss` of a JWT, only to pick its verifier; refuses key-location headers."""
+    head, payload, _ = token.split(".")
+    header = _b64json(head)
+    if any(name in header for name in UNSAFE_HEADERS):
+        raise Unauthorized("token header names its own key (jku/x5u/x5c/jwk): refused")
+    alg = header.get("alg")
+    if not isinstance(alg, str) or alg.lower() == "none":
+        raise Unauthorized("token algorithm is not allowed")
+    issuer = _b64json(payload).get("iss")
+    return issuer if isinstance(issuer, str) else None
+
+
+def _b64json(segment: str) -> dict[str, object]:
+    try:
+        data = orjson.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except (binascii.Error, ValueError, orjson.JSONDecodeError):
+        raise Unauthorized("malformed token") from None
+    if not isinstance(data, dict):
+        raise Unauthorized("malformed token")
+    return data

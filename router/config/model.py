@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Strategy = Literal["round_robin", "weighted", "least_busy", "latency", "random"]
 Fanout = Literal["none"]
@@ -60,11 +60,67 @@ class ApiKeyConfig(Frozen):
     admin: bool = False
 
 
+class JwtConfig(Frozen):
+    """Router-signed JWTs. The algorithm is fixed here, never taken from a token's header."""
+
+    issuer: str = Field("router", min_length=1)
+    audience: str = Field("router", min_length=1)
+    algorithm: Literal["HS256", "RS256", "ES256", "EdDSA"] = "HS256"
+    secret: str | None = Field(None, repr=False)
+    private_key_file: str | None = None
+    public_key_file: str | None = None
+    ttl_s: int = Field(3600, ge=60, le=30 * 86400)
+    leeway_s: float = Field(30.0, ge=0, le=60)
+
+    @model_validator(mode="after")
+    def _keys_fit_algorithm(self) -> JwtConfig:
+        if self.algorithm == "HS256":
+            if self.secret is None or len(self.secret.encode()) < 32:
+                raise ValueError("HS256 needs `secret` of at least 32 bytes")
+        elif not self.public_key_file:
+            raise ValueError(f"{self.algorithm} needs `public_key_file` "
+                             "(and `private_key_file` to issue tokens)")
+        return self
+
+
+class IntrospectionConfig(Frozen):
+    url: str = Field(pattern=r"^https?://[^\s]+$")
+    client_id: str
+    client_secret: str = Field(repr=False)
+
+
+class OAuth2Config(Frozen):
+    """An external OpenID Connect provider whose access tokens the router accepts."""
+
+    issuer: str = Field(pattern=r"^https?://[^\s]+$")
+    audience: str | None = None
+    required_scopes: tuple[str, ...] = ()
+    algorithms: tuple[Literal["RS256", "RS384", "RS512", "ES256", "ES384", "PS256", "EdDSA"],
+                      ...] = ("RS256", "ES256")
+    discovery_refresh_s: float = Field(3600.0, ge=10)
+    jwks_min_refetch_s: float = Field(30.0, ge=1)
+    introspection: IntrospectionConfig | None = None
+    userinfo: bool = True  # opaque tokens without introspection: ask the userinfo endpoint
+    cache_ttl_s: float = Field(300.0, ge=0)
+    timeout_s: float = Field(5.0, gt=0)
+    leeway_s: float = Field(30.0, ge=0, le=60)
+
+
+class AdminClaim(Frozen):
+    """A JWT/IdP claim that makes its bearer an admin, e.g. {claim: groups, value: admins}."""
+
+    claim: str = Field(min_length=1)
+    value: str = Field(min_length=1)
+
+
 class AuthConfig(Frozen):
     api_keys: tuple[ApiKeyConfig, ...] = ()
     # Plaintext key for local development only: printed at start-up, refused off loopback.
     dev_api_key: str | None = Field(None, min_length=16)
     default_limits: Limits = Limits()
+    jwt: JwtConfig | None = None
+    oauth2: OAuth2Config | None = None
+    admin_claim: AdminClaim | None = None
 
 
 class OpenAIProviderConfig(Frozen):

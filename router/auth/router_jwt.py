@@ -1,0 +1,129 @@
+"""Router-signed JWTs: issued by `POST /api/v1/auth/token` and `router token issue`, verified here.
+
+The algorithm comes from the config, never from a token's header; `iss`, `aud`, `exp`, `iat` and
+`sub` are required, `nbf` is honoured, with the configured leeway.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.serialization import (
+    load_pem_private_key,
+    load_pem_public_key,
+)
+
+from router.auth.principal import Principal
+from router.config.model import JwtConfig, Limits
+from router.errors import Unauthorized
+
+REQUIRED = ["exp", "iat", "iss", "aud", "sub"]
+
+
+class RouterTokens:
+    def __init__(self, config: JwtConfig, default_limits: Limits) -> None:
+        self.issuer = config.issuer
+        self._config = config
+        self._default_limits = default_limits
+        self._algorithms = [config.algorithm]
+        self._signing_key: Any = None
+        self._verify_key: Any
+        if config.algorithm == "HS256":
+            assert config.secret is not None  # the config validator guarantees it
+            self._verify_key = self._signing_key = config.secret.encode()
+        else:
+            assert config.public_key_file is not None
+            self._verify_key = load_pem_public_key(Path(config.public_key_file).read_bytes())
+            if config.private_key_file:
+                self._signing_key = load_pem_private_key(
+                    Path(config.private_key_file).read_bytes(), password=None)
+
+    @property
+    def can_issue(self) -> bool:
+        return self._signing_key is not None
+
+    def issue(self, principal: Principal, ttl_s: int | None = None) -> tuple[str, int]:
+        """A token for `principal`: same user, scopes, limits, models and admin flag."""
+        if self._signing_key is None:
+            raise RuntimeError("no private key configured: this router can verify, not issue")
+        ttl = min(ttl_s or self._config.ttl_s, self._config.ttl_s)
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "iss": self._config.issuer,
+            "aud": self._config.audience,
+            "sub": principal.user,
+            "iat": now,
+            "nbf": now,
+            "exp": now + ttl,
+            "jti": secrets.token_urlsafe(12),
+            "pid": principal.id,
+            "lim": principal.limits.model_dump(exclude_none=True),
+        }
+        if principal.scopes:
+            claims["scope"] = " ".join(sorted(principal.scopes))
+        if principal.models is not None:
+            claims["mdl"] = sorted(principal.models)
+        if principal.admin:
+            claims["adm"] = True
+        token = jwt.encode(claims, self._signing_key, algorithm=self._config.algorithm)
+        return token, ttl
+
+    def verify(self, token: str) -> Principal:
+        try:
+            claims = jwt.decode(
+                token, self._verify_key, algorithms=self._algorithms,
+                audience=self._config.audience, issuer=self._config.issuer,
+                leeway=self._config.leeway_s, options={"require": REQUIRED},
+            )
+        except jwt.PyJWTError as exc:
+            raise Unauthorized(jwt_failure(exc)) from None
+        return self._principal(claims)
+
+    def _principal(self, claims: dict[str, Any]) -> Principal:
+        sub = claims["sub"]
+        pid = claims.get("pid")
+        limits = self._default_limits
+        lim = claims.get("lim")
+        if isinstance(lim, dict):
+            try:
+                limits = Limits.model_validate(lim)
+            except ValueError:
+                raise Unauthorized("token carries invalid limits") from None
+        models = claims.get("mdl")
+        scope = claims.get("scope")
+        if not isinstance(sub, str) or not (pid is None or isinstance(pid, str)):
+            raise Unauthorized("token carries an invalid subject")
+        return Principal(
+            id=pid or f"jwt:{sub}",
+            kind="router_jwt",
+            user=sub,
+            limits=limits,
+            models=frozenset(str(m) for m in models) if isinstance(models, list) else None,
+            admin=claims.get("adm") is True,
+            scopes=frozenset(scope.split()) if isinstance(scope, str) else frozenset(),
+        )
+
+
+def jwt_failure(exc: Exception) -> str:
+    """What was wrong with a JWT, in words a client can act on (never the token itself)."""
+    if isinstance(exc, jwt.ExpiredSignatureError):
+        return "token expired"
+    if isinstance(exc, jwt.ImmatureSignatureError):
+        return "token not yet valid (nbf/iat in the future)"
+    if isinstance(exc, jwt.InvalidAudienceError):
+        return "token has the wrong audience"
+    if isinstance(exc, jwt.InvalidIssuerError):
+        return "token has the wrong issuer"
+    if isinstance(exc, jwt.MissingRequiredClaimError):
+        return f"token lacks the required claim {exc.claim!r}"
+    if isinstance(exc, jwt.InvalidSignatureError):
+        return "token signature does not verify"
+    if isinstance(exc, jwt.InvalidAlgorithmError):
+        return "token algorithm is not allowed"
+    if isinstance(exc, jwt.DecodeError):
+        return "malformed token"
+    return "invalid token"
