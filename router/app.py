@@ -23,10 +23,14 @@ from router.errors import (
     NotFound,
     PayloadTooLarge,
     RouterError,
+    Unauthorized,
 )
+from router.metrics import UNKNOWN, Metrics
 from router.relay import ActiveStreams
 from router.runtime import RuntimeRef
 from router.state import (
+    LABELS,
+    METRICS,
     PRINCIPAL,
     REQUEST_ID,
     RUNTIME,
@@ -46,7 +50,7 @@ access = logging.getLogger("router.access")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Everything else requires a credential: forgetting to protect a new route is impossible.
-UNAUTHENTICATED = frozenset({"/healthz", "/readyz", "/openapi.json"})
+UNAUTHENTICATED = frozenset({"/healthz", "/readyz", "/openapi.json", "/metrics"})
 
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
@@ -60,6 +64,7 @@ async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse
     """
     started = time.monotonic()
     runtime = request[RUNTIME_NOW] = request.app[RUNTIME].current
+    labels = request[LABELS] = [UNKNOWN, "none", "false"]  # route, backend, stream
     name_request(request)
     status = request.app[STATUS]
     status.inflight += 1
@@ -73,8 +78,13 @@ async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse
         return resp
     finally:
         status.inflight -= 1
+        code = resp.status if resp is not None else 499
+        if request.path.endswith("/chat/completions"):
+            m = request.app[METRICS]
+            m.child(m.requests, labels[0], labels[1], str(code), labels[2]).inc()
+            m.child(m.duration, labels[0], labels[2]).observe(time.monotonic() - started)
         if runtime.config.logging.access_log:
-            log_access(request, resp.status if resp is not None else 499, started)
+            log_access(request, code, started)
 
 
 def name_request(request: web.Request) -> None:
@@ -95,6 +105,9 @@ def error_response(request: web.Request, exc: Exception) -> web.Response:
     contract's shape, without a stack trace."""
     if isinstance(exc, web.HTTPException):
         exc = _from_http(request, exc)
+    if isinstance(exc, Unauthorized):
+        m = request.app[METRICS]
+        m.child(m.auth_failures, exc.credential, exc.reason).inc()
     if isinstance(exc, RouterError):
         log.log(exc.log_level, "%s %s -> %d %s", request.method, request.path[:200], exc.status,
                 exc.message)
@@ -131,7 +144,8 @@ async def _stamp_request_id(request: web.Request, response: web.StreamResponse) 
         response.headers["x-request-id"] = rid
 
 
-def build_app(ref: RuntimeRef, upstream: UpstreamClient, store: Store) -> web.Application:
+def build_app(ref: RuntimeRef, upstream: UpstreamClient, store: Store,
+              metrics: Metrics) -> web.Application:
     app = web.Application(
         middlewares=[pipeline],
         client_max_size=ref.current.config.server.max_body_bytes,
@@ -141,6 +155,7 @@ def build_app(ref: RuntimeRef, upstream: UpstreamClient, store: Store) -> web.Ap
     app[STATUS] = ServerStatus()
     app[UPSTREAM] = upstream
     app[STORE] = store
+    app[METRICS] = metrics
     app.on_response_prepare.append(_stamp_request_id)
     for prefix in ("/api/v1", "/v1"):
         app.router.add_post(f"{prefix}/chat/completions", handlers.chat_completions)
@@ -149,4 +164,5 @@ def build_app(ref: RuntimeRef, upstream: UpstreamClient, store: Store) -> web.Ap
     app.router.add_get("/healthz", handlers.healthz, allow_head=False)
     app.router.add_get("/readyz", handlers.readyz, allow_head=False)
     app.router.add_get("/openapi.json", handlers.openapi, allow_head=False)
+    app.router.add_get("/metrics", handlers.metrics_endpoint, allow_head=False)
     return app

@@ -72,7 +72,9 @@ class Unauthorized(RouterError):
     log_level = logging.INFO
 
     def __init__(self, message: str, *, credentials_sent: bool = True,
-                 code: str = "invalid_token") -> None:
+                 code: str = "invalid_token", reason: str = "invalid") -> None:
+        self.reason = reason if credentials_sent else "missing"  # a metric label: a fixed set
+        self.credential = "none"  # set by the Authenticator once it knows the token's shape
         # RFC 6750: no error attribute when the request carried no credentials at all.
         challenge = 'Bearer realm="router"'
         if credentials_sent:
@@ -171,6 +173,19 @@ class Overloaded(RouterError):
     type = "server_error"
     code = "overloaded"
     log_level = logging.WARNING
+
+
+class IdpUnavailable(RouterError):
+    """The identity provider could not be asked (down, slow, no keys yet): 503, not 401, since
+    the credential may well be valid."""
+
+    status = 503
+    type = "server_error"
+    code = "idp_unavailable"
+    log_level = logging.WARNING
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
 
 
 class InternalError(RouterError):

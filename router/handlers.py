@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import zlib
 from typing import Any
 
@@ -19,10 +20,21 @@ from router.errors import (
     UnsupportedMediaType,
     ValidationFailed,
 )
+from router.metrics import CONTENT_TYPE
 from router.relay import relay_json, relay_stream
 from router.routing.dispatch import dispatch
 from router.schema import openapi_document, parse_chat_request
-from router.state import PRINCIPAL, REQUEST_ID, RUNTIME, RUNTIME_NOW, STATUS, STORE, STREAMS
+from router.state import (
+    LABELS,
+    METRICS,
+    PRINCIPAL,
+    REQUEST_ID,
+    RUNTIME,
+    RUNTIME_NOW,
+    STATUS,
+    STORE,
+    STREAMS,
+)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -32,22 +44,32 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = parse_chat_request(await read_body(request, server.max_body_bytes,
                                               server.body_timeout_s))
     stream = wants_stream(body.get("stream"), request.headers.get("Accept"))
+    labels = request[LABELS]  # [route, backend, stream] for the pipeline's request metrics
+    labels[2] = "true" if stream else "false"
     name = body.get("model") or runtime.table.default_route
     route = runtime.table.routes.get(name)
     if route is None:
         raise ModelNotFound(f"the model {name[:100]!r} does not exist")
+    labels[0] = name
     if not principal.may_use(name):
         raise Forbidden(f"this credential may not use the model {name!r}")
     streams = request.app[STREAMS]
     if stream and len(streams) >= server.max_streams:
         raise Overloaded("too many open streams; retry shortly", headers={"Retry-After": "1"})
     body["stream"] = stream
-    opened = await dispatch(route, body, stream=stream, request_id=request[REQUEST_ID],
-                            max_response_bytes=server.max_response_bytes)
-    headers = {"x-router-backend": opened.backend.name}
-    if stream:
-        return await relay_stream(request, opened, headers, streams)
-    return relay_json(opened, headers)
+    metrics = request.app[METRICS]
+    inflight = metrics.child(metrics.inflight, name)
+    inflight.inc()
+    try:
+        opened = await dispatch(route, body, stream=stream, request_id=request[REQUEST_ID],
+                                max_response_bytes=server.max_response_bytes, metrics=metrics)
+        labels[1] = opened.backend.name
+        headers = {"x-router-backend": opened.backend.name}
+        if stream:
+            return await relay_stream(request, opened, headers, streams, metrics)
+        return relay_json(opened, headers)
+    finally:
+        inflight.dec()
 
 
 async def issue_token(request: web.Request) -> web.Response:
@@ -71,6 +93,16 @@ async def list_models(request: web.Request) -> web.Response:
     data = [{"id": name, "object": "model", "created": 0, "owned_by": "router"}
             for name in runtime.table.routes if principal.may_use(name)]
     return _json({"object": "list", "data": data})
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS]
+    now = time.monotonic()
+    for backend in request.app[RUNTIME].current.table.backends():
+        metrics.child(metrics.backend_up, backend.name).set(
+            1 if backend.state.available(now) else 0)
+    body = await asyncio.to_thread(metrics.render)  # multiprocess mode reads files
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def healthz(request: web.Request) -> web.Response:

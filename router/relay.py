@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from router.errors import UpstreamError
+from router.metrics import Metrics
 from router.providers.sse import DONE, EventCutter, error_event
 from router.routing.dispatch import Opened
 
@@ -104,13 +105,14 @@ def _abort(stream: LiveStream, reason: str, *, blames_upstream: bool) -> None:
 
 
 async def relay_stream(request: web.Request, opened: Opened, headers: Mapping[str, str],
-                       streams: ActiveStreams) -> web.StreamResponse:
+                       streams: ActiveStreams, metrics: Metrics) -> web.StreamResponse:
     resp = web.StreamResponse(status=200, headers={**headers, **SSE_HEADERS})
     task = asyncio.current_task()
     assert task is not None
     now = time.monotonic()
     live = LiveStream(task, resp, opened.route.config.idle_timeout_s, now, now)
     streams.add(live)
+    metrics.active_streams.inc()
     upstream_failed = False
     try:
         await resp.prepare(request)
@@ -157,6 +159,7 @@ async def relay_stream(request: web.Request, opened: Opened, headers: Mapping[st
         pass  # the client left mid-write
     finally:
         streams.discard(live)
+        metrics.active_streams.dec()
         opened.finish(upstream_failed=upstream_failed)
     return resp
 

@@ -22,6 +22,7 @@ from aiohttp import web
 from router.app import build_app
 from router.config import Config, ConfigError, load_config
 from router.log import setup_logging
+from router.metrics import Metrics
 from router.routing.health import BackendState
 from router.routing.prober import probe_forever
 from router.runtime import RuntimeRef, build_runtime
@@ -114,8 +115,10 @@ class Worker:
         self.states: dict[str, BackendState] = {}
         self.ref = RuntimeRef(build_runtime(config, self.upstream, self.states))
         self.store = open_store(config.store)
-        self.app = build_app(self.ref, self.upstream, self.store)
-        self.watcher = _Watcher(path, overrides, self.ref, self.upstream, self.states)
+        self.metrics = Metrics()
+        self.app = build_app(self.ref, self.upstream, self.store, self.metrics)
+        self.watcher = _Watcher(path, overrides, self.ref, self.upstream, self.states,
+                                self.metrics)
         self._reuse_port = reuse_port
         self._tasks: list[asyncio.Task[None]] = []
         server = config.server
@@ -182,7 +185,9 @@ class _Watcher:
     """Reloads the config on SIGHUP or when the file's content changes."""
 
     def __init__(self, path: str, overrides: Overrides, ref: RuntimeRef,
-                 upstream: AiohttpUpstream, states: dict[str, BackendState]) -> None:
+                 upstream: AiohttpUpstream, states: dict[str, BackendState],
+                 metrics: Metrics) -> None:
+        self._metrics = metrics
         self._path = Path(path)
         self._overrides = overrides
         self._ref = ref
@@ -214,11 +219,13 @@ class _Watcher:
         except ConfigError as exc:
             log.error("config reload (%s) refused; the old config keeps serving:\n%s",
                       reason, exc)
+            self._metrics.config_reloads.labels("failure").inc()
             return False
         if (new.server.host, new.server.port, new.server.workers) != (
                 old.server.host, old.server.port, old.server.workers):
             log.warning("server.host/port/workers changed: they take effect on restart")
         self._ref.current = runtime
+        self._metrics.config_reloads.labels("success").inc()
         log.info("config reloaded (%s)", reason)
         return True
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from router.auth import Principal
+from router.metrics import Metrics
 from router.relay import ActiveStreams
 from router.runtime import Runtime, RuntimeRef
 from router.store import Store
@@ -24,7 +25,10 @@ STREAMS = web.AppKey("streams", ActiveStreams)
 STATUS = web.AppKey("status", ServerStatus)
 UPSTREAM = web.AppKey("upstream", UpstreamClient)
 STORE = web.AppKey("store", Store)
+METRICS = web.AppKey("metrics", Metrics)
 
 REQUEST_ID = web.RequestKey("request_id", str)
 RUNTIME_NOW = web.RequestKey("runtime_now", Runtime)
 PRINCIPAL = web.RequestKey("principal", Principal)
+# What the request's metrics are labelled with, filled in as the handler learns it.
+LABELS = web.RequestKey("labels", list)

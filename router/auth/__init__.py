@@ -42,7 +42,15 @@ class Authenticator:
 
     async def authenticate(self, headers: list[str]) -> Principal:
         """`headers` holds every Authorization header value the request carried."""
-        token = bearer_token(headers)
+        token = ""
+        try:
+            token = bearer_token(headers)
+            return await self._verify(token)
+        except Unauthorized as exc:
+            exc.credential = credential_kind(token)
+            raise
+
+    async def _verify(self, token: str) -> Principal:
         if token.startswith("sk-"):
             return self.api_keys.verify(token)
         if token.count(".") == 2:
@@ -55,6 +63,15 @@ class Authenticator:
         if self.idp is not None and self.idp.accepts_opaque:
             return await self.idp.verify_opaque(token)
         raise Unauthorized("unrecognised credential: expected an API key 'sk-...' or a JWT")
+
+
+def credential_kind(token: str) -> str:
+    """The credential type a token looks like (a metric label; nothing is verified here)."""
+    if not token:
+        return "none"
+    if token.startswith("sk-"):
+        return "api_key"
+    return "jwt" if token.count(".") == 2 else "opaque"
 
 
 def bearer_token(headers: list[str]) -> str:

@@ -35,5 +35,5 @@ class StaticKeys:
         # Looked up by digest: timing can reveal at most a digest prefix, never the key.
         principal = self._by_digest.get(digest(token))
         if principal is None:
-            raise Unauthorized("invalid API key", code="invalid_api_key")
+            raise Unauthorized("invalid API key", code="invalid_api_key", reason="unknown_key")
         return principal

@@ -80,7 +80,7 @@ class RouterTokens:
                 leeway=self._config.leeway_s, options={"require": REQUIRED},
             )
         except jwt.PyJWTError as exc:
-            raise Unauthorized(jwt_failure(exc)) from None
+            raise Unauthorized(jwt_failure(exc), reason=jwt_reason(exc)) from None
         return self._principal(claims)
 
     def _principal(self, claims: dict[str, Any]) -> Principal:
@@ -106,6 +106,12 @@ class RouterTokens:
             admin=claims.get("adm") is True,
             scopes=frozenset(scope.split()) if isinstance(scope, str) else frozenset(),
         )
+
+
+def jwt_reason(exc: Exception) -> str:
+    """A metric label for a JWT failure: pyjwt's exception class, a fixed set."""
+    name = type(exc).__name__.removesuffix("Error")
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_") or "invalid"
 
 
 def jwt_failure(exc: Exception) -> str:

@@ -22,6 +22,7 @@ from router.errors import (
     UpstreamRateLimited,
     UpstreamTimeout,
 )
+from router.metrics import Metrics
 from router.providers import Exchange, UpstreamCall
 from router.providers.base import leaks_secret
 from router.routing.table import Backend, Route
@@ -54,6 +55,8 @@ class Opened:
     exchange: Exchange
     first: bytes  # the whole body for JSON; the first chunk for streams
     attempts: int
+    metrics: Metrics
+    opened_at: float
     _finished: bool = False
 
     def finish(self, upstream_failed: bool) -> None:
@@ -63,14 +66,21 @@ class Opened:
             return
         self._finished = True
         self.exchange.close()
-        state = self.backend.state
-        state.inflight -= 1
+        self.backend.state.inflight -= 1
+        m = self.metrics
+        m.child(m.upstream_duration, self.backend.name).observe(time.monotonic() - self.opened_at)
         if upstream_failed:
-            state.record_failure(self.route.config.ejection)
+            _count_failure(self.route, self.backend, m, "stream_broken")
+
+
+def _count_failure(route: Route, backend: Backend, metrics: Metrics, reason: str) -> None:
+    if backend.state.record_failure(route.config.ejection):
+        log.warning("backend %s ejected (%s)", backend.name, reason)
+        metrics.child(metrics.ejections, backend.name, reason).inc()
 
 
 async def dispatch(route: Route, body: dict[str, Any], *, stream: bool, request_id: str,
-                   max_response_bytes: int) -> Opened:
+                   max_response_bytes: int, metrics: Metrics) -> Opened:
     tried: set[str] = set()
     last_error: RouterError | None = None
     attempts = 0
@@ -81,9 +91,11 @@ async def dispatch(route: Route, body: dict[str, Any], *, stream: bool, request_
                 break
             tried.add(backend.name)
             attempts += 1
+            if last_error is not None:
+                metrics.child(metrics.retries, route.name, last_error.code or "error").inc()
             try:
                 return await _attempt(r, backend, body, stream, request_id,
-                                      max_response_bytes, attempts)
+                                      max_response_bytes, attempts, metrics)
             except _Retryable as exc:
                 last_error = exc.error
                 log.info("backend %s failed: %s", backend.name, exc.error.message)
@@ -103,7 +115,8 @@ class _Retryable(Exception):
 
 
 async def _attempt(route: Route, backend: Backend, body: dict[str, Any], stream: bool,
-                   request_id: str, max_response_bytes: int, attempts: int) -> Opened:
+                   request_id: str, max_response_bytes: int, attempts: int,
+                   metrics: Metrics) -> Opened:
     cfg = route.config
     upstream_body = dict(body)
     upstream_body["model"] = backend.model
@@ -130,21 +143,23 @@ async def _attempt(route: Route, backend: Backend, body: dict[str, Any], stream:
             else:
                 async with asyncio.timeout(first_byte_s - (time.monotonic() - started)):
                     first = await anext(exchange.chunks, b"")
-            state.record_ttfb(time.monotonic() - started)
+            ttfb = time.monotonic() - started
         else:
             # A JSON answer's head is its first byte; the body may take the whole timeout_s.
-            state.record_ttfb(time.monotonic() - started)
+            ttfb = time.monotonic() - started
             first = await _read_all(exchange, max_response_bytes)
-            _check_json(first)
+            _count_tokens(_check_json(first), route, backend, metrics)
+        state.record_ttfb(ttfb)
+        metrics.child(metrics.ttfb, route.name, backend.name).observe(ttfb)
         state.record_success()
         committed = True
-        return Opened(backend, route, exchange, first, attempts)
+        return Opened(backend, route, exchange, first, attempts, metrics, started)
     except TimeoutError:
-        state.record_failure(cfg.ejection)
+        _count_failure(route, backend, metrics, "timeout")
         raise _Retryable(UpstreamTimeout(
             f"no first byte from upstream within {cfg.first_byte_timeout_s} s")) from None
     except UpstreamError as exc:
-        state.record_failure(cfg.ejection)
+        _count_failure(route, backend, metrics, exc.code or "error")
         raise _Retryable(exc) from exc
     finally:
         if not committed:
@@ -164,7 +179,7 @@ async def _read_all(exchange: Exchange, limit: int) -> bytes:
     return b"".join(parts)
 
 
-def _check_json(body: bytes) -> None:
+def _check_json(body: bytes) -> dict[str, Any]:
     """A 2xx JSON answer that does not parse is an upstream failure: the next backend may do."""
     try:
         parsed = orjson.loads(body)
@@ -172,6 +187,18 @@ def _check_json(body: bytes) -> None:
         raise UpstreamError("upstream answered with invalid JSON") from None
     if not isinstance(parsed, dict):
         raise UpstreamError("upstream answered with a JSON value that is not an object")
+    return parsed
+
+
+def _count_tokens(answer: dict[str, Any], route: Route, backend: Backend,
+                  metrics: Metrics) -> None:
+    usage = answer.get("usage")
+    if not isinstance(usage, dict):
+        return
+    for kind, field in (("prompt", "prompt_tokens"), ("completion", "completion_tokens")):
+        value = usage.get(field)
+        if isinstance(value, int) and value > 0:
+            metrics.child(metrics.tokens, route.name, backend.name, kind).inc(value)
 
 
 async def _refusal(route: Route, backend: Backend, exchange: Exchange) -> RouterError:
