@@ -10,14 +10,18 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
+from prometheus_client import multiprocess
 
 from router.app import build_app
 from router.config import Config, ConfigError, load_config
@@ -235,7 +239,23 @@ def _supervise(path: str, config: Config, overrides: Overrides) -> int:
     _announce(config, worker=False)
     argv = [sys.executable, "-m", "router", "serve", "--config", path, "--worker",
             *overrides.argv()]
-    procs = [subprocess.Popen(argv) for _ in range(config.server.workers)]
+    # Workers write their metrics into one fresh directory per start; /metrics on any worker
+    # sums them, and a restarted worker's predecessor keeps its counts in its own files.
+    metrics_dir = tempfile.mkdtemp(prefix="router-metrics-")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+
+    def start_worker() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(argv, env=env)
+
+    try:
+        return _watch_workers(config, start_worker, metrics_dir)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _watch_workers(config: Config, start_worker: Callable[[], subprocess.Popen[bytes]],
+                   metrics_dir: str) -> int:
+    procs = [start_worker() for _ in range(config.server.workers)]
     started = [time.monotonic()] * len(procs)
     quick_deaths = 0
     stopping = False
@@ -266,7 +286,8 @@ def _supervise(path: str, config: Config, overrides: Overrides) -> int:
                     forward(signal.SIGTERM, None)
                     continue
                 log.error("worker %d exited with %s; restarting it", p.pid, code)
-                procs[i] = subprocess.Popen(argv)
+                multiprocess.mark_process_dead(p.pid, metrics_dir)  # type: ignore[no-untyped-call]
+                procs[i] = start_worker()
                 started[i] = time.monotonic()
                 alive = True
         if not alive:
