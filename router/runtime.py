@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from router.auth import Authenticator, RouterTokens, StaticKeys
+from router.auth.oidc import OidcClient, OidcVerifier
 from router.config import Config, ConfigError, Problem
 from router.providers import Provider, build_provider
 from router.routing.health import BackendState
@@ -18,10 +19,13 @@ class Runtime:
     table: RoutingTable
     providers: dict[str, Provider]
     auth: Authenticator
+    oidc: OidcClient | None = None  # kept across reloads while `auth.oauth2` is unchanged
 
 
 def build_runtime(config: Config, client: UpstreamClient,
-                  states: dict[str, BackendState]) -> Runtime:
+                  states: dict[str, BackendState], oidc: OidcClient | None = None) -> Runtime:
+    """`oidc` is the running runtime's IdP client: reused (with its keys and caches) when
+    `auth.oauth2` is unchanged, else a new one is made, which the caller starts."""
     providers = {name: build_provider(name, pc, client, config.health.timeout_s)
                  for name, pc in config.providers.items()}
     auth = config.auth
@@ -34,11 +38,19 @@ def build_runtime(config: Config, client: UpstreamClient,
             # Unreadable or unparsable key files: a config problem, refused like one.
             raise ConfigError("<config>", [Problem(("auth", "jwt"), f"cannot load the key: "
                                                    f"{type(exc).__name__}")]) from None
+    idp = None
+    if auth.oauth2 is None:
+        oidc = None
+    else:
+        if oidc is None or oidc.config != auth.oauth2:
+            oidc = OidcClient(auth.oauth2)
+        idp = OidcVerifier(oidc, auth.default_limits, auth.admin_claim)
     return Runtime(
         config=config,
         table=RoutingTable(config, providers, states),
         providers=providers,
-        auth=Authenticator(keys, tokens),
+        auth=Authenticator(keys, tokens, idp),
+        oidc=oidc,
     )
 
 

@@ -33,14 +33,18 @@ class ServerConfig(Frozen):
 
 
 class StoreConfig(Frozen):
-    url: str = "memory://"
+    url: str = Field("memory://", repr=False)  # may carry a password
     on_failure: Literal["open", "closed"] = "open"
+    timeout_ms: float = Field(50.0, gt=0, le=60_000)  # every store call, whole
 
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, v: str) -> str:
-        if not v.startswith("memory://"):
-            raise ValueError("only memory:// is supported so far (Redis comes with limits)")
+        if v.startswith(("redis+sentinel://", "redis+cluster://")):
+            raise ValueError("redis+sentinel:// and redis+cluster:// are not supported yet; "
+                             "use redis:// or rediss://")
+        if not v.startswith(("memory://", "redis://", "rediss://")):
+            raise ValueError("expected memory://, redis://host:port[/db] or rediss://...")
         return v
 
 

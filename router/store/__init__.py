@@ -1,28 +1,32 @@
 """The state store behind limits, session pins and managed keys, chosen by `store.url`.
 
-Only `memory://` exists so far; Redis (single, sentinel, cluster) implements the same protocol
-in the limits issue. Every store call on the request path is one round trip.
+`memory://` keeps state in the process (one worker); `redis://` and `rediss://` share it between
+workers and replicas. Sentinel and Cluster come with the limits issue.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
-
 from router.config.model import StoreConfig
+from router.store.base import KeyRecord, Store, StoreError
 from router.store.memory import MemoryStore
 
-__all__ = ["MemoryStore", "Store", "open_store"]
+__all__ = ["KeyRecord", "MemoryStore", "Store", "StoreError", "is_shared", "open_store"]
 
 
-class Store(Protocol):
-    async def ping(self) -> bool:
-        """Whether the store answers now (readiness)."""
-        ...
+def open_store(config: StoreConfig, *, timeout_s: float | None = None) -> Store:
+    """The store for `config.url`; no connection is made until the first call.
 
-    async def close(self) -> None: ...
-
-
-def open_store(config: StoreConfig) -> Store:
+    `timeout_s` overrides `store.timeout_ms` (the CLI, off the request path, waits longer).
+    """
     if config.url.startswith("memory://"):
         return MemoryStore()
-    raise ValueError(f"unsupported store url scheme in {config.url.split('://')[0]!r}")
+    if config.url.startswith(("redis://", "rediss://")):
+        from router.store.redis import RedisStore
+
+        return RedisStore(config.url, timeout_s=timeout_s or config.timeout_ms / 1000)
+    raise ValueError(f"unsupported store url scheme {config.url.split('://')[0]!r}")
+
+
+def is_shared(config: StoreConfig) -> bool:
+    """Whether every worker and replica sees the same state (not `memory://`)."""
+    return not config.url.startswith("memory://")
