@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from router import handlers
+from router import admin, handlers
 from router.errors import (
     HttpError,
     InternalError,
@@ -25,11 +25,11 @@ from router.errors import (
     RouterError,
     Unauthorized,
 )
-from router.metrics import UNKNOWN, Metrics
+from router.metrics import Metrics
 from router.relay import ActiveStreams
 from router.runtime import RuntimeRef
 from router.state import (
-    LABELS,
+    FACTS,
     METRICS,
     PRINCIPAL,
     REQUEST_ID,
@@ -39,6 +39,7 @@ from router.state import (
     STORE,
     STREAMS,
     UPSTREAM,
+    Facts,
     ServerStatus,
 )
 from router.store import Store
@@ -64,7 +65,7 @@ async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse
     """
     started = time.monotonic()
     runtime = request[RUNTIME_NOW] = request.app[RUNTIME].current
-    labels = request[LABELS] = [UNKNOWN, "none", "false"]  # route, backend, stream
+    facts = request[FACTS] = Facts()
     name_request(request)
     status = request.app[STATUS]
     status.inflight += 1
@@ -75,16 +76,17 @@ async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse
             resp = await handler(request)
         except Exception as exc:
             resp = error_response(request, exc)
+            facts.error = exc.code if isinstance(exc, RouterError) else "internal_error"
         return resp
     finally:
         status.inflight -= 1
         code = resp.status if resp is not None else 499
         if request.path.endswith("/chat/completions"):
             m = request.app[METRICS]
-            m.child(m.requests, labels[0], labels[1], str(code), labels[2]).inc()
-            m.child(m.duration, labels[0], labels[2]).observe(time.monotonic() - started)
+            m.child(m.requests, facts.route, facts.backend, str(code), facts.stream).inc()
+            m.child(m.duration, facts.route, facts.stream).observe(time.monotonic() - started)
         if runtime.config.logging.access_log:
-            log_access(request, code, started)
+            log_access(request, facts, code, started)
 
 
 def name_request(request: web.Request) -> None:
@@ -126,7 +128,9 @@ def _from_http(request: web.Request, exc: web.HTTPException) -> RouterError:
     return HttpError(exc.status, exc.reason)
 
 
-def log_access(request: web.Request, status: int, started: float) -> None:
+def log_access(request: web.Request, facts: Facts, status: int, started: float) -> None:
+    """One line per request: who, what, where it went, how it went. Never a secret or a
+    message's content (the path is logged without its query string)."""
     principal = request.get(PRINCIPAL)
     access.info("request", extra={"access": {
         "request_id": request[REQUEST_ID],
@@ -134,7 +138,13 @@ def log_access(request: web.Request, status: int, started: float) -> None:
         "path": request.path,
         "status": status,
         "principal": principal.id if principal else None,
+        "route": facts.route,
+        "backend": facts.backend,
+        "stream": facts.stream == "true",
+        "attempts": facts.attempts,
+        "ttfb_ms": facts.ttfb_ms,
         "duration_ms": round((time.monotonic() - started) * 1000, 3),
+        "error": facts.error,
     }})
 
 
@@ -161,6 +171,9 @@ def build_app(ref: RuntimeRef, upstream: UpstreamClient, store: Store,
         app.router.add_post(f"{prefix}/chat/completions", handlers.chat_completions)
         app.router.add_get(f"{prefix}/models", handlers.list_models, allow_head=False)
     app.router.add_post("/api/v1/auth/token", handlers.issue_token)
+    app.router.add_post("/api/v1/admin/keys", admin.create_key)
+    app.router.add_get("/api/v1/admin/keys", admin.list_keys, allow_head=False)
+    app.router.add_delete("/api/v1/admin/keys/{id}", admin.revoke_key)
     app.router.add_get("/healthz", handlers.healthz, allow_head=False)
     app.router.add_get("/readyz", handlers.readyz, allow_head=False)
     app.router.add_get("/openapi.json", handlers.openapi, allow_head=False)

@@ -25,7 +25,7 @@ from router.relay import relay_json, relay_stream
 from router.routing.dispatch import dispatch
 from router.schema import openapi_document, parse_chat_request
 from router.state import (
-    LABELS,
+    FACTS,
     METRICS,
     PRINCIPAL,
     REQUEST_ID,
@@ -44,13 +44,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = parse_chat_request(await read_body(request, server.max_body_bytes,
                                               server.body_timeout_s))
     stream = wants_stream(body.get("stream"), request.headers.get("Accept"))
-    labels = request[LABELS]  # [route, backend, stream] for the pipeline's request metrics
-    labels[2] = "true" if stream else "false"
+    facts = request[FACTS]
+    facts.stream = "true" if stream else "false"
     name = body.get("model") or runtime.table.default_route
     route = runtime.table.routes.get(name)
     if route is None:
         raise ModelNotFound(f"the model {name[:100]!r} does not exist")
-    labels[0] = name
+    facts.route = name
     if not principal.may_use(name):
         raise Forbidden(f"this credential may not use the model {name!r}")
     streams = request.app[STREAMS]
@@ -63,7 +63,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     try:
         opened = await dispatch(route, body, stream=stream, request_id=request[REQUEST_ID],
                                 max_response_bytes=server.max_response_bytes, metrics=metrics)
-        labels[1] = opened.backend.name
+        facts.backend = opened.backend.name
+        facts.attempts = opened.attempts
+        facts.ttfb_ms = round(opened.ttfb_s * 1000, 3)
         headers = {"x-router-backend": opened.backend.name}
         if stream:
             return await relay_stream(request, opened, headers, streams, metrics)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from router.auth import Principal
-from router.metrics import Metrics
+from router.metrics import UNKNOWN, Metrics
 from router.relay import ActiveStreams
 from router.runtime import Runtime, RuntimeRef
 from router.store import Store
@@ -30,5 +30,17 @@ METRICS = web.AppKey("metrics", Metrics)
 REQUEST_ID = web.RequestKey("request_id", str)
 RUNTIME_NOW = web.RequestKey("runtime_now", Runtime)
 PRINCIPAL = web.RequestKey("principal", Principal)
-# What the request's metrics are labelled with, filled in as the handler learns it.
-LABELS = web.RequestKey("labels", list)
+@dataclass(slots=True)
+class Facts:
+    """What a chat request turned out to be, filled in as the handler learns it; the pipeline
+    labels the request's metrics and writes its access-log line from it."""
+
+    route: str = UNKNOWN
+    backend: str = "none"
+    stream: str = "false"
+    attempts: int = 0
+    ttfb_ms: float | None = None
+    error: str | None = None
+
+
+FACTS = web.RequestKey("facts", Facts)

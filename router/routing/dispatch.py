@@ -57,6 +57,7 @@ class Opened:
     attempts: int
     metrics: Metrics
     opened_at: float
+    ttfb_s: float
     _finished: bool = False
 
     def finish(self, upstream_failed: bool) -> None:
@@ -153,7 +154,7 @@ async def _attempt(route: Route, backend: Backend, body: dict[str, Any], stream:
         metrics.child(metrics.ttfb, route.name, backend.name).observe(ttfb)
         state.record_success()
         committed = True
-        return Opened(backend, route, exchange, first, attempts, metrics, started)
+        return Opened(backend, route, exchange, first, attempts, metrics, started, ttfb)
     except TimeoutError:
         _count_failure(route, backend, metrics, "timeout")
         raise _Retryable(UpstreamTimeout(
