@@ -1,4 +1,5 @@
-"""Command line: `router serve | check-config | bench`. Errors go to stderr, never a traceback."""
+"""Command line: `router serve | check-config | token | keys | bench`. Errors go to stderr, never a
+traceback."""
 
 from __future__ import annotations
 
@@ -34,6 +35,25 @@ def _parser() -> argparse.ArgumentParser:
     issue.add_argument("--scope", default="", help="space-separated scopes")
     issue.add_argument("--admin", action="store_true", help="an admin token")
 
+    keys = sub.add_parser("keys", help="managed API keys in the configured store (redis://)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key; prints it once, on stdout")
+    create.add_argument("--config", required=True, help="YAML config file")
+    create.add_argument("--user", required=True, help="the key's owner")
+    create.add_argument("--models", default="*", help="comma-separated routes, or * (default)")
+    create.add_argument("--rpm", type=int, help="requests per minute")
+    create.add_argument("--tpm", type=int, help="tokens per minute")
+    create.add_argument("--concurrency", type=int, help="requests in flight")
+    create.add_argument("--tokens-per-day", type=int, help="daily token budget")
+    create.add_argument("--admin", action="store_true", help="may call the admin API")
+    create.add_argument("--expires-at", help="ISO 8601 expiry, e.g. 2027-01-31T00:00:00Z")
+    listing = keys_sub.add_parser("list", help="list keys (never a key or its hash)")
+    listing.add_argument("--config", required=True, help="YAML config file")
+    listing.add_argument("--json", action="store_true", help="one JSON document")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("--config", required=True, help="YAML config file")
+    revoke.add_argument("id", help="the key's id (key_...)")
+
     sub.add_parser("bench", help="direct-vs-router benchmark (tests/bench; --help for its flags)")
     return parser
 
@@ -45,7 +65,14 @@ def _issue_token(args: argparse.Namespace) -> int:
     if config.auth.jwt is None:
         print(f"router token issue: {args.config} has no auth.jwt section", file=sys.stderr)
         return 1
-    tokens = RouterTokens(config.auth.jwt, config.auth.default_limits)
+    if args.ttl is not None and args.ttl < 1:
+        print("router token issue: --ttl must be at least 1 second", file=sys.stderr)
+        return 1
+    try:
+        tokens = RouterTokens(config.auth.jwt, config.auth.default_limits)
+    except (ValueError, TypeError) as exc:
+        print(f"router token issue: cannot use the key in auth.jwt: {exc}", file=sys.stderr)
+        return 1
     if not tokens.can_issue:
         print("router token issue: auth.jwt has no private_key_file to sign with",
               file=sys.stderr)
@@ -56,6 +83,76 @@ def _issue_token(args: argparse.Namespace) -> int:
     token, _ = tokens.issue(principal, args.ttl)
     print(token)
     return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    import asyncio
+    import time
+
+    import orjson
+
+    from router import admin
+    from router.errors import ValidationFailed
+    from router.store import StoreError, is_shared
+
+    command = f"router keys {args.keys_command}"
+    config = load_config(args.config)
+    if not is_shared(config.store):
+        print(f"{command}: store.url is memory:// (one process's memory): managed keys need a "
+              "shared store such as redis://host:6379", file=sys.stderr)
+        return 1
+    try:
+        if args.keys_command == "create":
+            limits = {name: getattr(args, name) for name in
+                      ("rpm", "tpm", "concurrency", "tokens_per_day")
+                      if getattr(args, name) is not None}
+            fields = {"user": args.user, "admin": args.admin, "expires_at": args.expires_at,
+                      "models": [m.strip() for m in args.models.split(",") if m.strip()],
+                      "limits": limits or None}
+            now = time.time()
+            spec = admin.parse_new_key(orjson.dumps(fields), config.routes, now)
+            key, record = admin.new_record(spec, now)
+            asyncio.run(admin.with_store(config.store, lambda s: s.create_key(record)))
+            print(key)
+            print(f"{command}: created {record.id} for {record.user}; the key is shown only "
+                  "this once", file=sys.stderr)
+        elif args.keys_command == "list":
+            records = asyncio.run(admin.with_store(config.store, lambda s: s.list_keys()))
+            rows = [admin.public(r) for r in records]
+            if args.json:
+                print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+            else:
+                _print_keys(rows)
+        else:
+            if not asyncio.run(admin.with_store(config.store,
+                                                lambda s: s.revoke_key(args.id))):
+                print(f"{command}: no key with id {args.id!r}", file=sys.stderr)
+                return 1
+            print(f"revoked {args.id}")
+    except ValidationFailed as exc:
+        for entry in exc.detail:
+            where = ".".join(str(p) for p in entry["loc"][1:]) or "input"
+            print(f"{command}: {where}: {entry['msg']}", file=sys.stderr)
+        return 1
+    except StoreError as exc:
+        print(f"{command}: {exc.message}; is the store at store.url reachable?",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_keys(rows: list[dict[str, object]]) -> None:
+    header = ("ID", "USER", "ADMIN", "MODELS", "LIMITS", "CREATED", "LAST USED", "EXPIRES")
+    table = [header] + [(
+        str(r["id"]), str(r["user"]), "yes" if r["admin"] else "no",
+        ",".join(r["models"]) if isinstance(r["models"], list) else "*",
+        ",".join(f"{k}={v}" for k, v in r["limits"].items())
+        if isinstance(r["limits"], dict) else "default",
+        str(r["created_at"]), str(r["last_used_at"] or "-"), str(r["expires_at"] or "never"),
+    ) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 def _bench(argv: list[str]) -> int:
@@ -81,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "token":
             return _issue_token(args)
+        if args.command == "keys":
+            return _keys(args)
         if args.command == "serve":
             from router.server import Overrides, serve
 

@@ -73,6 +73,11 @@ class Metrics:
         self.store_errors = Counter("router_store_errors_total", "Store calls that failed",
                                     ["op"], registry=r)
         self._children: dict[tuple[Any, ...], Any] = {}
+        # Series known in advance exist from the start, so `increase()` sees their first event.
+        for result in ("success", "failure"):
+            self.config_reloads.labels(result)
+        for outcome in ("new", "hit", "repin"):
+            self.session_pins.labels(outcome)
 
     def child(self, metric: Any, *labels: str) -> Any:
         """A cached label child: one dict lookup per observation on the hot path."""

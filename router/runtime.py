@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from router.auth import Authenticator, RouterTokens, StaticKeys
+from router.auth import Authenticator, KeyCache, ManagedKeys, RouterTokens, StaticKeys
 from router.auth.oidc import OidcClient, OidcVerifier
 from router.config import Config, ConfigError, Problem
 from router.providers import Provider, build_provider
@@ -23,9 +23,11 @@ class Runtime:
 
 
 def build_runtime(config: Config, client: UpstreamClient,
-                  states: dict[str, BackendState], oidc: OidcClient | None = None) -> Runtime:
+                  states: dict[str, BackendState], oidc: OidcClient | None = None, *,
+                  key_cache: KeyCache | None = None) -> Runtime:
     """`oidc` is the running runtime's IdP client: reused (with its keys and caches) when
-    `auth.oauth2` is unchanged, else a new one is made, which the caller starts."""
+    `auth.oauth2` is unchanged, else a new one is made, which the caller starts.
+    `key_cache` is the worker's cache of managed (store-backed) API keys, shared by runtimes."""
     providers = {name: build_provider(name, pc, client, config.health.timeout_s)
                  for name, pc in config.providers.items()}
     auth = config.auth
@@ -49,7 +51,8 @@ def build_runtime(config: Config, client: UpstreamClient,
         config=config,
         table=RoutingTable(config, providers, states),
         providers=providers,
-        auth=Authenticator(keys, tokens, idp),
+        auth=Authenticator(keys, tokens, idp, None if key_cache is None
+                           else ManagedKeys(key_cache, auth.default_limits)),
         oidc=oidc,
     )
 

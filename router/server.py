@@ -24,6 +24,7 @@ from aiohttp import web
 from prometheus_client import multiprocess
 
 from router.app import build_app
+from router.auth import KeyCache
 from router.config import Config, ConfigError, load_config
 from router.log import setup_logging
 from router.metrics import Metrics
@@ -97,6 +98,7 @@ async def _run_worker(path: str, config: Config, overrides: Overrides, *,
     except OSError:
         await worker.runner.cleanup()
         await worker.upstream.close()
+        await worker.store.close()
         raise
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -117,12 +119,17 @@ class Worker:
         self.upstream = AiohttpUpstream(max_connections=max(sum(pools), 100),
                                         max_per_host=max([*pools, 1]))
         self.states: dict[str, BackendState] = {}
-        self.ref = RuntimeRef(build_runtime(config, self.upstream, self.states))
+        # One store (and Redis pool) per worker, for its whole life: `store` changes need a
+        # restart. Managed API keys are cached here, shared by every runtime a reload builds.
         self.store = open_store(config.store)
+        self.key_cache = KeyCache(self.store, trust_stale=config.store.on_failure == "open")
+        self.ref = RuntimeRef(build_runtime(config, self.upstream, self.states,
+                                            key_cache=self.key_cache))
         self.metrics = Metrics()
         self.app = build_app(self.ref, self.upstream, self.store, self.metrics)
         self.watcher = _Watcher(path, overrides, self.ref, self.upstream, self.states,
                                 self.metrics)
+        self.watcher.key_cache = self.key_cache
         self._reuse_port = reuse_port
         self._tasks: list[asyncio.Task[None]] = []
         server = config.server
@@ -148,7 +155,10 @@ class Worker:
         await self.site.start()
         self.port = self.runner.addresses[0][1]
         log.info("listening on http://%s:%d (pid %d)", server.host, self.port, os.getpid())
+        if self.ref.current.oidc is not None:
+            self.ref.current.oidc.start()
         self._tasks.append(spawn(probe_forever(self.ref), "prober"))
+        self._tasks.append(spawn(self.key_cache.run(), "key-cache"))
         self._tasks.append(spawn(self.app[STREAMS].heartbeat(
             server.sse_keepalive_s, server.write_stall_timeout_s), "stream-heartbeat"))
         if server.reload_poll_s > 0:
@@ -163,7 +173,10 @@ class Worker:
             task.cancel()
         await self.runner.cleanup()
         await self.upstream.close()
+        await self.key_cache.flush()  # last-use times not written yet
         await self.store.close()
+        if self.ref.current.oidc is not None:
+            await self.ref.current.oidc.close()
         log.info("stopped")
 
 
@@ -198,6 +211,7 @@ class _Watcher:
         self._upstream = upstream
         self._states = states
         self._digest: bytes | None = None
+        self.key_cache: KeyCache | None = None
 
     def _read_digest(self) -> bytes | None:
         try:
@@ -217,9 +231,11 @@ class _Watcher:
     async def reload(self, reason: str) -> bool:
         """Build a whole new runtime from the file and swap it in; a bad file changes nothing."""
         old = self._ref.current.config
+        old_oidc = self._ref.current.oidc
         try:
             new = self._overrides.apply(await asyncio.to_thread(load_config, self._path))
-            runtime = build_runtime(new, self._upstream, self._states)
+            runtime = build_runtime(new, self._upstream, self._states, old_oidc,
+                                    key_cache=self.key_cache)
         except ConfigError as exc:
             log.error("config reload (%s) refused; the old config keeps serving:\n%s",
                       reason, exc)
@@ -229,6 +245,11 @@ class _Watcher:
                 old.server.host, old.server.port, old.server.workers):
             log.warning("server.host/port/workers changed: they take effect on restart")
         self._ref.current = runtime
+        if runtime.oidc is not old_oidc:  # auth.oauth2 changed: new keys and caches
+            if runtime.oidc is not None:
+                runtime.oidc.start()
+            if old_oidc is not None:
+                spawn(old_oidc.close(), "oidc-close")
         self._metrics.config_reloads.labels("success").inc()
         log.info("config reloaded (%s)", reason)
         return True

@@ -77,24 +77,34 @@ class _AiohttpResponse:
 
 
 class AiohttpUpstream:
-    """One ClientSession per worker, created at start-up and closed at shutdown."""
+    """One ClientSession per worker, made on first use inside the worker's loop (so a worker
+    that fails to start leaves nothing open) and closed at shutdown."""
 
     def __init__(self, *, max_connections: int, max_per_host: int,
                  keepalive_s: float = 30.0) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=max_connections,
-            limit_per_host=max_per_host,
-            keepalive_timeout=keepalive_s,
-            ttl_dns_cache=60,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None),  # never aiohttp's 300 s default
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent",),
-            raise_for_status=False,
-        )
+        self._limits = (max_connections, max_per_host, keepalive_s)
+        self._session_or_none: aiohttp.ClientSession | None = None
         self._timeouts: dict[Timeouts, aiohttp.ClientTimeout] = {}
+
+    @property
+    def _session(self) -> aiohttp.ClientSession:
+        session = self._session_or_none
+        if session is None:
+            limit, per_host, keepalive_s = self._limits
+            connector = aiohttp.TCPConnector(
+                limit=limit,
+                limit_per_host=per_host,
+                keepalive_timeout=keepalive_s,
+                ttl_dns_cache=60,
+            )
+            session = self._session_or_none = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=None),  # never aiohttp's 300 s default
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent",),
+                raise_for_status=False,
+            )
+        return session
 
     async def post(self, url: str, headers: Mapping[str, str], body: bytes,
                    timeouts: Timeouts) -> UpstreamResponse:
@@ -125,6 +135,7 @@ class AiohttpUpstream:
             return 0
 
     async def close(self) -> None:
-        await self._session.close()
+        if self._session_or_none is not None:
+            await self._session_or_none.close()
         # Let the transports finish closing before the loop goes away.
         await asyncio.sleep(0)

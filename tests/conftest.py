@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from aiohttp import web
 from router.config import load_config
 from router.server import Worker
 from tests.fakes.openai_upstream import Recorder, start_fake
+from tests.redis_server import RedisServer, start_redis
 
 KEY = "sk-test-" + "k" * 40
 KEY_SHA = hashlib.sha256(KEY.encode()).hexdigest()
@@ -115,3 +117,13 @@ async def start_router(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[
 
 def openai_provider(fake: Fake, **extra: Any) -> dict[str, Any]:
     return {"type": "openai", "base_url": fake.base_url, **extra}
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A fresh `redis-server` on a free loopback port for this test (no persistence)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (make test installs it)")
+    server = start_redis(tmp_path / "redis")
+    yield server
+    server.stop()

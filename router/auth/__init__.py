@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from typing import Protocol
 
 import orjson
 
-from router.auth.api_keys import StaticKeys, digest
+from router.auth.api_keys import KeyCache, ManagedKeys, StaticKeys, digest
 from router.auth.principal import Principal
 from router.auth.router_jwt import RouterTokens
 from router.errors import Unauthorized
 
-__all__ = ["Authenticator", "IdpVerifier", "Principal", "RouterTokens", "StaticKeys", "digest"]
+__all__ = ["Authenticator", "IdpVerifier", "KeyCache", "ManagedKeys", "Principal", "RouterTokens",
+           "StaticKeys", "digest"]
 
 MAX_TOKEN_LEN = 8192
+# Compact JWS (RFC 7515): unpadded base64url segments, so a token has exactly one spelling.
+COMPACT_JWS = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
 UNSAFE_HEADERS = ("jku", "x5u", "x5c", "jwk")  # a token must not tell us where its key is
 
 
@@ -35,10 +39,11 @@ class IdpVerifier(Protocol):
 
 class Authenticator:
     def __init__(self, api_keys: StaticKeys, router_tokens: RouterTokens | None = None,
-                 idp: IdpVerifier | None = None) -> None:
+                 idp: IdpVerifier | None = None, managed: ManagedKeys | None = None) -> None:
         self.api_keys = api_keys
         self.router_tokens = router_tokens
         self.idp = idp
+        self.managed = managed  # store-backed keys, asked after the YAML ones
 
     async def authenticate(self, headers: list[str]) -> Principal:
         """`headers` holds every Authorization header value the request carried."""
@@ -52,7 +57,10 @@ class Authenticator:
 
     async def _verify(self, token: str) -> Principal:
         if token.startswith("sk-"):
-            return self.api_keys.verify(token)
+            if self.managed is None:
+                return self.api_keys.verify(token)
+            key_digest = digest(token)
+            return self.api_keys.get(key_digest) or await self.managed.verify(token, key_digest)
         if token.count(".") == 2:
             issuer = peek_issuer(token)
             if self.router_tokens is not None and issuer == self.router_tokens.issuer:
@@ -91,6 +99,8 @@ def bearer_token(headers: list[str]) -> str:
 
 def peek_issuer(token: str) -> str | None:
     """The unverified `iss` of a JWT, only to pick its verifier; refuses key-location headers."""
+    if not COMPACT_JWS.match(token):
+        raise Unauthorized("malformed token")
     head, payload, _ = token.split(".")
     header = _b64json(head)
     if any(name in header for name in UNSAFE_HEADERS):

@@ -46,5 +46,5 @@ class MemoryStore:
             if record is not None:
                 self._keys[key_id] = dataclasses.replace(record, last_used_at=at)
 
-    async def keys_version(self) -> int:
-        return self._version
+    async def keys_version(self) -> str:
+        return str(self._version)
