@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 
+import orjson
 from aiohttp import web
 
 from router import admin, handlers
@@ -28,9 +29,11 @@ from router.errors import (
 from router.metrics import Metrics
 from router.relay import ActiveStreams
 from router.runtime import RuntimeRef
+from router.schema import openapi_document
 from router.state import (
     FACTS,
     METRICS,
+    OPENAPI,
     PRINCIPAL,
     REQUEST_ID,
     RUNTIME,
@@ -166,6 +169,7 @@ def build_app(ref: RuntimeRef, upstream: UpstreamClient, store: Store,
     app[UPSTREAM] = upstream
     app[STORE] = store
     app[METRICS] = metrics
+    app[OPENAPI] = orjson.dumps(openapi_document(new_key=admin.NewKey))
     app.on_response_prepare.append(_stamp_request_id)
     for prefix in ("/api/v1", "/v1"):
         app.router.add_post(f"{prefix}/chat/completions", handlers.chat_completions)

@@ -23,10 +23,11 @@ from router.errors import (
 from router.metrics import CONTENT_TYPE
 from router.relay import relay_json, relay_stream
 from router.routing.dispatch import dispatch
-from router.schema import openapi_document, parse_chat_request
+from router.schema import parse_chat_request
 from router.state import (
     FACTS,
     METRICS,
+    OPENAPI,
     PRINCIPAL,
     REQUEST_ID,
     RUNTIME,
@@ -123,10 +124,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.Response(body=_OPENAPI, content_type="application/json")
-
-
-_OPENAPI = orjson.dumps(openapi_document())
+    return web.Response(body=request.app[OPENAPI], content_type="application/json")
 
 
 def _json(payload: Any, status: int = 200) -> web.Response:

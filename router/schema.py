@@ -96,12 +96,17 @@ def _detail(exc: ValidationError, body: dict[str, Any]) -> list[dict[str, Any]]:
     return list(merged.values())
 
 
-def openapi_document() -> dict[str, Any]:
-    """OpenAPI 3.1 of the public API, with the request schema generated from the model above."""
+def openapi_document(new_key: type[BaseModel] | None = None) -> dict[str, Any]:
+    """OpenAPI 3.1 of the public API, with the request schemas generated from the validators'
+    own models (`new_key` is the admin API's, passed in to keep the modules acyclic)."""
     ref = "#/components/schemas/{model}"
     request_schema = ChatCompletionRequest.model_json_schema(ref_template=ref)
     schemas: dict[str, Any] = request_schema.pop("$defs", {})
     schemas["ChatCompletionRequest"] = request_schema
+    if new_key is not None:
+        key_schema = new_key.model_json_schema(ref_template=ref)
+        schemas.update(key_schema.pop("$defs", {}))
+        schemas["NewKey"] = key_schema
     schemas["ValidationError"] = {
         "type": "object",
         "required": ["detail"],
@@ -169,6 +174,37 @@ def openapi_document() -> dict[str, Any]:
             "401": error("Missing or invalid credential")},
     }
     probe = {"responses": {"200": {"description": "OK"}, "503": {"description": "Not ready"}}}
+    token = {
+        "summary": "Exchange an API key or IdP access token for a router JWT",
+        "security": [{"bearer": []}],
+        "responses": {"200": {"description": "OAuth2-style token answer", "content": {
+            "application/json": {"schema": {"type": "object", "properties": {
+                "access_token": {"type": "string"}, "token_type": {"const": "Bearer"},
+                "expires_in": {"type": "integer"}}}}}},
+            "401": error("Missing or invalid credential"),
+            "403": error("A router JWT cannot be exchanged"),
+            "404": error("Token issuance is not configured")},
+    }
+    admin_only: dict[str, Any] = {"security": [{"bearer": []}]}
+    admin_keys = {
+        "post": {**admin_only, "summary": "Create an API key (the plaintext is shown once)",
+                 "requestBody": {"required": True, "content": {"application/json": {
+                     "schema": {"$ref": "#/components/schemas/NewKey"}}}},
+                 "responses": {"201": {"description": "The new key, with `key` shown once"},
+                               "403": error("Not an admin"),
+                               "422": {"description": "Validation Error", "content": {
+                                   "application/json": {"schema": {
+                                       "$ref": "#/components/schemas/ValidationError"}}}}}},
+        "get": {**admin_only, "summary": "List API keys (never a key or its hash)",
+                "responses": {"200": {"description": "Key records"},
+                              "403": error("Not an admin")}},
+    }
+    revoke = {"delete": {**admin_only, "summary": "Revoke an API key",
+                         "parameters": [{"name": "id", "in": "path", "required": True,
+                                         "schema": {"type": "string"}}],
+                         "responses": {"204": {"description": "Revoked"},
+                                       "403": error("Not an admin"),
+                                       "404": error("No such key")}}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "router", "version": "1"},
@@ -177,6 +213,11 @@ def openapi_document() -> dict[str, Any]:
             "/v1/chat/completions": {"post": {**chat, "summary": "Create Chat Completion (alias)"}},
             "/api/v1/models": {"get": models},
             "/v1/models": {"get": {**models, "summary": "List models (alias)"}},
+            "/api/v1/auth/token": {"post": token},
+            **({"/api/v1/admin/keys": admin_keys, "/api/v1/admin/keys/{id}": revoke}
+               if new_key is not None else {}),
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
+                "200": {"description": "Prometheus text format"}}}},
             "/healthz": {"get": {"summary": "Liveness", **probe}},
             "/readyz": {"get": {"summary": "Readiness", **probe}},
         },

@@ -26,6 +26,7 @@ STATUS = web.AppKey("status", ServerStatus)
 UPSTREAM = web.AppKey("upstream", UpstreamClient)
 STORE = web.AppKey("store", Store)
 METRICS = web.AppKey("metrics", Metrics)
+OPENAPI = web.AppKey("openapi", bytes)  # the document, serialised once
 
 REQUEST_ID = web.RequestKey("request_id", str)
 RUNTIME_NOW = web.RequestKey("runtime_now", Runtime)

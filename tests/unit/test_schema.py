@@ -153,3 +153,16 @@ def test_openapi_describes_the_seed_request_and_the_422_shape():
     assert schemas["ValidationError"]["properties"]["detail"]["items"]["required"] == \
         ["loc", "msg", "type"]
     assert set(ChatCompletionRequest.model_fields) == SEED_FIELDS
+
+
+def test_openapi_document_is_valid_openapi_and_lists_every_endpoint():
+    from openapi_spec_validator import validate
+
+    from router.admin import NewKey
+
+    doc = openapi_document(NewKey)
+    validate(doc)
+    assert {"/api/v1/chat/completions", "/v1/chat/completions", "/api/v1/models",
+            "/api/v1/auth/token", "/api/v1/admin/keys", "/api/v1/admin/keys/{id}",
+            "/healthz", "/readyz", "/metrics"} <= set(doc["paths"])
+    assert doc["components"]["schemas"]["NewKey"]["required"] == ["user"]
