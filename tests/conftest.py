@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -101,7 +102,7 @@ async def start_router(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[
     async def start(config: dict[str, Any]) -> RouterUnderTest:
         path = tmp_path / f"router-{len(started)}.yaml"
         path.write_text(yaml.safe_dump(config))
-        worker = Worker(str(path), load_config(path))
+        worker = Worker(str(path), await asyncio.to_thread(load_config, path))
         port = await worker.start()
         http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
         rut = RouterUnderTest(worker, f"http://127.0.0.1:{port}", path, http)
@@ -127,3 +128,13 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server = start_redis(tmp_path / "redis")
     yield server
     server.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_blocking_calls_in_the_router() -> Any:
+    """A blocking call made by router code on the event loop fails the test (as aiohttp does
+    in its own suite). Only the `router` package is scanned: test helpers may block."""
+    from blockbuster import blockbuster_ctx
+
+    with blockbuster_ctx("router") as bb:
+        yield bb

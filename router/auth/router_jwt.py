@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import secrets
 import time
-from pathlib import Path
 from typing import Any
 
 import jwt
@@ -44,11 +43,10 @@ class RouterTokens:
             assert config.secret is not None  # the config validator guarantees it
             self._verify_key = self._signing_key = config.secret.encode()
         else:
-            assert config.public_key_file is not None
-            self._verify_key = load_pem_public_key(Path(config.public_key_file).read_bytes())
-            if config.private_key_file:
-                self._signing_key = load_pem_private_key(
-                    Path(config.private_key_file).read_bytes(), password=None)
+            assert config.public_pem is not None  # read when the config was loaded
+            self._verify_key = load_pem_public_key(config.public_pem)
+            if config.private_pem is not None:
+                self._signing_key = load_pem_private_key(config.private_pem, password=None)
             kinds = KEY_TYPES[config.algorithm]
             for key in (self._verify_key, self._signing_key):
                 if key is not None and not isinstance(key, kinds):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 Strategy = Literal["round_robin", "weighted", "least_busy", "latency", "random"]
 Fanout = Literal["none"]
@@ -76,6 +76,11 @@ class JwtConfig(Frozen):
     ttl_s: int = Field(3600, ge=60, le=30 * 86400)
     leeway_s: float = Field(30.0, ge=0, le=60)
 
+    # The PEM files' bytes, read while the config is loaded (off the event loop, and so that
+    # `check-config` reports an unreadable file like any other problem).
+    _public_pem: bytes | None = PrivateAttr(None)
+    _private_pem: bytes | None = PrivateAttr(None)
+
     @model_validator(mode="after")
     def _keys_fit_algorithm(self) -> JwtConfig:
         if self.algorithm == "HS256":
@@ -84,7 +89,27 @@ class JwtConfig(Frozen):
         elif not self.public_key_file:
             raise ValueError(f"{self.algorithm} needs `public_key_file` "
                              "(and `private_key_file` to issue tokens)")
+        else:
+            self._public_pem = _read_key(self.public_key_file)
+            if self.private_key_file:
+                self._private_pem = _read_key(self.private_key_file)
         return self
+
+    @property
+    def public_pem(self) -> bytes | None:
+        return self._public_pem
+
+    @property
+    def private_pem(self) -> bytes | None:
+        return self._private_pem
+
+
+def _read_key(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(64 * 1024)
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
 
 
 class IntrospectionConfig(Frozen):

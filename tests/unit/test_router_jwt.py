@@ -3,6 +3,7 @@ header parsing in front of them, and the words a rejection uses."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
@@ -261,14 +262,14 @@ async def test_alg_none_in_any_case(signer: Signer, alg: str):
 
 @pytest.mark.parametrize("alg", ["RS256", "ES256", "EdDSA"])
 async def test_key_confusion_hs256_signed_with_the_public_key(alg: str, tmp_path: Path):
-    s = Signer(alg, tmp_path)
+    s = await asyncio.to_thread(Signer, alg, tmp_path)  # reads key files: not on the loop
     for secret in (s.public_pem, s.public_pem.strip()):
         token = hs256_raw({"alg": "HS256", "typ": "JWT"}, claims(), secret)
         await refused(s, token, "algorithm")
 
 
 async def test_another_algorithm_with_a_valid_signature_of_its_own(tmp_path: Path):
-    rs = Signer("RS256", tmp_path)
+    rs = await asyncio.to_thread(Signer, "RS256", tmp_path)
     other = private_key("ES256")
     await refused(rs, jwt.encode(claims(), other, algorithm="ES256"), "algorithm")
 
