@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import zlib
 from typing import Any
 
@@ -23,6 +22,7 @@ from router.errors import (
 from router.metrics import CONTENT_TYPE
 from router.relay import relay_json, relay_stream
 from router.routing.dispatch import dispatch
+from router.routing.prober import publish_backend_up
 from router.schema import parse_chat_request
 from router.state import (
     FACTS,
@@ -100,10 +100,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
     metrics = request.app[METRICS]
-    now = time.monotonic()
-    for backend in request.app[RUNTIME].current.table.backends():
-        metrics.child(metrics.backend_up, backend.name).set(
-            1 if backend.state.available(now) else 0)
+    publish_backend_up(request.app[RUNTIME], metrics)
     body = await asyncio.to_thread(metrics.render)  # multiprocess mode reads files
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 

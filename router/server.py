@@ -157,7 +157,7 @@ class Worker:
         log.info("listening on http://%s:%d (pid %d)", server.host, self.port, os.getpid())
         if self.ref.current.oidc is not None:
             self.ref.current.oidc.start()
-        self._tasks.append(spawn(probe_forever(self.ref), "prober"))
+        self._tasks.append(spawn(probe_forever(self.ref, self.metrics), "prober"))
         self._tasks.append(spawn(self.key_cache.run(), "key-cache"))
         self._tasks.append(spawn(self.app[STREAMS].heartbeat(
             server.sse_keepalive_s, server.write_stall_timeout_s), "stream-heartbeat"))

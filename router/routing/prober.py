@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
+from router.metrics import Metrics
 from router.runtime import RuntimeRef
 
 log = logging.getLogger("router.prober")
@@ -23,10 +25,20 @@ async def probe_once(ref: RuntimeRef) -> None:
                 log.warning("provider %s is %s", provider.name, "up" if up else "down")
 
 
-async def probe_forever(ref: RuntimeRef) -> None:
-    """One prober per process; it follows config reloads through `ref`."""
+def publish_backend_up(ref: RuntimeRef, metrics: Metrics) -> None:
+    """`router_backend_up` from this process's view (also refreshed at each scrape)."""
+    now = time.monotonic()
+    for backend in ref.current.table.backends():
+        metrics.child(metrics.backend_up, backend.name).set(
+            1 if backend.state.available(now) else 0)
+
+
+async def probe_forever(ref: RuntimeRef, metrics: Metrics) -> None:
+    """One prober per process; it follows config reloads through `ref`. Every worker runs one,
+    so each keeps its own `router_backend_up` fresh for the multiprocess sum."""
     while True:
         health = ref.current.config.health
         if health.enabled:
             await probe_once(ref)
+        publish_backend_up(ref, metrics)
         await asyncio.sleep(health.interval_s)
