@@ -146,6 +146,8 @@ def log_access(request: web.Request, facts: Facts, status: int, started: float) 
         "stream": facts.stream == "true",
         "attempts": facts.attempts,
         "ttfb_ms": facts.ttfb_ms,
+        "prompt_tokens": facts.tokens[0] if facts.tokens else None,
+        "completion_tokens": facts.tokens[1] if facts.tokens else None,
         "duration_ms": round((time.monotonic() - started) * 1000, 3),
         "error": facts.error,
     }})

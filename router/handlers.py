@@ -67,6 +67,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         facts.backend = opened.backend.name
         facts.attempts = opened.attempts
         facts.ttfb_ms = round(opened.ttfb_s * 1000, 3)
+        facts.tokens = opened.tokens
         headers = {"x-router-backend": opened.backend.name}
         if stream:
             return await relay_stream(request, opened, headers, streams, metrics)

@@ -41,6 +41,7 @@ class Facts:
     stream: str = "false"
     attempts: int = 0
     ttfb_ms: float | None = None
+    tokens: tuple[int, int] | None = None
     error: str | None = None
 
 

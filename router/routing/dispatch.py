@@ -58,6 +58,7 @@ class Opened:
     metrics: Metrics
     opened_at: float
     ttfb_s: float
+    tokens: tuple[int, int] | None  # (prompt, completion) when the upstream reported usage
     _finished: bool = False
 
     def finish(self, upstream_failed: bool) -> None:
@@ -128,6 +129,7 @@ async def _attempt(route: Route, backend: Backend, body: dict[str, Any], stream:
     exchange: Exchange | None = None
     committed = False
     first_byte_s = cfg.first_byte_timeout_s
+    tokens = None  # usage of streams is read with the limits issue
     started = time.monotonic()
     try:
         # No timer at all when no first-byte timeout is set: this is every request's path.
@@ -149,12 +151,12 @@ async def _attempt(route: Route, backend: Backend, body: dict[str, Any], stream:
             # A JSON answer's head is its first byte; the body may take the whole timeout_s.
             ttfb = time.monotonic() - started
             first = await _read_all(exchange, max_response_bytes)
-            _count_tokens(_check_json(first), route, backend, metrics)
+            tokens = _count_tokens(_check_json(first), route, backend, metrics)
         state.record_ttfb(ttfb)
         metrics.child(metrics.ttfb, route.name, backend.name).observe(ttfb)
         state.record_success()
         committed = True
-        return Opened(backend, route, exchange, first, attempts, metrics, started, ttfb)
+        return Opened(backend, route, exchange, first, attempts, metrics, started, ttfb, tokens)
     except TimeoutError:
         _count_failure(route, backend, metrics, "timeout")
         raise _Retryable(UpstreamTimeout(
@@ -192,14 +194,19 @@ def _check_json(body: bytes) -> dict[str, Any]:
 
 
 def _count_tokens(answer: dict[str, Any], route: Route, backend: Backend,
-                  metrics: Metrics) -> None:
+                  metrics: Metrics) -> tuple[int, int] | None:
+    """(prompt, completion) tokens from the answer's `usage`, counted in the metrics."""
     usage = answer.get("usage")
     if not isinstance(usage, dict):
-        return
+        return None
+    counts = []
     for kind, field in (("prompt", "prompt_tokens"), ("completion", "completion_tokens")):
         value = usage.get(field)
-        if isinstance(value, int) and value > 0:
+        value = value if isinstance(value, int) and value > 0 else 0
+        if value:
             metrics.child(metrics.tokens, route.name, backend.name, kind).inc(value)
+        counts.append(value)
+    return counts[0], counts[1]
 
 
 async def _refusal(route: Route, backend: Backend, exchange: Exchange) -> RouterError:
