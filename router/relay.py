@@ -3,7 +3,9 @@
 After the first byte went out there is no fallback: an upstream failure becomes one SSE `error`
 event, then a clean end of the chunked response; a partial event is never sent. A heartbeat over
 all live streams sends SSE comments through long silences and ends streams whose upstream
-trickles bytes without completing an event.
+trickles bytes without completing an event. A stream's `usage` is read on the way (a substring
+test per batch, a parse only of the event that carries it); the usage-only chunk the router asked
+for on the client's behalf is the one event not relayed.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from aiohttp import web
 
 from router.errors import UpstreamError
 from router.metrics import Metrics
-from router.providers.sse import DONE, EventCutter, error_event
+from router.providers.sse import DONE, EventCutter, UsageTap, error_event, may_carry_usage
 from router.routing.dispatch import Opened
 
 log = logging.getLogger("router.relay")
@@ -33,6 +35,7 @@ TAIL = 16  # enough for b"data: [DONE]\n\n" and an event boundary
 
 
 def relay_json(opened: Opened, headers: Mapping[str, str]) -> web.Response:
+    opened.bytes_relayed = len(opened.first)
     opened.finish(upstream_failed=False)
     resp = web.Response(status=opened.exchange.status, body=opened.first, headers=headers)
     resp.content_type = "application/json"
@@ -114,28 +117,39 @@ async def relay_stream(request: web.Request, opened: Opened, headers: Mapping[st
     streams.add(live)
     metrics.active_streams.inc()
     upstream_failed = False
+    usage = UsageTap(hide=opened.hide_usage)
     try:
         await resp.prepare(request)
         cutter = EventCutter()
         try:
             events = cutter.feed(opened.first)
+            if events and may_carry_usage(events):
+                events = usage.take(events)
             if events:
                 live.tail = events[-TAIL:]
                 await resp.write(events)
+                opened.bytes_relayed += len(events)
             async for chunk in opened.exchange.chunks:
                 events = cutter.feed(chunk)
                 if not events:
                     continue
+                if may_carry_usage(events):  # a substring count; parsed only when it says so
+                    events = usage.take(events)
+                    if not events:  # only the usage chunk the client did not ask for
+                        live.last_event = time.monotonic()
+                        continue
                 live.tail = events[-TAIL:] if len(events) >= TAIL else \
                     (live.tail + events)[-TAIL:]
                 live.last_write = live.last_event = time.monotonic()
                 live.writing = True
                 await resp.write(events)  # waits while the client's buffer is full
                 live.writing = False
+                opened.bytes_relayed += len(events)
             if cutter.pending.strip() == DONE.strip():
                 # `data: [DONE]` without its blank line: still the end; relay it as sent.
                 live.tail = cutter.pending
                 await resp.write(cutter.pending)
+                opened.bytes_relayed += len(cutter.pending)
             if not live.ended_with_done():
                 # Every stream ends with exactly one terminator: [DONE] or an error event.
                 upstream_failed = True
@@ -160,6 +174,8 @@ async def relay_stream(request: web.Request, opened: Opened, headers: Mapping[st
     finally:
         streams.discard(live)
         metrics.active_streams.dec()
+        if usage.usage is not None:
+            opened.record_usage(usage.usage)  # before finish(): the limiter settles after it
         opened.finish(upstream_failed=upstream_failed)
     return resp
 

@@ -1,7 +1,9 @@
-"""Server-sent events the router writes itself: an in-band error and the end marker."""
+"""Server-sent events: the ones the router writes itself (an in-band error, the end marker),
+cutting an upstream stream into whole events, and reading its `usage`."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -53,3 +55,64 @@ class EventCutter:
         if len(self.pending) > MAX_EVENT_BYTES:
             raise EventTooLarge(f"the upstream sent an SSE event over {MAX_EVENT_BYTES} bytes")
         return chunk[:cut]
+
+
+_USAGE = b'"usage"'
+_NULL_USAGE = (b'"usage":null', b'"usage": null')
+_EVENT = re.compile(rb".*?(?:\r\n\r\n|\n\n|\r\r)", re.DOTALL)
+
+
+def may_carry_usage(events: bytes) -> bool:
+    """Whether whole events may carry a non-null `usage`: two substring counts, no parsing.
+
+    False only when no event can hold one (a false positive merely costs a parse)."""
+    n = events.count(_USAGE)
+    return n > 0 and n > events.count(_NULL_USAGE[0]) + events.count(_NULL_USAGE[1])
+
+
+def event_data(event: bytes) -> bytes:
+    """The data of one SSE event: its `data:` lines joined by newlines."""
+    lines = [line[5:] for line in event.splitlines() if line.startswith(b"data:")]
+    return b"\n".join(line[1:] if line.startswith(b" ") else line for line in lines)
+
+
+class UsageTap:
+    """Reads a stream's `usage` from whole events and, when `hide` (the client did not ask for
+    it), drops the usage-only event (`"choices": []`); every other byte passes unchanged.
+
+    Some servers put `usage` on the last content chunk instead: it is read there and the event
+    kept. The last non-null `usage` seen wins (cumulative per-chunk usage ends up right)."""
+
+    __slots__ = ("hide", "usage")
+
+    def __init__(self, hide: bool) -> None:
+        self.hide = hide
+        self.usage: dict[str, Any] | None = None
+
+    def take(self, events: bytes) -> bytes:
+        """The events to relay; call only when `may_carry_usage(events)`."""
+        kept: list[bytes] = []
+        dropped = False
+        end = 0
+        for match in _EVENT.finditer(events):
+            event = match.group()
+            end = match.end()
+            if may_carry_usage(event) and self._read(event) and self.hide:
+                dropped = True
+            else:
+                kept.append(event)
+        if not dropped:
+            return events
+        kept.append(events[end:])  # stray bytes after the last boundary (e.g. a third newline)
+        return b"".join(kept)
+
+    def _read(self, event: bytes) -> bool:
+        """Take the event's usage; True when the event is usage only (no choices)."""
+        try:
+            payload = orjson.loads(event_data(event))
+        except orjson.JSONDecodeError:
+            return False
+        if not isinstance(payload, dict) or not isinstance(payload.get("usage"), dict):
+            return False
+        self.usage = payload["usage"]
+        return not payload.get("choices")

@@ -59,7 +59,13 @@ class Opened:
     opened_at: float
     ttfb_s: float
     tokens: tuple[int, int] | None  # (prompt, completion) when the upstream reported usage
+    hide_usage: bool = False  # a stream whose usage chunk the router asked for, not the client
+    bytes_relayed: int = 0  # upstream bytes written to the client (whole events for streams)
     _finished: bool = False
+
+    def record_usage(self, usage: dict[str, Any]) -> None:
+        """A stream's `usage`, read by the relay at its end: kept and counted like JSON's."""
+        self.tokens = _count_tokens({"usage": usage}, self.route, self.backend, self.metrics)
 
     def finish(self, upstream_failed: bool) -> None:
         """Release the slot and close the exchange; count a failure only if the upstream was at
@@ -123,13 +129,14 @@ async def _attempt(route: Route, backend: Backend, body: dict[str, Any], stream:
     upstream_body = dict(body)
     upstream_body["model"] = backend.model
     upstream_body.pop("session_id", None)
+    hide_usage = stream and _ask_for_usage(upstream_body)
     call = UpstreamCall(upstream_body, stream, request_id, route.timeouts)
     state = backend.state
     state.inflight += 1
     exchange: Exchange | None = None
     committed = False
     first_byte_s = cfg.first_byte_timeout_s
-    tokens = None  # usage of streams is read with the limits issue
+    tokens = None  # a stream's usage is read by the relay (Opened.record_usage)
     started = time.monotonic()
     try:
         # No timer at all when no first-byte timeout is set: this is every request's path.
@@ -156,7 +163,8 @@ async def _attempt(route: Route, backend: Backend, body: dict[str, Any], stream:
         metrics.child(metrics.ttfb, route.name, backend.name).observe(ttfb)
         state.record_success()
         committed = True
-        return Opened(backend, route, exchange, first, attempts, metrics, started, ttfb, tokens)
+        return Opened(backend, route, exchange, first, attempts, metrics, started, ttfb, tokens,
+                      hide_usage)
     except TimeoutError:
         _count_failure(route, backend, metrics, "timeout")
         raise _Retryable(UpstreamTimeout(
@@ -169,6 +177,20 @@ async def _attempt(route: Route, backend: Backend, body: dict[str, Any], stream:
             state.inflight -= 1
             if exchange is not None:
                 exchange.close()
+
+
+def _ask_for_usage(body: dict[str, Any]) -> bool:
+    """Ask the upstream for the stream's usage (`stream_options.include_usage`), keeping the
+    client's other options. True when the client did not ask itself: the relay hides the chunk."""
+    options = body.get("stream_options")
+    if options is None:
+        options = {}
+    elif not isinstance(options, dict):
+        return False  # the client's malformed options go as sent; the upstream answers them
+    if options.get("include_usage") not in (None, False):
+        return False  # asked for (or malformed: the upstream answers that)
+    body["stream_options"] = {**options, "include_usage": True}
+    return True
 
 
 async def _read_all(exchange: Exchange, limit: int) -> bytes:

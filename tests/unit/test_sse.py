@@ -7,7 +7,16 @@ import json
 import pytest
 
 from router.handlers import wants_stream
-from router.providers.sse import DONE, EventCutter, EventTooLarge, data_event, error_event
+from router.providers.sse import (
+    DONE,
+    EventCutter,
+    EventTooLarge,
+    UsageTap,
+    data_event,
+    error_event,
+    event_data,
+    may_carry_usage,
+)
 
 
 def test_error_event_is_one_openai_style_error():
@@ -61,6 +70,69 @@ def test_event_cutter_refuses_an_endless_event():
     with pytest.raises(EventTooLarge):
         for _ in range(20):
             cutter.feed(b"x" * 65536)
+
+
+USAGE = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+CONTENT = data_event({"id": "c", "choices": [{"index": 0, "delta": {"content": "hi"}}]})
+USAGE_ONLY = data_event({"id": "c", "choices": [], "usage": USAGE})
+
+
+@pytest.mark.parametrize(("events", "expected"), [
+    (CONTENT + DONE, False),
+    (USAGE_ONLY, True),
+    (b'data: {"choices":[],"usage":null}\n\n', False),
+    (b'data: {"choices": [], "usage": null}\n\n', False),
+    (b'data: {"usage":null}\n\n' + USAGE_ONLY, True),
+    # A false positive (a word in the text) only costs a parse; escaped quotes never match.
+    (data_event({"choices": [{"delta": {"content": '"usage": 5'}}]}), False),
+    (data_event({"choices": [{"delta": {"content": "usage"}}]}), True),
+])
+def test_may_carry_usage(events, expected):
+    assert may_carry_usage(events) is expected
+
+
+def test_event_data_joins_data_lines():
+    assert event_data(b"event: x\r\ndata:{\"a\":\r\ndata: 1}\r\n\r\n") == b'{"a":\n1}'
+    assert event_data(b": comment\n\n") == b""
+
+
+@pytest.mark.parametrize("hide", [True, False])
+def test_usage_tap_reads_the_usage_chunk_and_hides_it_only_when_asked(hide):
+    events = CONTENT + USAGE_ONLY + DONE
+    tap = UsageTap(hide)
+    out = tap.take(events)
+    assert tap.usage == USAGE
+    assert out == (CONTENT + DONE if hide else events)
+    if not hide:
+        assert out is events  # nothing dropped: the very same bytes, no copy
+
+
+def test_usage_tap_keeps_a_content_chunk_that_carries_usage():
+    last = data_event({"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                       "usage": USAGE})
+    tap = UsageTap(hide=True)
+    assert tap.take(CONTENT + last + DONE) == CONTENT + last + DONE
+    assert tap.usage == USAGE
+
+
+def test_usage_tap_keeps_the_last_usage_and_crlf_events():
+    first = b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}\r\n\r\n'
+    tap = UsageTap(hide=True)
+    assert tap.take(first) == b""
+    assert tap.take(b": ping\r\r" + USAGE_ONLY + b"\n") == b": ping\r\r\n"
+    assert tap.usage == USAGE
+
+
+@pytest.mark.parametrize("event", [
+    b'data: {"usage": {broken\n\n',
+    b'data: {"choices": [], "usage": 12}\n\n',
+    b'data: ["usage"]\n\n',
+    b'event: x\ndata: "usage"\n\n',
+])
+def test_usage_tap_passes_what_it_cannot_read(event):
+    tap = UsageTap(hide=True)
+    assert tap.take(CONTENT + event) == CONTENT + event
+    assert tap.usage is None
 
 
 @pytest.mark.parametrize(("stream", "accept", "expected"), [
