@@ -26,12 +26,14 @@ from router.errors import (
     RouterError,
     Unauthorized,
 )
+from router.limits import Limiter
 from router.metrics import Metrics
 from router.relay import ActiveStreams
 from router.runtime import RuntimeRef
 from router.schema import openapi_document
 from router.state import (
     FACTS,
+    LIMITER,
     METRICS,
     OPENAPI,
     PRINCIPAL,
@@ -171,6 +173,7 @@ def build_app(ref: RuntimeRef, upstream: UpstreamClient, store: Store,
     app[UPSTREAM] = upstream
     app[STORE] = store
     app[METRICS] = metrics
+    app[LIMITER] = Limiter(store, metrics, ref)
     app[OPENAPI] = orjson.dumps(openapi_document(new_key=admin.NewKey))
     app.on_response_prepare.append(_stamp_request_id)
     for prefix in ("/api/v1", "/v1"):

@@ -16,16 +16,18 @@ from router.errors import (
     Overloaded,
     PayloadTooLarge,
     RequestTimeout,
+    RouterError,
     UnsupportedMediaType,
     ValidationFailed,
 )
 from router.metrics import CONTENT_TYPE
 from router.relay import relay_json, relay_stream
-from router.routing.dispatch import dispatch
+from router.routing.dispatch import Opened, dispatch
 from router.routing.prober import publish_backend_up
 from router.schema import parse_chat_request
 from router.state import (
     FACTS,
+    LIMITER,
     METRICS,
     OPENAPI,
     PRINCIPAL,
@@ -58,9 +60,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if stream and len(streams) >= server.max_streams:
         raise Overloaded("too many open streams; retry shortly", headers={"Retry-After": "1"})
     body["stream"] = stream
+    # Admission: after the route is known, before anything goes upstream.
+    limiter = request.app[LIMITER]
+    ticket = await limiter.admit(principal, body, runtime.config)
+    limit_headers = ticket.headers if ticket is not None else {}
     metrics = request.app[METRICS]
     inflight = metrics.child(metrics.inflight, name)
     inflight.inc()
+    opened: Opened | None = None
     try:
         opened = await dispatch(route, body, stream=stream, request_id=request[REQUEST_ID],
                                 max_response_bytes=server.max_response_bytes, metrics=metrics)
@@ -68,12 +75,19 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         facts.attempts = opened.attempts
         facts.ttfb_ms = round(opened.ttfb_s * 1000, 3)
         facts.tokens = opened.tokens
-        headers = {"x-router-backend": opened.backend.name}
+        headers = {"x-router-backend": opened.backend.name, **limit_headers}
         if stream:
-            return await relay_stream(request, opened, headers, streams, metrics)
+            try:
+                return await relay_stream(request, opened, headers, streams, metrics)
+            finally:
+                facts.tokens = opened.tokens  # the relay read them from the stream
         return relay_json(opened, headers)
+    except RouterError as exc:
+        exc.headers = {**limit_headers, **exc.headers}
+        raise
     finally:
         inflight.dec()
+        limiter.settle(ticket, opened)  # the answer ended, the client left, or it failed
 
 
 async def issue_token(request: web.Request) -> web.Response:

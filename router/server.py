@@ -31,7 +31,7 @@ from router.metrics import Metrics
 from router.routing.health import BackendState
 from router.routing.prober import probe_forever
 from router.runtime import RuntimeRef, build_runtime
-from router.state import STATUS, STREAMS
+from router.state import LIMITER, STATUS, STREAMS
 from router.store import open_store
 from router.tasks import spawn
 from router.upstream import AiohttpUpstream
@@ -159,6 +159,7 @@ class Worker:
             self.ref.current.oidc.start()
         self._tasks.append(spawn(probe_forever(self.ref, self.metrics), "prober"))
         self._tasks.append(spawn(self.key_cache.run(), "key-cache"))
+        self._tasks.append(spawn(self.app[LIMITER].refresh_forever(), "limits-leases"))
         self._tasks.append(spawn(self.app[STREAMS].heartbeat(
             server.sse_keepalive_s, server.write_stall_timeout_s), "stream-heartbeat"))
         if server.reload_poll_s > 0:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from router.auth import Principal
+from router.limits import Limiter
 from router.metrics import UNKNOWN, Metrics
 from router.relay import ActiveStreams
 from router.runtime import Runtime, RuntimeRef
@@ -26,6 +27,7 @@ STATUS = web.AppKey("status", ServerStatus)
 UPSTREAM = web.AppKey("upstream", UpstreamClient)
 STORE = web.AppKey("store", Store)
 METRICS = web.AppKey("metrics", Metrics)
+LIMITER = web.AppKey("limiter", Limiter)
 OPENAPI = web.AppKey("openapi", bytes)  # the document, serialised once
 
 REQUEST_ID = web.RequestKey("request_id", str)

@@ -40,11 +40,16 @@ class StoreConfig(Frozen):
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, v: str) -> str:
-        if v.startswith(("redis+sentinel://", "redis+cluster://")):
-            raise ValueError("redis+sentinel:// and redis+cluster:// are not supported yet; "
-                             "use redis:// or rediss://")
-        if not v.startswith(("memory://", "redis://", "rediss://")):
-            raise ValueError("expected memory://, redis://host:port[/db] or rediss://...")
+        if v.startswith("memory://"):
+            return v
+        if not v.startswith(("redis://", "rediss://", "redis+sentinel://", "rediss+sentinel://",
+                             "redis+cluster://", "rediss+cluster://")):
+            raise ValueError("expected memory://, redis://host:port[/db], rediss://..., "
+                             "redis+sentinel://host:port[,host:port...]/service[/db] or "
+                             "redis+cluster://host:port[,host:port...]")
+        from router.store.connect import parse_store_url  # imports redis: only when used
+
+        parse_store_url(v)  # its errors never quote the password
         return v
 
 
@@ -53,6 +58,15 @@ class Limits(Frozen):
     tpm: PositiveInt | None = None
     concurrency: PositiveInt | None = None
     tokens_per_day: PositiveInt | None = None
+
+
+class LimitsConfig(Frozen):
+    """How the limiter charges: a request without `max_tokens` is charged this many completion
+    tokens up front; a concurrency slot's lease lives this long unless its worker refreshes it
+    (a crashed replica's slots come back after it)."""
+
+    default_max_tokens: PositiveInt = 1024
+    lease_ttl_s: float = Field(60.0, ge=1, le=3600)
 
 
 class ApiKeyConfig(Frozen):
@@ -220,6 +234,7 @@ class LoggingConfig(Frozen):
 class Config(Frozen):
     server: ServerConfig = ServerConfig()
     store: StoreConfig = StoreConfig()
+    limits: LimitsConfig = LimitsConfig()
     auth: AuthConfig = AuthConfig()
     providers: dict[str, ProviderConfig] = Field(min_length=1)
     routes: dict[str, RouteConfig] = Field(min_length=1)

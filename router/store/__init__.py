@@ -1,7 +1,8 @@
 """The state store behind limits, session pins and managed keys, chosen by `store.url`.
 
-`memory://` keeps state in the process (one worker); `redis://` and `rediss://` share it between
-workers and replicas. Sentinel and Cluster come with the limits issue.
+`memory://` keeps state in the process (one worker); `redis://`, `rediss://` (TLS),
+`redis+sentinel://` and `redis+cluster://` (and their `rediss+` TLS forms) share it between
+workers and replicas (url formats: router/store/connect.py).
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ from __future__ import annotations
 from router.config.model import StoreConfig
 from router.store.base import KeyRecord, Store, StoreError
 from router.store.memory import MemoryStore
+
+REDIS_SCHEMES = ("redis://", "rediss://", "redis+sentinel://", "rediss+sentinel://",
+                 "redis+cluster://", "rediss+cluster://")
 
 __all__ = ["KeyRecord", "MemoryStore", "Store", "StoreError", "is_shared", "open_store"]
 
@@ -20,7 +24,7 @@ def open_store(config: StoreConfig, *, timeout_s: float | None = None) -> Store:
     """
     if config.url.startswith("memory://"):
         return MemoryStore()
-    if config.url.startswith(("redis://", "rediss://")):
+    if config.url.startswith(REDIS_SCHEMES):
         from router.store.redis import RedisStore
 
         return RedisStore(config.url, timeout_s=timeout_s or config.timeout_ms / 1000)

@@ -7,7 +7,7 @@ that created it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -42,6 +42,27 @@ class KeyRecord:
     last_used_at: float | None = None
 
 
+# The limit an Admission names when it refuses, in the order they are checked.
+LIMIT_NAMES = ("rpm", "tpm", "tokens_per_day", "concurrency")
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """One limiter decision, with what the rate-limit headers need (after this request's
+    charge when allowed; times in ms). Fields of limits the principal lacks are meaningless."""
+
+    allowed: bool
+    denied: str | None  # one of LIMIT_NAMES when refused
+    retry_after_ms: int
+    requests_remaining: int
+    requests_reset_ms: int  # until the requests budget is whole again
+    tokens_remaining: int
+    tokens_reset_ms: int
+    day_remaining: int
+    day_reset_ms: int  # until the next UTC midnight
+    in_flight: int
+
+
 class Store(Protocol):
     """Shared state. Each method is one bounded operation (a timeout covers all of it) and
     raises StoreError, never a driver's exception."""
@@ -71,4 +92,22 @@ class Store(Protocol):
     async def keys_version(self) -> str:
         """An opaque token that changes whenever a key is created or revoked (or the store lost
         its data): the change signal every replica polls to drop its cached keys."""
+        ...
+
+    async def admit(self, principal: str, limits: Limits, tokens: int, lease: str,
+                    lease_ttl_s: float) -> Admission:
+        """Check every limit of `principal` and, only if all pass, charge them all: one request,
+        `tokens` (the estimate) against tpm and tokens_per_day, and a concurrency lease `lease`
+        that expires after `lease_ttl_s` unless refreshed."""
+        ...
+
+    async def settle(self, principal: str, limits: Limits, token_delta: int,
+                     lease: str | None) -> None:
+        """The request ended: release `lease` and adjust tpm and the day's tokens by
+        `token_delta` (actual - estimate)."""
+        ...
+
+    async def refresh_leases(self, leases: Mapping[str, Sequence[str]],
+                             lease_ttl_s: float) -> None:
+        """Extend live leases (principal -> lease ids) by `lease_ttl_s` from now."""
         ...

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
 
-from router.store.base import KeyRecord
+from router.config.model import Limits
+from router.store.base import LIMIT_NAMES, Admission, KeyRecord
+
+PERIOD_MS = 60_000.0
+DAY_MS = 86_400_000
+EPS = 0.001
 
 
 class MemoryStore:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock  # epoch seconds: the day's budget ends at UTC midnight
+        self._tat: dict[str, float] = {}  # "rpm:"/"tpm:" + principal -> GCRA arrival time (ms)
+        self._leases: dict[str, dict[str, float]] = {}  # principal -> lease -> expiry (ms)
+        self._day: dict[str, tuple[int, int]] = {}  # principal -> (day number, tokens used)
         self._keys: dict[str, KeyRecord] = {}  # id -> record
         self._by_digest: dict[str, str] = {}  # digest -> id
         self._version = 0
@@ -48,3 +59,90 @@ class MemoryStore:
 
     async def keys_version(self) -> str:
         return str(self._version)
+
+    # Limits: the same semantics as limits.lua (see there), in this process only.
+
+    async def admit(self, principal: str, limits: Limits, tokens: int, lease: str,
+                    lease_ttl_s: float) -> Admission:
+        now = self._clock() * 1000
+        denied = 0
+        retry = 0.0
+
+        def gcra(key: str, limit: int, cost: int, index: int) -> tuple[float, int, float]:
+            nonlocal denied, retry
+            interval = PERIOD_MS / limit
+            tat = max(self._tat.get(key, 0.0), now)
+            ahead = tat + min(cost, limit) * interval - now
+            if ahead > PERIOD_MS + EPS:
+                denied = denied or index
+                retry = max(retry, ahead - PERIOD_MS)
+                return tat, max(0, math.floor((PERIOD_MS - (tat - now)) / interval + EPS)), \
+                    tat - now
+            new = tat + cost * interval
+            return new, max(0, math.floor((PERIOD_MS - (new - now)) / interval + EPS)), new - now
+
+        r_tat = r_rem = r_reset = t_tat = t_rem = t_reset = 0.0
+        if limits.rpm:
+            r_tat, r_rem, r_reset = gcra("rpm:" + principal, limits.rpm, 1, 1)
+        if limits.tpm:
+            t_tat, t_rem, t_reset = gcra("tpm:" + principal, limits.tpm, tokens, 2)
+        day_no = int(now // DAY_MS)
+        midnight = (day_no + 1) * DAY_MS
+        used = 0
+        if limits.tokens_per_day:
+            day, used = self._day.get(principal, (day_no, 0))
+            used = used if day == day_no else 0
+            if used + min(tokens, limits.tokens_per_day) > limits.tokens_per_day:
+                denied = denied or 3
+                retry = max(retry, midnight - now)
+        leases = self._leases.setdefault(principal, {})
+        if limits.concurrency:
+            for gone in [k for k, expiry in leases.items() if expiry <= now]:
+                del leases[gone]
+            if len(leases) >= limits.concurrency:
+                denied = denied or 4
+                retry = max(retry, 1000.0)
+        if not denied:
+            if limits.rpm:
+                self._tat["rpm:" + principal] = r_tat
+            if limits.tpm:
+                self._tat["tpm:" + principal] = t_tat
+            if limits.tokens_per_day:
+                used += tokens
+                self._day[principal] = (day_no, used)
+            if limits.concurrency:
+                leases[lease] = now + lease_ttl_s * 1000
+        return Admission(
+            allowed=not denied, denied=LIMIT_NAMES[denied - 1] if denied else None,
+            retry_after_ms=math.ceil(retry), requests_remaining=int(r_rem),
+            requests_reset_ms=round(r_reset), tokens_remaining=int(t_rem),
+            tokens_reset_ms=round(t_reset),
+            day_remaining=max(0, (limits.tokens_per_day or 0) - used),
+            day_reset_ms=round(midnight - now), in_flight=len(leases))
+
+    async def settle(self, principal: str, limits: Limits, token_delta: int,
+                     lease: str | None) -> None:
+        if lease is not None:
+            self._leases.get(principal, {}).pop(lease, None)
+        if not token_delta:
+            return
+        now = self._clock() * 1000
+        if limits.tpm:
+            key = "tpm:" + principal
+            tat = self._tat.get(key)
+            if tat is not None or token_delta > 0:
+                self._tat[key] = (now if tat is None else tat) + \
+                    token_delta * PERIOD_MS / limits.tpm
+        if limits.tokens_per_day and principal in self._day:
+            day, used = self._day[principal]
+            if day == int(now // DAY_MS):
+                self._day[principal] = (day, max(0, used + token_delta))
+
+    async def refresh_leases(self, leases: Mapping[str, Sequence[str]],
+                             lease_ttl_s: float) -> None:
+        expiry = self._clock() * 1000 + lease_ttl_s * 1000
+        for principal, ids in leases.items():
+            held = self._leases.get(principal, {})
+            for lease in ids:
+                if lease in held:
+                    held[lease] = expiry

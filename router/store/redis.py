@@ -1,4 +1,5 @@
-"""The shared store: one Redis (`redis://`, `rediss://` for TLS), one connection pool per worker.
+"""The shared store: Redis (`redis://`, `rediss://` for TLS, Sentinel or Cluster: connect.py), one
+connection pool per worker.
 
 Every operation runs under `store.timeout_ms` and surfaces as StoreError; redis-py's own
 retries are off, so a dead Redis costs one refused connect, never a retry loop.
@@ -7,28 +8,32 @@ Layout (a managed key's record is hash-tagged by its id, so a per-key script on 
 such as the limiter's, can read it from the same slot):
     router:key:{ID}         hash: the record (digest, user, limits, models, admin, times)
     router:keydigest:HEX    string: the id whose key hashes to HEX (the lookup index)
+                            (in its own slot on a Cluster: no transaction spans the
+                            record and its index; see create_key and revoke_key)
     router:{keys}:ids       set of ids (the listing)
     router:{keys}:version   counter, bumped by every create and revoke
     router:{keys}:epoch     random, set when missing: a Redis that lost its data (restarted
                             without persistence) never repeats a version a replica has seen
+    router:lim:{PRINCIPAL}:rpm|tpm     GCRA arrival times (limits.lua); :conc leases (zset);
+    router:lim:{PRINCIPAL}:day         the day's tokens, expiring at UTC midnight
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
-from collections.abc import Awaitable, Mapping
-from typing import TypeVar
+from collections.abc import Awaitable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
 
 import orjson
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.typing import EncodableT, FieldT
 
 from router.config.model import Limits
-from router.store.base import KeyRecord, StoreError
+from router.store.base import LIMIT_NAMES, Admission, KeyRecord, StoreError
+from router.store.connect import connect
 
 T = TypeVar("T")
 
@@ -43,6 +48,21 @@ if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'last_use
 return 0
 """
 
+# The listing and the version share the {keys} slot: forgetting an id and announcing that
+# something changed are one atomic step. ARGV[2] == '1': the caller already deleted something.
+FORGET = """
+local n = redis.call('SREM', KEYS[1], ARGV[1])
+if n == 1 or ARGV[2] == '1' then redis.call('INCR', KEYS[2]) end
+return n
+"""
+
+
+# The epoch (set when missing) and the version, in one step on the {keys} slot.
+VERSION_READ = """
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+return redis.call('MGET', KEYS[1], KEYS[2])
+"""
+
 
 def record_key(key_id: str) -> str:
     return f"router:key:{{{key_id}}}"
@@ -52,23 +72,22 @@ def digest_key(digest: str) -> str:
     return f"router:keydigest:{digest}"
 
 
+LIMITS_LUA = (Path(__file__).parent / "limits.lua").read_text(encoding="utf-8")
+LIMITS_SHA = hashlib.sha1(LIMITS_LUA.encode(), usedforsecurity=False).hexdigest()
+
+
+def limit_keys(principal: str) -> list[str]:
+    """rpm, tpm, concurrency, tokens_per_day: one hash tag, so the script is single-slot."""
+    base = f"router:lim:{{{principal}}}:"
+    return [base + "rpm", base + "tpm", base + "conc", base + "day"]
+
+
 class RedisStore:
     def __init__(self, url: str, *, timeout_s: float, max_connections: int = 64) -> None:
         self._timeout_s = timeout_s
-        self._pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=timeout_s,  # waiting for a free connection counts against the same budget
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-            decode_responses=True,
-            client_name="router",
-            # No CLIENT SETINFO: one round trip less per new connection, and redis-py would
-            # otherwise read its package metadata from disk (blocking) for every connection.
-            driver_info=None,
-        )
-        self._redis = Redis.from_pool(self._pool)
+        # The url's topology (one Redis, Sentinel, Cluster), timeouts, no retries: connect.py.
+        self._client = connect(url, timeout_s=timeout_s, max_connections=max_connections)
+        self._redis = self._client.redis
 
     async def _call(self, what: str, op: Awaitable[T]) -> T:
         """The boundary: a timeout over the whole operation, driver errors -> StoreError."""
@@ -87,18 +106,18 @@ class RedisStore:
             return False
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        await self._client.aclose()
 
     async def create_key(self, record: KeyRecord) -> None:
         async def op() -> None:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                # The record before its index: a half-written key is an orphan, never a
-                # usable key without a record.
-                pipe.hset(record_key(record.id), mapping=_fields(record))
-                pipe.sadd(IDS, record.id)
-                pipe.set(digest_key(record.digest), record.id)
-                pipe.incr(VERSION)
-                await pipe.execute()
+            # The record, the index and the listing live in different slots (Redis Cluster
+            # refuses one transaction over them): one single-slot call each, in this order.
+            # The record and its listing before the index: a half-written key is a listed,
+            # revocable orphan whose plaintext nobody was given, never an index without a record.
+            await self._redis.hset(record_key(record.id), mapping=_fields(record))
+            await self._redis.sadd(IDS, record.id)
+            await self._redis.set(digest_key(record.digest), record.id)
+            await self._redis.incr(VERSION)
 
         await self._call("create key", op())
 
@@ -131,18 +150,17 @@ class RedisStore:
 
     async def revoke_key(self, key_id: str) -> bool:
         async def op() -> bool:
+            # Single-slot calls, as in create_key. The index first: once it is gone the key no
+            # longer authenticates. The version moves last, whenever anything was deleted; a
+            # revoke cut short leaves the id listed, so repeating it finishes the job.
             digest = await self._redis.hget(record_key(key_id), "digest")
-            if digest is None:  # no such key (or a damaged record, which cannot authenticate)
-                removed = await self._redis.delete(record_key(key_id))
-                return bool(removed + await self._redis.srem(IDS, key_id))
-            async with self._redis.pipeline(transaction=True) as pipe:
-                # The index first: once it is gone the key no longer authenticates.
-                pipe.delete(digest_key(_text(digest)))
-                pipe.delete(record_key(key_id))
-                pipe.srem(IDS, key_id)
-                pipe.incr(VERSION)
-                await pipe.execute()
-            return True
+            if digest is not None:  # (None: no such key, or a damaged record)
+                await self._redis.delete(digest_key(_text(digest)))
+            removed = await self._redis.delete(record_key(key_id))
+            changed = digest is not None or removed > 0
+            forgot = await self._redis.eval(FORGET, 2, IDS, VERSION, key_id,
+                                            "1" if changed else "0")
+            return changed or forgot == 1
 
         return await self._call("revoke key", op())
 
@@ -159,13 +177,53 @@ class RedisStore:
 
     async def keys_version(self) -> str:
         async def op() -> str:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.set(EPOCH, secrets.token_hex(8), nx=True)
-                pipe.mget(EPOCH, VERSION)
-                _, (epoch, version) = await pipe.execute()
+            # A script, not MULTI: redis-py's Cluster transactions block the event loop.
+            epoch, version = await self._redis.eval(VERSION_READ, 2, EPOCH, VERSION,
+                                                    secrets.token_hex(8))
             return f"{epoch}:{version or 0}"
 
         return await self._call("keys version", op())
+
+    # Limits: one script (limits.lua), loaded once per Redis (SCRIPT LOAD) and run by EVALSHA.
+
+    async def admit(self, principal: str, limits: Limits, tokens: int, lease: str,
+                    lease_ttl_s: float) -> Admission:
+        args: list[EncodableT] = ["admit", limits.rpm or 0, limits.tpm or 0,
+                                  limits.concurrency or 0, limits.tokens_per_day or 0, tokens,
+                                  lease, int(lease_ttl_s * 1000)]
+        row = await self._call("admit", self._limits_script(limit_keys(principal), args))
+        allowed, denied, *rest = (int(v) for v in row)
+        return Admission(bool(allowed), LIMIT_NAMES[denied - 1] if denied else None, *rest)
+
+    async def settle(self, principal: str, limits: Limits, token_delta: int,
+                     lease: str | None) -> None:
+        if lease is None and not token_delta:
+            return
+        args: list[EncodableT] = ["settle", limits.tpm or 0, limits.tokens_per_day or 0,
+                                  token_delta, lease or ""]
+        await self._call("settle", self._limits_script(limit_keys(principal), args))
+
+    async def refresh_leases(self, leases: Mapping[str, Sequence[str]],
+                             lease_ttl_s: float) -> None:
+        async def op() -> None:
+            # One round trip for all. The admissions that made these leases loaded the script;
+            # after a SCRIPT FLUSH the next admission reloads it and the next refresh succeeds.
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for principal, ids in leases.items():
+                    pipe.evalsha(LIMITS_SHA, 4, *limit_keys(principal), "refresh",
+                                 int(lease_ttl_s * 1000), *ids)
+                await pipe.execute()
+
+        if leases:
+            await self._call("refresh leases", op())
+
+    async def _limits_script(self, keys: list[str], args: list[EncodableT]) -> Any:
+        """EVALSHA; on NOSCRIPT (first use, a restarted or flushed Redis) load it and rerun."""
+        try:
+            return await self._redis.evalsha(LIMITS_SHA, len(keys), *keys, *args)
+        except NoScriptError:
+            await self._redis.script_load(LIMITS_LUA)
+            return await self._redis.evalsha(LIMITS_SHA, len(keys), *keys, *args)
 
 
 def _text(value: bytes | str) -> str:
@@ -209,3 +267,4 @@ def _record(fields: Mapping[str, str]) -> KeyRecord | None:
         )
     except (KeyError, ValueError, TypeError):
         return None
+

@@ -1,0 +1,218 @@
+"""The limiter: after auth and routing, one store call admits (and charges) a chat request or
+refuses it with 429; a second one, off the latency path, settles it when the answer ends.
+
+rpm and tpm are GCRA with burst = the limit (a fresh key admits exactly `limit` at once; any
+60 s window admits at most limit + burst); concurrency is a set of leases; tokens_per_day a counter
+ending at UTC midnight. The store's clock decides (Redis `TIME`), never this process's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from router.auth import Principal
+from router.config.model import Config, Limits
+from router.errors import RouterError
+from router.metrics import Metrics
+from router.routing.dispatch import Opened
+from router.runtime import RuntimeRef
+from router.store import MemoryStore, Store, StoreError
+from router.store.base import Admission
+from router.tasks import spawn
+
+log = logging.getLogger("router.limits")
+
+WINDOW_S = 60
+DAY_S = 86400
+
+
+class RateLimited(RouterError):
+    """The router's own 429 (an upstream's is `upstream_rate_limited`)."""
+
+    status = 429
+    type = "rate_limit_exceeded"
+    code = "rate_limit_exceeded"
+    log_level = logging.INFO
+
+
+@dataclass(slots=True)
+class Ticket:
+    """An admitted request: what it was charged, and the headers its answer carries."""
+
+    principal: str
+    limits: Limits
+    estimate: int  # tokens charged up front
+    prompt_estimate: int
+    completion_reserved: int
+    lease: str | None
+    store: Store  # the store that admitted it (the fallback while the shared one is down)
+    headers: dict[str, str] = field(default_factory=dict)
+    settled: bool = False
+
+
+class Limiter:
+    def __init__(self, store: Store, metrics: Metrics, ref: RuntimeRef) -> None:
+        self._ref = ref  # the current config's lease TTL
+        self._store = store
+        self._fallback = MemoryStore()  # per process: decides while the store is down (open)
+        self._metrics = metrics
+        self._live: dict[str, Ticket] = {}  # lease -> ticket: refreshed while in flight
+
+    async def admit(self, principal: Principal, body: Mapping[str, Any],
+                    config: Config) -> Ticket | None:
+        """Charge every limit of `principal` or raise RateLimited (nothing charged); None when
+        the principal has no limits (no store call at all)."""
+        limits = principal.limits
+        if not (limits.rpm or limits.tpm or limits.concurrency or limits.tokens_per_day):
+            return None
+        prompt = prompt_estimate(body)
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        completion = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 \
+            else config.limits.default_max_tokens
+        lease = os.urandom(8).hex() if limits.concurrency else None
+        ttl_s = config.limits.lease_ttl_s
+        store = self._store
+        try:
+            admission = await store.admit(principal.id, limits, prompt + completion,
+                                          lease or "", ttl_s)
+        except StoreError:
+            m = self._metrics
+            m.child(m.store_errors, "admit").inc()
+            if config.store.on_failure == "closed":
+                raise
+            store = self._fallback
+            admission = await store.admit(principal.id, limits, prompt + completion,
+                                          lease or "", ttl_s)
+        headers = rate_headers(limits, admission)
+        if not admission.allowed:
+            limit = admission.denied or "rpm"
+            m = self._metrics
+            m.child(m.rate_limited, limit).inc()
+            retry = max(1, math.ceil(admission.retry_after_ms / 1000))
+            raise RateLimited(f"rate limit exceeded ({limit}); retry after {retry} s",
+                              headers={**headers, "Retry-After": str(retry)}, code=limit)
+        ticket = Ticket(principal.id, limits, prompt + completion, prompt, completion, lease,
+                        store, headers)
+        if lease is not None:
+            self._live[lease] = ticket
+        return ticket
+
+    def settle(self, ticket: Ticket | None, opened: Opened | None) -> None:
+        """The request ended (answer sent, stream over, client gone, upstream failed): release
+        its slot and charge what it really used, in the background."""
+        if ticket is None or ticket.settled:
+            return
+        ticket.settled = True
+        if ticket.lease is not None:
+            self._live.pop(ticket.lease, None)
+        delta = 0
+        if ticket.limits.tpm or ticket.limits.tokens_per_day:
+            delta = actual_tokens(ticket, opened) - ticket.estimate
+        if ticket.lease is None and not delta:
+            return
+        spawn(self._settle(ticket, delta), "limits-settle")
+
+    async def _settle(self, ticket: Ticket, delta: int) -> None:
+        try:
+            await ticket.store.settle(ticket.principal, ticket.limits, delta, ticket.lease)
+        except StoreError as exc:
+            # The lease expires on its own; the token charge stays at the estimate.
+            m = self._metrics
+            m.child(m.store_errors, "settle").inc()
+            log.warning("could not settle a request's limits: %s", exc.message)
+
+    async def refresh_forever(self) -> None:
+        """Keep in-flight requests' leases alive: one pipeline per worker every TTL/3."""
+        while True:
+            ttl_s = self._ref.current.config.limits.lease_ttl_s
+            await asyncio.sleep(ttl_s / 3)
+            by_store: dict[int, tuple[Store, dict[str, list[str]]]] = {}
+            for lease, ticket in list(self._live.items()):
+                _, leases = by_store.setdefault(id(ticket.store), (ticket.store, {}))
+                leases.setdefault(ticket.principal, []).append(lease)
+            for store, leases in by_store.values():
+                try:
+                    await store.refresh_leases(leases, ttl_s)
+                except StoreError as exc:
+                    m = self._metrics
+                    m.child(m.store_errors, "refresh").inc()
+                    log.warning("could not refresh concurrency leases: %s", exc.message)
+
+
+def prompt_estimate(body: Mapping[str, Any]) -> int:
+    """About one token per 4 characters of message content (text parts only)."""
+    chars = 0
+    for message in body.get("messages") or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            chars += sum(len(p.get("text") or "") for p in content
+                         if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return chars // 4
+
+
+def actual_tokens(ticket: Ticket, opened: Opened | None) -> int:
+    """What the request used: the upstream's usage when it reported it, else the prompt
+    estimate plus the bytes relayed / 4 (at most the reservation); nothing if no answer came."""
+    if opened is None:
+        return 0
+    if opened.tokens is not None:
+        return sum(opened.tokens)
+    relayed = getattr(opened, "bytes_relayed", None)
+    if relayed is None:
+        return ticket.estimate
+    if not relayed and "event-stream" not in opened.exchange.content_type:
+        relayed = len(opened.first)  # a JSON answer is relayed whole
+    return ticket.prompt_estimate + min(relayed // 4, ticket.completion_reserved)
+
+
+def rate_headers(limits: Limits, a: Admission) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* and the IETF RateLimit-Policy / RateLimit, for the limits held."""
+    headers: dict[str, str] = {}
+    policy: list[str] = []
+    state: list[str] = []
+    if limits.rpm:
+        headers["x-ratelimit-limit-requests"] = str(limits.rpm)
+        headers["x-ratelimit-remaining-requests"] = str(a.requests_remaining)
+        headers["x-ratelimit-reset-requests"] = duration(a.requests_reset_ms)
+        policy.append(f'"rpm";q={limits.rpm};w={WINDOW_S}')
+        state.append(f'"rpm";r={a.requests_remaining};t={_secs(a.requests_reset_ms)}')
+    if limits.tpm:
+        headers["x-ratelimit-limit-tokens"] = str(limits.tpm)
+        headers["x-ratelimit-remaining-tokens"] = str(a.tokens_remaining)
+        headers["x-ratelimit-reset-tokens"] = duration(a.tokens_reset_ms)
+        policy.append(f'"tpm";q={limits.tpm};w={WINDOW_S}')
+        state.append(f'"tpm";r={a.tokens_remaining};t={_secs(a.tokens_reset_ms)}')
+    if limits.tokens_per_day:
+        policy.append(f'"tpd";q={limits.tokens_per_day};w={DAY_S}')
+        state.append(f'"tpd";r={a.day_remaining};t={_secs(a.day_reset_ms)}')
+    if policy:
+        headers["RateLimit-Policy"] = ", ".join(policy)
+        headers["RateLimit"] = ", ".join(state)
+    return headers
+
+
+def _secs(ms: int) -> int:
+    return max(0, math.ceil(ms / 1000))
+
+
+def duration(ms: int) -> str:
+    """OpenAI's format: `17ms`, `1s`, `1.5s`, `6m0s`, `1h2m3s`."""
+    ms = max(0, ms)
+    if ms < 1000:
+        return f"{ms}ms"
+    minutes, rest = divmod(ms, 60_000)
+    hours, minutes = divmod(minutes, 60)
+    seconds = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
+    if hours:
+        return f"{hours}h{minutes}m{seconds}s"
+    if minutes:
+        return f"{minutes}m{seconds}s"
+    return f"{seconds}s"
