@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from router import admin, handlers
+from router import admin, handlers, sessions
 from router.errors import (
     HttpError,
     InternalError,
@@ -31,6 +31,7 @@ from router.metrics import Metrics
 from router.relay import ActiveStreams
 from router.runtime import RuntimeRef
 from router.schema import openapi_document
+from router.sessions import SettingsCache
 from router.state import (
     FACTS,
     LIMITER,
@@ -40,6 +41,7 @@ from router.state import (
     REQUEST_ID,
     RUNTIME,
     RUNTIME_NOW,
+    SETTINGS_CACHE,
     STATUS,
     STORE,
     STREAMS,
@@ -174,12 +176,18 @@ def build_app(ref: RuntimeRef, upstream: UpstreamClient, store: Store,
     app[STORE] = store
     app[METRICS] = metrics
     app[LIMITER] = Limiter(store, metrics, ref)
-    app[OPENAPI] = orjson.dumps(openapi_document(new_key=admin.NewKey))
+    app[SETTINGS_CACHE] = SettingsCache()
+    app[OPENAPI] = orjson.dumps(openapi_document(new_key=admin.NewKey,
+                                                 settings=sessions.AutomationSettings))
     app.on_response_prepare.append(_stamp_request_id)
     for prefix in ("/api/v1", "/v1"):
         app.router.add_post(f"{prefix}/chat/completions", handlers.chat_completions)
         app.router.add_get(f"{prefix}/models", handlers.list_models, allow_head=False)
     app.router.add_post("/api/v1/auth/token", handlers.issue_token)
+    app.router.add_get("/api/v1/automation/settings", handlers.get_settings, allow_head=False)
+    app.router.add_put("/api/v1/automation/settings", handlers.put_settings)
+    app.router.add_get("/api/v1/sessions/{id}", handlers.get_session, allow_head=False)
+    app.router.add_delete("/api/v1/sessions/{id}", handlers.delete_session)
     app.router.add_post("/api/v1/admin/keys", admin.create_key)
     app.router.add_get("/api/v1/admin/keys", admin.list_keys, allow_head=False)
     app.router.add_delete("/api/v1/admin/keys/{id}", admin.revoke_key)

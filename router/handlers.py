@@ -9,6 +9,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from router import sessions
+from router.auth import Principal
 from router.errors import (
     Forbidden,
     ModelNotFound,
@@ -24,6 +26,8 @@ from router.metrics import CONTENT_TYPE
 from router.relay import relay_json, relay_stream
 from router.routing.dispatch import Opened, dispatch
 from router.routing.prober import publish_backend_up
+from router.routing.table import Route
+from router.runtime import Runtime
 from router.schema import parse_chat_request
 from router.state import (
     FACTS,
@@ -34,60 +38,148 @@ from router.state import (
     REQUEST_ID,
     RUNTIME,
     RUNTIME_NOW,
+    SETTINGS_CACHE,
     STATUS,
     STORE,
     STREAMS,
 )
+from router.store.base import SessionState
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     runtime = request[RUNTIME_NOW]
     principal = request[PRINCIPAL]
-    server = runtime.config.server
+    config = runtime.config
+    server = config.server
     body = parse_chat_request(await read_body(request, server.max_body_bytes,
                                               server.body_timeout_s))
     stream = wants_stream(body.get("stream"), request.headers.get("Accept"))
     facts = request[FACTS]
     facts.stream = "true" if stream else "false"
-    name = body.get("model") or runtime.table.default_route
-    route = runtime.table.routes.get(name)
-    if route is None:
-        raise ModelNotFound(f"the model {name[:100]!r} does not exist")
-    facts.route = name
-    if not principal.may_use(name):
-        raise Forbidden(f"this credential may not use the model {name!r}")
+    name: str | None = body.get("model")
+    if name is not None:  # else the user's default_model, known once the settings are read
+        _route_for(runtime, principal, name)
     streams = request.app[STREAMS]
     if stream and len(streams) >= server.max_streams:
         raise Overloaded("too many open streams; retry shortly", headers={"Retry-After": "1"})
     body["stream"] = stream
-    # Admission: after the route is known, before anything goes upstream.
+    session_id: str | None = body.get("session_id")
+    # Admission: after the route is known, before anything goes upstream. The user's session
+    # settings and pin come back in the same store round trip.
+    # Without a session_id, settings this worker read lately are enough: no store call at all
+    # unless the principal has limits.
+    settings_cache = request.app[SETTINGS_CACHE]
+    known, stored = settings_cache.get(principal.user) if session_id is None else (False, None)
+    query = None if known else sessions.query(principal, session_id, config)
     limiter = request.app[LIMITER]
-    ticket = await limiter.admit(principal, body, runtime.config)
-    limit_headers = ticket.headers if ticket is not None else {}
     metrics = request.app[METRICS]
-    inflight = metrics.child(metrics.inflight, name)
-    inflight.inc()
+    store = request.app[STORE]
+    ticket = await limiter.admit(principal, body, config, session=query)
+    headers = dict(ticket.headers) if ticket is not None else {}
+    inflight = None
     opened: Opened | None = None
     try:
+        if query is None:
+            state = SessionState(stored, None)
+        else:
+            state = ticket.session if ticket is not None and ticket.session is not None \
+                else await sessions.read_state(store, query, config, metrics)
+            if state.available:
+                settings_cache.put(principal.user, state.settings)
+        settings = sessions.effective(state.settings, config.sessions)
+        if name is None:
+            name = settings.default_model if settings.default_model in runtime.table.routes \
+                else runtime.table.default_route
+        route = _route_for(runtime, principal, name)
+        facts.route = name
+        created = session_id is None and settings.auto_create_session
+        if created:
+            session_id = sessions.new_session_id()
+        placed = None
+        if session_id is not None:
+            headers["x-session-id"] = session_id
+            placed = await sessions.place(store, metrics, config, runtime.table, route,
+                                          principal.user, session_id, state,
+                                          settings.session_ttl_s)
+        inflight = metrics.child(metrics.inflight, name)
+        inflight.inc()
         opened = await dispatch(route, body, stream=stream, request_id=request[REQUEST_ID],
-                                max_response_bytes=server.max_response_bytes, metrics=metrics)
+                                max_response_bytes=server.max_response_bytes, metrics=metrics,
+                                prefer=placed)
+        if session_id is not None and opened.backend is not placed \
+                and not sessions.hashing_only(state, config):
+            try:
+                await sessions.settle(store, metrics, principal.user, session_id, route,
+                                      placed, opened.backend, settings.session_ttl_s)
+            except BaseException:  # cancelled (the client left): nobody will relay it
+                opened.finish(upstream_failed=False)
+                raise
         facts.backend = opened.backend.name
         facts.attempts = opened.attempts
         facts.ttfb_ms = round(opened.ttfb_s * 1000, 3)
         facts.tokens = opened.tokens
-        headers = {"x-router-backend": opened.backend.name, **limit_headers}
+        headers["x-router-backend"] = opened.backend.name
         if stream:
+            if created:
+                opened.first = sessions.inject_first_event(opened.first, session_id or "")
             try:
                 return await relay_stream(request, opened, headers, streams, metrics)
             finally:
                 facts.tokens = opened.tokens  # the relay read them from the stream
+        if created:
+            opened.first = sessions.inject_json(opened.first, session_id or "")
         return relay_json(opened, headers)
     except RouterError as exc:
-        exc.headers = {**limit_headers, **exc.headers}
+        exc.headers = {**headers, **exc.headers}
         raise
     finally:
-        inflight.dec()
+        if inflight is not None:
+            inflight.dec()
         limiter.settle(ticket, opened)  # the answer ended, the client left, or it failed
+
+
+def _route_for(runtime: Runtime, principal: Principal, name: str) -> Route:
+    route = runtime.table.routes.get(name)
+    if route is None:
+        raise ModelNotFound(f"the model {name[:100]!r} does not exist")
+    if not principal.may_use(name):
+        raise Forbidden(f"this credential may not use the model {name!r}")
+    return route
+
+
+async def get_settings(request: web.Request) -> web.Response:
+    runtime = request[RUNTIME_NOW]
+    stored = await request.app[STORE].get_settings(request[PRINCIPAL].user)
+    settings = sessions.effective(stored, runtime.config.sessions)
+    return _json(settings.view(runtime.table.default_route))
+
+
+async def put_settings(request: web.Request) -> web.Response:
+    """Replace the caller's automation settings (fields left out take the config's defaults)."""
+    runtime = request[RUNTIME_NOW]
+    principal = request[PRINCIPAL]
+    raw = await read_body(request, sessions.MAX_SETTINGS_BYTES,
+                          runtime.config.server.body_timeout_s)
+    stored = sessions.parse_settings(raw, runtime.table.routes, principal)
+    await request.app[STORE].put_settings(principal.user, stored)
+    request.app[SETTINGS_CACHE].put(principal.user, stored)
+    settings = sessions.effective(stored, runtime.config.sessions)
+    return _json(settings.view(runtime.table.default_route))
+
+
+async def get_session(request: web.Request) -> web.Response:
+    session_id = request.match_info["id"]
+    pin = await request.app[STORE].get_pin(request[PRINCIPAL].user, session_id)
+    if pin is None:  # another user's session is just as absent
+        raise NotFound("no such session", code="session_not_found")
+    return _json(sessions.public(session_id, pin))
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    if not await request.app[STORE].delete_pin(request[PRINCIPAL].user,
+                                               request.match_info["id"]):
+        raise NotFound("no such session", code="session_not_found")
+    return web.Response(status=204)
 
 
 async def issue_token(request: web.Request) -> web.Response:

@@ -23,7 +23,7 @@ from router.metrics import Metrics
 from router.routing.dispatch import Opened
 from router.runtime import RuntimeRef
 from router.store import MemoryStore, Store, StoreError
-from router.store.base import Admission
+from router.store.base import SESSION_UNAVAILABLE, Admission, SessionQuery, SessionState
 from router.tasks import spawn
 
 log = logging.getLogger("router.limits")
@@ -54,6 +54,7 @@ class Ticket:
     store: Store  # the store that admitted it (the fallback while the shared one is down)
     headers: dict[str, str] = field(default_factory=dict)
     settled: bool = False
+    session: SessionState | None = None  # the session query's answer, when one was asked
 
 
 class Limiter:
@@ -64,10 +65,11 @@ class Limiter:
         self._metrics = metrics
         self._live: dict[str, Ticket] = {}  # lease -> ticket: refreshed while in flight
 
-    async def admit(self, principal: Principal, body: Mapping[str, Any],
-                    config: Config) -> Ticket | None:
+    async def admit(self, principal: Principal, body: Mapping[str, Any], config: Config,
+                    session: SessionQuery | None = None) -> Ticket | None:
         """Charge every limit of `principal` or raise RateLimited (nothing charged); None when
-        the principal has no limits (no store call at all)."""
+        the principal has no limits (no store call at all). `session` is answered in the same
+        round trip (`Ticket.session`; SESSION_UNAVAILABLE when the store failed)."""
         limits = principal.limits
         if not (limits.rpm or limits.tpm or limits.concurrency or limits.tokens_per_day):
             return None
@@ -80,7 +82,7 @@ class Limiter:
         store = self._store
         try:
             admission = await store.admit(principal.id, limits, prompt + completion,
-                                          lease or "", ttl_s)
+                                          lease or "", ttl_s, session)
         except StoreError:
             m = self._metrics
             m.child(m.store_errors, "admit").inc()
@@ -98,7 +100,8 @@ class Limiter:
             raise RateLimited(f"rate limit exceeded ({limit}); retry after {retry} s",
                               headers={**headers, "Retry-After": str(retry)}, code=limit)
         ticket = Ticket(principal.id, limits, prompt + completion, prompt, completion, lease,
-                        store, headers)
+                        store, headers, session=None if session is None
+                        else admission.session or SESSION_UNAVAILABLE)
         if lease is not None:
             self._live[lease] = ticket
         return ticket

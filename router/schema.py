@@ -96,9 +96,11 @@ def _detail(exc: ValidationError, body: dict[str, Any]) -> list[dict[str, Any]]:
     return list(merged.values())
 
 
-def openapi_document(new_key: type[BaseModel] | None = None) -> dict[str, Any]:
+def openapi_document(new_key: type[BaseModel] | None = None,
+                     settings: type[BaseModel] | None = None) -> dict[str, Any]:
     """OpenAPI 3.1 of the public API, with the request schemas generated from the validators'
-    own models (`new_key` is the admin API's, passed in to keep the modules acyclic)."""
+    own models (`new_key` is the admin API's, `settings` the automation settings', passed in to
+    keep the modules acyclic)."""
     ref = "#/components/schemas/{model}"
     request_schema = ChatCompletionRequest.model_json_schema(ref_template=ref)
     schemas: dict[str, Any] = request_schema.pop("$defs", {})
@@ -107,6 +109,10 @@ def openapi_document(new_key: type[BaseModel] | None = None) -> dict[str, Any]:
         key_schema = new_key.model_json_schema(ref_template=ref)
         schemas.update(key_schema.pop("$defs", {}))
         schemas["NewKey"] = key_schema
+    if settings is not None:
+        settings_schema = settings.model_json_schema(ref_template=ref)
+        schemas.update(settings_schema.pop("$defs", {}))
+        schemas["AutomationSettings"] = settings_schema
     schemas["ValidationError"] = {
         "type": "object",
         "required": ["detail"],
@@ -160,6 +166,7 @@ def openapi_document(new_key: type[BaseModel] | None = None) -> dict[str, Any]:
             "401": error("Missing or invalid credential"),
             "403": error("Model not allowed for this credential"),
             "404": error("Unknown model"),
+            "409": error("The session belongs to another model"),
             "413": error("Body too large"),
             "502": error("Upstream failure"),
             "503": error("No backend available"),
@@ -184,6 +191,36 @@ def openapi_document(new_key: type[BaseModel] | None = None) -> dict[str, Any]:
             "401": error("Missing or invalid credential"),
             "403": error("A router JWT cannot be exchanged"),
             "404": error("Token issuance is not configured")},
+    }
+    invalid = {"description": "Validation Error", "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/ValidationError"}}}}
+    settings_body = {"application/json": {
+        "schema": {"$ref": "#/components/schemas/AutomationSettings"}}}
+    automation = {
+        "get": {"summary": "The caller's automation settings (stored, else the defaults)",
+                "security": [{"bearer": []}],
+                "responses": {"200": {"description": "Settings in effect",
+                                      "content": settings_body},
+                              "401": error("Missing or invalid credential")}},
+        "put": {"summary": "Replace the caller's automation settings",
+                "security": [{"bearer": []}],
+                "requestBody": {"required": True, "content": settings_body},
+                "responses": {"200": {"description": "Settings in effect",
+                                      "content": settings_body},
+                              "401": error("Missing or invalid credential"),
+                              "422": invalid}},
+    }
+    session_id = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    session = {
+        "get": {"summary": "A session of the caller: pinned backend, route, created, last used, "
+                           "requests, expires (epoch seconds)",
+                "security": [{"bearer": []}], "parameters": session_id,
+                "responses": {"200": {"description": "The session"},
+                              "404": error("No such session of the caller")}},
+        "delete": {"summary": "End a session of the caller (its pin is forgotten)",
+                   "security": [{"bearer": []}], "parameters": session_id,
+                   "responses": {"204": {"description": "Deleted"},
+                                 "404": error("No such session of the caller")}},
     }
     admin_only: dict[str, Any] = {"security": [{"bearer": []}]}
     admin_keys = {
@@ -214,6 +251,8 @@ def openapi_document(new_key: type[BaseModel] | None = None) -> dict[str, Any]:
             "/api/v1/models": {"get": models},
             "/v1/models": {"get": {**models, "summary": "List models (alias)"}},
             "/api/v1/auth/token": {"post": token},
+            **({"/api/v1/automation/settings": automation} if settings is not None else {}),
+            "/api/v1/sessions/{id}": session,
             **({"/api/v1/admin/keys": admin_keys, "/api/v1/admin/keys/{id}": revoke}
                if new_key is not None else {}),
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {

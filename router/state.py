@@ -11,6 +11,7 @@ from router.limits import Limiter
 from router.metrics import UNKNOWN, Metrics
 from router.relay import ActiveStreams
 from router.runtime import Runtime, RuntimeRef
+from router.sessions import SettingsCache
 from router.store import Store
 from router.upstream import UpstreamClient
 
@@ -28,6 +29,7 @@ UPSTREAM = web.AppKey("upstream", UpstreamClient)
 STORE = web.AppKey("store", Store)
 METRICS = web.AppKey("metrics", Metrics)
 LIMITER = web.AppKey("limiter", Limiter)
+SETTINGS_CACHE = web.AppKey("settings_cache", SettingsCache)
 OPENAPI = web.AppKey("openapi", bytes)  # the document, serialised once
 
 REQUEST_ID = web.RequestKey("request_id", str)

@@ -69,6 +69,15 @@ class LimitsConfig(Frozen):
     lease_ttl_s: float = Field(60.0, ge=1, le=3600)
 
 
+class SessionsConfig(Frozen):
+    """Defaults for every user's automation settings (SPEC 5): whether a request without
+    `session_id` gets a new session, and how long an unused pin lives (a user may choose
+    60..604800 s; the operator's default may be shorter, e.g. in tests)."""
+
+    auto_create: bool = False
+    ttl_s: int = Field(3600, ge=1, le=604800)
+
+
 class ApiKeyConfig(Frozen):
     id: str = Field(min_length=1, max_length=64)
     key_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -236,6 +245,7 @@ class Config(Frozen):
     store: StoreConfig = StoreConfig()
     limits: LimitsConfig = LimitsConfig()
     auth: AuthConfig = AuthConfig()
+    sessions: SessionsConfig = SessionsConfig()
     providers: dict[str, ProviderConfig] = Field(min_length=1)
     routes: dict[str, RouteConfig] = Field(min_length=1)
     default_route: str | None = None

@@ -88,13 +88,16 @@ def _count_failure(route: Route, backend: Backend, metrics: Metrics, reason: str
 
 
 async def dispatch(route: Route, body: dict[str, Any], *, stream: bool, request_id: str,
-                   max_response_bytes: int, metrics: Metrics) -> Opened:
+                   max_response_bytes: int, metrics: Metrics,
+                   prefer: Backend | None = None) -> Opened:
+    """`prefer` (a session's pinned backend, checked available by the caller) goes first; if it
+    fails, the route's strategy picks the next as usual."""
     tried: set[str] = set()
     last_error: RouterError | None = None
     attempts = 0
     for r in route.chain():
         for _ in range(r.config.retries + 1):
-            backend = r.pick(tried)
+            backend, prefer = (prefer, None) if prefer is not None else (r.pick(tried), None)
             if backend is None:
                 break
             tried.add(backend.name)

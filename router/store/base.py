@@ -61,6 +61,42 @@ class Admission:
     day_remaining: int
     day_reset_ms: int  # until the next UTC midnight
     in_flight: int
+    session: SessionState | None = None  # asked with the admission (Store.admit's `session`)
+
+
+@dataclass(frozen=True, slots=True)
+class Pin:
+    """A session's backend as stored (SPEC 5); times are epoch seconds."""
+
+    backend: str
+    route: str
+    created_at: float
+    last_used_at: float
+    requests: int
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class SessionQuery:
+    """What a chat request asks the store about its user: the automation settings, and the pin
+    of `session_id` (None: settings only), touched (sliding TTL, one more request)."""
+
+    user: str
+    session_id: str | None
+    default_ttl_s: float  # the pin's TTL when the user's settings name none
+
+
+@dataclass(frozen=True, slots=True)
+class SessionState:
+    """The answer: the user's stored settings (a JSON object, None when never set) and the pin;
+    `available` is False when the store could not be asked (fail-open)."""
+
+    settings: dict[str, object] | None
+    pin: Pin | None
+    available: bool = True
+
+
+SESSION_UNAVAILABLE = SessionState(None, None, available=False)
 
 
 class Store(Protocol):
@@ -95,10 +131,11 @@ class Store(Protocol):
         ...
 
     async def admit(self, principal: str, limits: Limits, tokens: int, lease: str,
-                    lease_ttl_s: float) -> Admission:
+                    lease_ttl_s: float, session: SessionQuery | None = None) -> Admission:
         """Check every limit of `principal` and, only if all pass, charge them all: one request,
         `tokens` (the estimate) against tpm and tokens_per_day, and a concurrency lease `lease`
-        that expires after `lease_ttl_s` unless refreshed."""
+        that expires after `lease_ttl_s` unless refreshed. With `session`, answer it in the same
+        round trip (`Admission.session`), whether admitted or not."""
         ...
 
     async def settle(self, principal: str, limits: Limits, token_delta: int,
@@ -110,4 +147,30 @@ class Store(Protocol):
     async def refresh_leases(self, leases: Mapping[str, Sequence[str]],
                              lease_ttl_s: float) -> None:
         """Extend live leases (principal -> lease ids) by `lease_ttl_s` from now."""
+        ...
+
+    # Sessions (router/sessions.py): pins per (user, session id) with a sliding TTL, and each
+    # user's automation settings.
+
+    async def session_state(self, query: SessionQuery) -> SessionState:
+        """The user's settings and the touched pin (as `admit` does with `session`)."""
+        ...
+
+    async def claim_pin(self, user: str, session_id: str, backend: str, route: str,
+                        ttl_s: float, replaces: str | None) -> Pin:
+        """Pin the session to `backend` unless another replica got there first: with
+        `replaces` None only if no pin exists (SET NX), else only if the pin still names
+        `replaces`. Returns the pin that holds afterwards (ours or the winner's)."""
+        ...
+
+    async def get_pin(self, user: str, session_id: str) -> Pin | None:
+        """The pin as it is, untouched."""
+        ...
+
+    async def delete_pin(self, user: str, session_id: str) -> bool: ...
+
+    async def get_settings(self, user: str) -> dict[str, object] | None: ...
+
+    async def put_settings(self, user: str, settings: Mapping[str, object]) -> None:
+        """Replace the user's stored settings (a JSON object)."""
         ...

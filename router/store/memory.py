@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from router.config.model import Limits
-from router.store.base import LIMIT_NAMES, Admission, KeyRecord
+from router.store.base import LIMIT_NAMES, Admission, KeyRecord, Pin, SessionQuery, SessionState
 
 PERIOD_MS = 60_000.0
 DAY_MS = 86_400_000
@@ -24,6 +24,9 @@ class MemoryStore:
         self._keys: dict[str, KeyRecord] = {}  # id -> record
         self._by_digest: dict[str, str] = {}  # digest -> id
         self._version = 0
+        self._pins: dict[tuple[str, str], tuple[Pin, float]] = {}  # (user, id) -> (pin, ttl s)
+        self._settings: dict[str, dict[str, object]] = {}  # user -> stored settings
+        self._sweep_at = 1024  # pins held before expired ones are swept (amortised O(1))
 
     async def ping(self) -> bool:
         return True
@@ -63,7 +66,14 @@ class MemoryStore:
     # Limits: the same semantics as limits.lua (see there), in this process only.
 
     async def admit(self, principal: str, limits: Limits, tokens: int, lease: str,
-                    lease_ttl_s: float) -> Admission:
+                    lease_ttl_s: float, session: SessionQuery | None = None) -> Admission:
+        admission = self._admit(principal, limits, tokens, lease, lease_ttl_s)
+        if session is None:
+            return admission
+        return dataclasses.replace(admission, session=await self.session_state(session))
+
+    def _admit(self, principal: str, limits: Limits, tokens: int, lease: str,
+               lease_ttl_s: float) -> Admission:
         now = self._clock() * 1000
         denied = 0
         retry = 0.0
@@ -146,3 +156,59 @@ class MemoryStore:
             for lease in ids:
                 if lease in held:
                     held[lease] = expiry
+
+    # Sessions: the same semantics as sessions.lua.
+
+    def _live_pin(self, user: str, session_id: str, now: float) -> tuple[Pin, float] | None:
+        found = self._pins.get((user, session_id))
+        if found is not None and found[0].expires_at <= now:
+            del self._pins[(user, session_id)]
+            return None
+        return found
+
+    async def session_state(self, query: SessionQuery) -> SessionState:
+        settings = self._settings.get(query.user)
+        if query.session_id is None:
+            return SessionState(settings, None)
+        now = self._clock()
+        found = self._live_pin(query.user, query.session_id, now)
+        if found is None:
+            return SessionState(settings, None)
+        ttl = settings.get("session_ttl_s") if settings else None
+        ttl_s = float(ttl) if isinstance(ttl, int) else query.default_ttl_s
+        pin = dataclasses.replace(found[0], last_used_at=now, requests=found[0].requests + 1,
+                                  expires_at=now + ttl_s)
+        self._pins[(query.user, query.session_id)] = (pin, ttl_s)
+        return SessionState(settings, pin)
+
+    async def claim_pin(self, user: str, session_id: str, backend: str, route: str,
+                        ttl_s: float, replaces: str | None) -> Pin:
+        now = self._clock()
+        found = self._live_pin(user, session_id, now)
+        if found is not None and (replaces is None or found[0].backend != replaces):
+            return found[0]  # another request pinned it first: follow it
+        if found is None:
+            if len(self._pins) >= self._sweep_at:
+                self._pins = {k: v for k, v in self._pins.items() if v[0].expires_at > now}
+                self._sweep_at = max(1024, 2 * len(self._pins))
+            pin = Pin(backend, route, now, now, 1, now + ttl_s)
+        else:
+            pin = dataclasses.replace(found[0], backend=backend, route=route, last_used_at=now,
+                                      expires_at=now + ttl_s)
+        self._pins[(user, session_id)] = (pin, ttl_s)
+        return pin
+
+    async def get_pin(self, user: str, session_id: str) -> Pin | None:
+        found = self._live_pin(user, session_id, self._clock())
+        return None if found is None else found[0]
+
+    async def delete_pin(self, user: str, session_id: str) -> bool:
+        return self._live_pin(user, session_id, self._clock()) is not None and \
+            self._pins.pop((user, session_id), None) is not None
+
+    async def get_settings(self, user: str) -> dict[str, object] | None:
+        settings = self._settings.get(user)
+        return None if settings is None else dict(settings)
+
+    async def put_settings(self, user: str, settings: Mapping[str, object]) -> None:
+        self._settings[user] = dict(settings)

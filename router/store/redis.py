@@ -16,6 +16,10 @@ such as the limiter's, can read it from the same slot):
                             without persistence) never repeats a version a replica has seen
     router:lim:{PRINCIPAL}:rpm|tpm     GCRA arrival times (limits.lua); :conc leases (zset);
     router:lim:{PRINCIPAL}:day         the day's tokens, expiring at UTC midnight
+    router:settings:{U}     string: a user's automation settings (JSON)
+    router:sess:{U}:ID      hash: session ID's pin (backend, route, created, last, n), sliding
+                            TTL; U is a digest of the user, so a user's keys share one slot
+                            and user names never show in a key listing (sessions.lua)
 """
 
 from __future__ import annotations
@@ -28,11 +32,20 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError
 from redis.typing import EncodableT, FieldT
 
 from router.config.model import Limits
-from router.store.base import LIMIT_NAMES, Admission, KeyRecord, StoreError
+from router.store.base import (
+    LIMIT_NAMES,
+    Admission,
+    KeyRecord,
+    Pin,
+    SessionQuery,
+    SessionState,
+    StoreError,
+)
 from router.store.connect import connect
 
 T = TypeVar("T")
@@ -82,12 +95,37 @@ def limit_keys(principal: str) -> list[str]:
     return [base + "rpm", base + "tpm", base + "conc", base + "day"]
 
 
+SESSIONS_LUA = (Path(__file__).parent / "sessions.lua").read_text(encoding="utf-8")
+SESSIONS_SHA = hashlib.sha1(SESSIONS_LUA.encode(), usedforsecurity=False).hexdigest()
+
+
+def user_tag(user: str) -> str:
+    return hashlib.sha256(user.encode()).hexdigest()[:32]
+
+
+def settings_key(user: str) -> str:
+    return f"router:settings:{{{user_tag(user)}}}"
+
+
+def pin_key(user: str, session_id: str) -> str:
+    return f"router:sess:{{{user_tag(user)}}}:{session_id}"
+
+
+def session_call(query: SessionQuery) -> tuple[list[str], list[EncodableT]]:
+    """The keys and arguments of sessions.lua's `touch` for `query`."""
+    keys = [settings_key(query.user)]
+    if query.session_id is not None:
+        keys.append(pin_key(query.user, query.session_id))
+    return keys, ["touch", int(query.default_ttl_s * 1000)]
+
+
 class RedisStore:
     def __init__(self, url: str, *, timeout_s: float, max_connections: int = 64) -> None:
         self._timeout_s = timeout_s
         # The url's topology (one Redis, Sentinel, Cluster), timeouts, no retries: connect.py.
         self._client = connect(url, timeout_s=timeout_s, max_connections=max_connections)
         self._redis = self._client.redis
+        self._cluster = isinstance(self._redis, RedisCluster)
 
     async def _call(self, what: str, op: Awaitable[T]) -> T:
         """The boundary: a timeout over the whole operation, driver errors -> StoreError."""
@@ -187,13 +225,82 @@ class RedisStore:
     # Limits: one script (limits.lua), loaded once per Redis (SCRIPT LOAD) and run by EVALSHA.
 
     async def admit(self, principal: str, limits: Limits, tokens: int, lease: str,
-                    lease_ttl_s: float) -> Admission:
+                    lease_ttl_s: float, session: SessionQuery | None = None) -> Admission:
         args: list[EncodableT] = ["admit", limits.rpm or 0, limits.tpm or 0,
                                   limits.concurrency or 0, limits.tokens_per_day or 0, tokens,
                                   lease, int(lease_ttl_s * 1000)]
-        row = await self._call("admit", self._limits_script(limit_keys(principal), args))
-        allowed, denied, *rest = (int(v) for v in row)
-        return Admission(bool(allowed), LIMIT_NAMES[denied - 1] if denied else None, *rest)
+        state = None
+        if session is None:
+            row = await self._call("admit", self._limits_script(limit_keys(principal), args))
+        else:
+            row, srow = await self._call("admit", self._admit_and_session(
+                limit_keys(principal), args, *session_call(session)))
+            state = _state(srow)
+        allowed, denied, retry, *rest = (int(v) for v in row)
+        r_rem, r_reset, t_rem, t_reset, d_rem, d_reset, in_flight = rest
+        return Admission(bool(allowed), LIMIT_NAMES[denied - 1] if denied else None, retry,
+                         r_rem, r_reset, t_rem, t_reset, d_rem, d_reset, in_flight, state)
+
+    async def _admit_and_session(self, keys: list[str], args: list[EncodableT],
+                                 skeys: list[str], sargs: list[EncodableT]) -> tuple[Any, Any]:
+        """Both scripts in one pipeline: one round trip. A script the server lacks (NOSCRIPT)
+        is loaded and only that one is rerun. On a Cluster (the limits' keys are tagged by the
+        principal, the session's by the user; redis-py refuses EVALSHA in cluster pipelines)
+        the two calls go out at once, so the wait is still one round trip."""
+        if self._cluster:
+            row, srow = await asyncio.gather(self._limits_script(keys, args),
+                                             self._sessions_script(skeys, sargs))
+            return row, srow
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.evalsha(LIMITS_SHA, len(keys), *keys, *args)
+            pipe.evalsha(SESSIONS_SHA, len(skeys), *skeys, *sargs)
+            row, srow = await pipe.execute(raise_on_error=False)
+        for result in (row, srow):
+            if isinstance(result, Exception) and not isinstance(result, NoScriptError):
+                raise result
+        if isinstance(row, NoScriptError):
+            row = await self._limits_script(keys, args)
+        if isinstance(srow, NoScriptError):
+            srow = await self._sessions_script(skeys, sargs)
+        return row, srow
+
+    # Sessions: one script (sessions.lua); settings are read with the pin, in its slot.
+
+    async def session_state(self, query: SessionQuery) -> SessionState:
+        keys, args = session_call(query)
+        return _state(await self._call("session", self._sessions_script(keys, args)))
+
+    async def claim_pin(self, user: str, session_id: str, backend: str, route: str,
+                        ttl_s: float, replaces: str | None) -> Pin:
+        row = await self._call("claim pin", self._sessions_script(
+            [pin_key(user, session_id)],
+            ["claim", backend, route, int(ttl_s * 1000), replaces or ""]))
+        pin = _pin(row)
+        if pin is None:  # only if the key vanished between the write and the read: never
+            raise StoreError("the store lost a pin it just wrote")
+        return pin
+
+    async def get_pin(self, user: str, session_id: str) -> Pin | None:
+        return _pin(await self._call("get pin", self._sessions_script(
+            [pin_key(user, session_id)], ["get"])))
+
+    async def delete_pin(self, user: str, session_id: str) -> bool:
+        return bool(await self._call("delete pin",
+                                     self._redis.delete(pin_key(user, session_id))))
+
+    async def get_settings(self, user: str) -> dict[str, object] | None:
+        return _settings(await self._call("get settings", self._redis.get(settings_key(user))))
+
+    async def put_settings(self, user: str, settings: Mapping[str, object]) -> None:
+        await self._call("put settings", self._redis.set(
+            settings_key(user), orjson.dumps(dict(settings))))
+
+    async def _sessions_script(self, keys: list[str], args: list[EncodableT]) -> Any:
+        try:
+            return await self._redis.evalsha(SESSIONS_SHA, len(keys), *keys, *args)
+        except NoScriptError:
+            await self._redis.script_load(SESSIONS_LUA)
+            return await self._redis.evalsha(SESSIONS_SHA, len(keys), *keys, *args)
 
     async def settle(self, principal: str, limits: Limits, token_delta: int,
                      lease: str | None) -> None:
@@ -228,6 +335,29 @@ class RedisStore:
 
 def _text(value: bytes | str) -> str:
     return value if isinstance(value, str) else value.decode()
+
+
+def _settings(raw: bytes | str | None) -> dict[str, object] | None:
+    if raw is None:
+        return None
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _pin(row: Sequence[Any]) -> Pin | None:
+    """sessions.lua's {backend, route, created, last, n, expires} -> Pin (None: no pin)."""
+    backend, route, created, last, n, expires = row
+    if backend is None:
+        return None
+    return Pin(_text(backend), _text(route), int(created) / 1000, int(last) / 1000, int(n),
+               int(expires) / 1000)
+
+
+def _state(row: Sequence[Any]) -> SessionState:
+    return SessionState(_settings(row[0]), _pin(row[1:]))
 
 
 def _fields(record: KeyRecord) -> dict[FieldT, EncodableT]:

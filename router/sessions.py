@@ -1,0 +1,271 @@
+"""Sessions (SPEC 5): a `session_id` pins a conversation to one backend of its route, in the
+store every replica shares, so a self-hosted backend keeps reusing its prefix (KV) cache; and
+each user's automation settings (auto-creation, pin TTL, default model).
+
+The pin and the settings are read with the limits' admission (one store round trip, see
+Limiter.admit); only a new or moved pin costs a second call (claim_pin: SET NX or
+compare-and-set, so racing replicas agree on one winner). Without a working store, replicas
+agree without talking: rendezvous hashing over the route's healthy backends with room.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import secrets
+import time
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from router.auth import Principal
+from router.config.model import Config, SessionsConfig
+from router.errors import RouterError, ValidationFailed
+from router.locs import input_path
+from router.metrics import Metrics
+from router.routing.table import Backend, Route, RoutingTable
+from router.store import Store, StoreError, is_shared
+from router.store.base import SESSION_UNAVAILABLE, Pin, SessionQuery, SessionState
+
+log = logging.getLogger("router.sessions")
+
+SESSION_ID_BYTES = 18  # 144 bits -> 24 URL-safe characters
+MIN_TTL_S, MAX_TTL_S = 60, 604800
+MAX_SETTINGS_BYTES = 16 * 1024
+
+
+class SessionConflict(RouterError):
+    status = 409
+    type = "invalid_request_error"
+    code = "session_route_mismatch"
+    log_level = logging.INFO
+
+
+class AutomationSettings(BaseModel):
+    """The body of PUT /api/v1/automation/settings; it replaces the stored settings whole. A
+    field left out (or null) takes the config's default (`sessions.*`, `default_route`)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    auto_create_session: bool | None = None
+    session_ttl_s: int | None = Field(None, ge=MIN_TTL_S, le=MAX_TTL_S)
+    default_model: str | None = Field(None, min_length=1, max_length=256)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """A user's settings in effect: what they stored, else the config's defaults."""
+
+    auto_create_session: bool
+    session_ttl_s: int
+    default_model: str | None  # None: the config's default_route
+
+    def view(self, default_route: str) -> dict[str, Any]:
+        return {"auto_create_session": self.auto_create_session,
+                "session_ttl_s": self.session_ttl_s,
+                "default_model": self.default_model or default_route}
+
+
+def effective(stored: dict[str, object] | None, defaults: SessionsConfig) -> Settings:
+    """Stored settings over the config's defaults; a damaged stored field counts as absent."""
+    stored = stored or {}
+    auto = stored.get("auto_create_session")
+    ttl = stored.get("session_ttl_s")
+    model = stored.get("default_model")
+    return Settings(
+        auto if isinstance(auto, bool) else defaults.auto_create,
+        ttl if isinstance(ttl, int) and not isinstance(ttl, bool) else defaults.ttl_s,
+        model if isinstance(model, str) else None,
+    )
+
+
+def parse_settings(raw: bytes, routes: Collection[str], principal: Principal) -> dict[str, Any]:
+    """Body bytes -> the settings to store (fields given, not null), or ValidationFailed in the
+    seed's 422 shape. `default_model` must be a route this credential may use."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ValidationFailed([{"loc": ["body"], "msg": f"body is not valid JSON: {exc}",
+                                 "type": "json_invalid"}]) from None
+    if not isinstance(data, dict):
+        raise ValidationFailed([{"loc": ["body"], "msg": "body must be a JSON object",
+                                 "type": "model_type"}])
+    try:
+        spec = AutomationSettings.model_validate_json(raw, strict=True)
+    except ValidationError as exc:
+        raise ValidationFailed([
+            {"loc": ["body", *input_path(data, err["loc"], missing=err["type"] == "missing")],
+             "msg": err["msg"], "type": err["type"]}
+            for err in exc.errors(include_url=False)
+        ]) from None
+    model = spec.default_model
+    if model is not None and (model not in routes or not principal.may_use(model)):
+        raise ValidationFailed([{"loc": ["body", "default_model"],
+                                 "msg": f"not a model this credential may use: {model[:100]!r}",
+                                 "type": "value_error"}])
+    return spec.model_dump(exclude_none=True)
+
+
+class SettingsCache:
+    """Each user's stored settings as this worker last read them, for `ttl_s`: a request with
+    no `session_id` then needs no store call at all (the common case, auto-creation off).
+
+    A PUT updates this worker's copy at once; other workers and replicas see it within `ttl_s`.
+    """
+
+    def __init__(self, ttl_s: float = 2.0, max_users: int = 100_000) -> None:
+        self._ttl_s = ttl_s
+        self._max = max_users
+        self._entries: dict[str, tuple[dict[str, object] | None, float]] = {}
+
+    def get(self, user: str) -> tuple[bool, dict[str, object] | None]:
+        entry = self._entries.get(user)
+        if entry is None or time.monotonic() - entry[1] > self._ttl_s:
+            return False, None
+        return True, entry[0]
+
+    def put(self, user: str, settings: dict[str, object] | None) -> None:
+        if len(self._entries) >= self._max and user not in self._entries:
+            del self._entries[next(iter(self._entries))]  # the oldest
+        self._entries[user] = (settings, time.monotonic())
+
+
+def new_session_id() -> str:
+    return secrets.token_urlsafe(SESSION_ID_BYTES)
+
+
+def query(principal: Principal, session_id: str | None, config: Config) -> SessionQuery:
+    return SessionQuery(principal.user, session_id, config.sessions.ttl_s)
+
+
+async def read_state(store: Store, q: SessionQuery, config: Config,
+                     metrics: Metrics) -> SessionState:
+    """The settings and touched pin in one call, when the limiter did not ask for them."""
+    try:
+        return await store.session_state(q)
+    except StoreError:
+        metrics.child(metrics.store_errors, "session").inc()
+        if config.store.on_failure == "closed":
+            raise
+        return SESSION_UNAVAILABLE
+
+
+def hashing_only(state: SessionState, config: Config) -> bool:
+    """No store every replica shares: pins are computed, not stored (rendezvous hashing)."""
+    return not state.available or (not is_shared(config.store) and config.server.workers > 1)
+
+
+async def place(store: Store, metrics: Metrics, config: Config, table: RoutingTable,
+                route: Route, user: str, session_id: str, state: SessionState,
+                ttl_s: int) -> Backend | None:
+    """The backend this session's request goes to first: its pin when that backend is
+    available with room (`hit`), else the strategy's choice, pinned (`new`, `repin`). None
+    when no backend can take it (dispatch then answers as it would without a session)."""
+    now = time.monotonic()
+    candidates = [b for b in route.backends if b.state.available(now) and b.has_room()]
+    if hashing_only(state, config):
+        return rendezvous(f"{user}\0{session_id}", candidates)
+    pin = state.pin
+    replaces: str | None = None
+    if pin is not None:
+        check_route(pin, route, table)
+        pinned = next((b for b in candidates if b.name == pin.backend), None)
+        if pinned is not None:
+            metrics.child(metrics.session_pins, "hit").inc()
+            return pinned
+        replaces = pin.backend
+    choice = route.pick(set())
+    if choice is None:
+        return None
+    try:
+        held = await store.claim_pin(user, session_id, choice.name, route.name, ttl_s, replaces)
+    except StoreError:
+        metrics.child(metrics.store_errors, "claim_pin").inc()
+        if config.store.on_failure == "closed":
+            raise
+        return rendezvous(f"{user}\0{session_id}", candidates) or choice
+    if held.backend != choice.name:
+        # Another replica pinned it first: follow the winner.
+        metrics.child(metrics.session_pins, "hit").inc()
+        return next((b for b in route.backends if b.name == held.backend), choice)
+    metrics.child(metrics.session_pins, "new" if pin is None else "repin").inc()
+    return choice
+
+
+def check_route(pin: Pin, route: Route, table: RoutingTable) -> None:
+    """A session belongs to its route; another route with the same backends is the same place."""
+    if pin.route == route.name:
+        return
+    other = table.routes.get(pin.route)
+    if other is None:
+        return  # its route is gone from the config: the session moves (re-pinned if need be)
+    if {b.name for b in other.backends} != {b.name for b in route.backends}:
+        raise SessionConflict(f"this session belongs to the model {pin.route!r}; use that "
+                              "model, or start a new session")
+
+
+async def settle(store: Store, metrics: Metrics, user: str, session_id: str, route: Route,
+                 placed: Backend | None, served: Backend, ttl_s: int) -> None:
+    """The pinned backend failed and another answered: move the pin there (only if it still
+    names the failed one). Awaited, on this rare path, so the next request finds it moved."""
+    if placed is None or placed is served:
+        return
+    try:
+        held = await store.claim_pin(user, session_id, served.name, route.name, ttl_s,
+                                     placed.name)
+    except StoreError:
+        metrics.child(metrics.store_errors, "claim_pin").inc()
+        return
+    if held.backend == served.name:
+        metrics.child(metrics.session_pins, "repin").inc()
+
+
+def rendezvous(key: str, candidates: Sequence[Backend]) -> Backend | None:
+    """Weighted rendezvous (highest random weight) hashing: every replica computes the same
+    backend for `key`; removing a backend moves only its own sessions."""
+    best: Backend | None = None
+    best_score = -math.inf
+    for backend in candidates:
+        digest = hashlib.blake2b(f"{key}\0{backend.name}".encode(), digest_size=8).digest()
+        u = (int.from_bytes(digest, "big") + 1) / (2**64 + 2)  # in (0, 1)
+        score = -backend.weight / math.log(u)
+        if score > best_score:
+            best, best_score = backend, score
+    return best
+
+
+def inject_json(body: bytes, session_id: str) -> bytes:
+    """`session_id` as the first field of the top-level JSON object (already checked to be
+    one): the one place the router rewrites an answer, without parsing it again."""
+    start = body.find(b"{")
+    if start < 0:
+        return body
+    rest = body[start + 1:]
+    tail = rest.lstrip()
+    if not tail:
+        return body  # the object continues in a later chunk: leave it be
+    sep = b"" if tail.startswith(b"}") else b","
+    return body[:start + 1] + b'"session_id":' + orjson.dumps(session_id) + sep + rest
+
+
+def inject_first_event(chunk: bytes, session_id: str) -> bytes:
+    """The same, in the JSON of the first SSE `data:` event of a stream's first chunk."""
+    at = chunk.find(b"data:")
+    if at < 0:
+        return chunk
+    brace = at + 5
+    while brace < len(chunk) and chunk[brace] in b" \t":
+        brace += 1
+    if brace >= len(chunk) or chunk[brace] != ord("{"):
+        return chunk
+    return chunk[:brace] + inject_json(chunk[brace:], session_id)
+
+
+def public(session_id: str, pin: Pin) -> dict[str, Any]:
+    return {"id": session_id, "object": "session", "backend": pin.backend, "route": pin.route,
+            "created_at": int(pin.created_at), "last_used_at": int(pin.last_used_at),
+            "requests": pin.requests, "expires_at": math.ceil(pin.expires_at)}
