@@ -14,6 +14,13 @@ signed HS256/RS256/ES256/EdDSA): GET /v1/models on a router holding that credent
 the same process with authentication skipped (tests/bench/auth_router.py); `--auth-only` runs
 just that.
 
+`--limits` adds the limiter's cost: one router process with `store.url: redis://` on a real
+`redis-server` (on the load CPU), one key without limits (no store call) and one with rpm, tpm and
+concurrency far above the load (every request admitted through limits.lua, its slot released
+after): req/s at c=64 (target: with limits >= 85% of without), router CPU per request, Redis
+commands per request, and the added p50/p99 at a fixed open-loop rate. `--limits-only` runs just
+that.
+
 `--profile` adds a py-spy sample of the router under the 64-connection load (own time per
 function). Not a test: `make test` never runs it.
 """
@@ -44,10 +51,14 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "sk-bench-" + "b" * 40
+LIMITED_KEY = "sk-bench-" + "l" * 40  # --limits: the key with (unreachable) limits
 ROUTER_CPU, LOAD_CPU = 0, 1
 TARGET_RPS = 4500.0
 TARGET_ADDED_P50_MS = 1.0
 TARGET_RSS_MB = 150.0
+TARGET_LIMITS_RATIO = 0.85
+# Far above anything one router reaches: every request is checked and charged, none refused.
+BENCH_LIMITS = {"rpm": 10_000_000, "tpm": 10_000_000_000, "concurrency": 100_000}
 CHAT_PATH = "/v1/chat/completions"
 
 
@@ -63,6 +74,10 @@ class Plan:
     auth_only: bool = False
     auth_rounds: int = 3
     auth_phase_s: float = 2.0
+    limits: bool = False
+    limits_only: bool = False
+    limits_rounds: int = 3
+    limits_phase_s: float = 5.0
 
 
 def _parse(argv: Sequence[str]) -> Plan:
@@ -84,6 +99,11 @@ def _parse(argv: Sequence[str]) -> Plan:
                              "(API key, HS256/RS256/ES256/EdDSA router JWT; about 70 s)")
     parser.add_argument("--auth-only", action="store_true",
                         help="measure only the credential costs")
+    parser.add_argument("--limits", action="store_true",
+                        help="also measure the limiter's cost against a real redis-server "
+                             "(router with vs without limits, same run; about 60 s)")
+    parser.add_argument("--limits-only", action="store_true",
+                        help="measure only the limiter's cost")
     argv = list(argv)
     if argv[:1] == ["--"]:  # `router bench -- --quick`: argparse's REMAINDER keeps the `--`
         argv = argv[1:]
@@ -95,7 +115,9 @@ def _parse(argv: Sequence[str]) -> Plan:
                 ttfb_count=100 if args.quick else 200,
                 streams=max(1, min(args.streams, 5000)), profile=args.profile,
                 auth=args.auth, auth_only=args.auth_only,
-                auth_rounds=1 if args.quick else 3, auth_phase_s=2.0)
+                auth_rounds=1 if args.quick else 3, auth_phase_s=2.0,
+                limits=args.limits, limits_only=args.limits_only,
+                limits_rounds=1 if args.quick else 3, limits_phase_s=min(duration, 5.0))
 
 
 # -- processes ----------------------------------------------------------------------------------
@@ -208,14 +230,23 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _router_config(upstream_port: int, router_port: int) -> dict[str, object]:
+def _router_config(upstream_port: int, router_port: int, store_url: str | None = None
+                   ) -> dict[str, object]:
+    """`store_url`: the limits bench, with a second key holding BENCH_LIMITS."""
     backends = {name: {"backends": [{"provider": "up", "model": name}], "retries": 0}
                 for name in ("bench-fast", "bench-stream", "bench-hold")}
+    keys: list[dict[str, object]] = [{"id": "bench", "user": "bench",
+                                      "key_sha256": hashlib.sha256(KEY.encode()).hexdigest()}]
+    extra: dict[str, object] = {}
+    if store_url is not None:
+        keys.append({"id": "bench-limited", "user": "bench", "limits": BENCH_LIMITS,
+                     "key_sha256": hashlib.sha256(LIMITED_KEY.encode()).hexdigest()})
+        extra["store"] = {"url": store_url}  # timeout_ms and on_failure: the defaults
     return {
         "server": {"host": "127.0.0.1", "port": router_port, "reload_poll_s": 0,
                    "shutdown_grace_s": 1},
-        "auth": {"api_keys": [{"id": "bench", "user": "bench",
-                               "key_sha256": hashlib.sha256(KEY.encode()).hexdigest()}]},
+        "auth": {"api_keys": keys},
+        **extra,
         "providers": {"up": {"type": "openai", "probe": False, "max_connections": 4096,
                              "base_url": f"http://127.0.0.1:{upstream_port}/v1"}},
         "routes": backends,
@@ -236,12 +267,13 @@ def _post(port: int, model: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return int(exc.code), exc.read()
 
 
-def _start_router(procs: Processes, machine: Machine, tmp: Path, upstream_port: int
+def _start_router(procs: Processes, machine: Machine, tmp: Path, upstream_port: int,
+                  store_url: str | None = None, name: str = "router"
                   ) -> tuple[subprocess.Popen[bytes], int, Path]:
     port = _free_port()
-    config = tmp / "router.yaml"
-    config.write_text(yaml.safe_dump(_router_config(upstream_port, port)))
-    log = tmp / "router.log"
+    config = tmp / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(_router_config(upstream_port, port, store_url)))
+    log = tmp / f"{name}.log"
     with log.open("wb") as err:
         proc = procs.start(machine.on(ROUTER_CPU, [sys.executable, "-m", "router", "serve",
                                                    "--config", str(config), "--port",
@@ -269,9 +301,9 @@ def _start_router(procs: Processes, machine: Machine, tmp: Path, upstream_port: 
 # -- measurements -------------------------------------------------------------------------------
 
 def _client(procs: Processes, machine: Machine, mode: str, port: int, *extra: str,
-            timeout: float) -> dict[str, object]:
+            timeout: float, key: str = KEY) -> dict[str, object]:
     argv = machine.on(LOAD_CPU, [sys.executable, "-m", "tests.bench.client", mode, "--port",
-                                 str(port), "--key", KEY, *extra])
+                                 str(port), "--key", key, *extra])
     proc = procs.start(argv, stdout=subprocess.PIPE)
     try:
         out, _ = proc.communicate(timeout=timeout)
@@ -291,6 +323,7 @@ class Throughput:
     rps: float
     failures: int
     detail: str
+    requests: int = 0
 
 
 _WRK_RPS = re.compile(r"Requests/sec:\s+([\d.]+)")
@@ -298,26 +331,29 @@ _WRK_NON2XX = re.compile(r"Non-2xx or 3xx responses:\s+(\d+)")
 _WRK_SOCKET = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
 
 
-def _wrk_script(tmp: Path) -> Path:
+def _wrk_script(tmp: Path, key: str = KEY) -> Path:
     body = json.dumps({"model": "bench-fast", "stream": False,
                        "messages": [{"role": "user", "content": "Say hello."}]})
-    script = tmp / "post.lua"
+    script = tmp / ("post.lua" if key == KEY else f"post-{key[-8:]}.lua")
     script.write_text(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\n'
                       'wrk.headers["Content-Type"] = "application/json"\n'
-                      f'wrk.headers["Authorization"] = "Bearer {KEY}"\n')
+                      f'wrk.headers["Authorization"] = "Bearer {key}"\n')
     return script
 
 
 def _throughput(procs: Processes, machine: Machine, tmp: Path, port: int, plan: Plan,
-                duration: float) -> Throughput:
+                duration: float, key: str = KEY) -> Throughput:
     if machine.wrk is None:
         r = _client(procs, machine, "closed", port, "--connections", str(plan.connections),
-                    "--duration", str(duration), timeout=duration + 60)
+                    "--duration", str(duration), timeout=duration + 60, key=key)
         failures = int(r["non200"]) + int(r["errors"])  # type: ignore[call-overload]
-        return Throughput(float(r["rps"]), failures, "python client")  # type: ignore[arg-type]
+        done = int(r["ok"]) + int(r["non200"])  # type: ignore[call-overload]
+        return Throughput(float(r["rps"]), failures, "python client",  # type: ignore[arg-type]
+                          done)
     argv = machine.on(LOAD_CPU, [machine.wrk, "-t1", f"-c{plan.connections}",
                                  f"-d{max(1, round(duration))}s", "-s",
-                                 str(_wrk_script(tmp)), f"http://127.0.0.1:{port}{CHAT_PATH}"])
+                                 str(_wrk_script(tmp, key)),
+                                 f"http://127.0.0.1:{port}{CHAT_PATH}"])
     proc = procs.start(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out, _ = proc.communicate(timeout=duration + 60)
     text = out.decode(errors="replace")
@@ -329,7 +365,9 @@ def _throughput(procs: Processes, machine: Machine, tmp: Path, port: int, plan: 
     sock = _WRK_SOCKET.search(text)
     if sock is not None:
         failures += sum(int(x) for x in sock.groups())
-    return Throughput(float(rps.group(1)), failures, "wrk")
+    count = _WRK_REQUESTS.search(text)
+    return Throughput(float(rps.group(1)), failures, "wrk",
+                      int(count.group(1)) if count else 0)
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -755,6 +793,143 @@ def _auth_costs(procs: Processes, machine: Machine, tmp: Path, plan: Plan,
     return rows
 
 
+# -- limits cost --------------------------------------------------------------------------------
+
+def _start_redis(procs: Processes, machine: Machine, tmp: Path) -> int:
+    """A real redis-server on a free loopback port, on the load CPU (the router keeps CPU 0)."""
+    from tests.redis_server import ping
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed (as root: `apt-get install "
+                           "redis-server`)")
+    for _ in range(3):
+        port = _free_port()
+        proc = procs.start(machine.on(LOAD_CPU, [
+            binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+            "no", "--dir", str(tmp), "--logfile", str(tmp / "redis.log"), "--daemonize", "no"]),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while proc.poll() is None and time.monotonic() < deadline:
+            if ping(port):
+                return port
+            time.sleep(0.02)
+        if proc.poll() is None:
+            proc.kill()
+    raise RuntimeError("redis-server did not start: " + (tmp / "redis.log").read_text(
+        errors="replace")[-1000:])
+
+
+def _redis_round_trips(port: int) -> int:
+    """Commands clients sent (EVALSHA counts once, not the calls its script makes)."""
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    scripted = ("get", "set", "del", "time", "incrby", "pexpire", "pexpireat", "exists", "zadd",
+                "zrem", "zcard", "zremrangebyscore")  # what limits.lua calls
+    return sum(int(v["calls"]) for k, v in stats.items()
+               if k.removeprefix("cmdstat_") not in scripted and k != "cmdstat_info")
+
+
+def _limited_headers(port: int) -> dict[str, str]:
+    body = json.dumps({"model": "bench-fast", "messages": [{"role": "user", "content": "hi"}]})
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{CHAT_PATH}", data=body.encode(),
+                                 headers={"Content-Type": "application/json",
+                                          "Authorization": f"Bearer {LIMITED_KEY}"})
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        return {k.lower(): v for k, v in resp.headers.items()}
+
+
+@dataclass
+class LimitsSample:
+    rps: float
+    cpu_us: float  # router CPU per request
+    redis_per_req: float  # Redis round trips per request (admit + settle: EVALSHA each)
+    failures: int
+
+
+def _limits_cost(procs: Processes, machine: Machine, tmp: Path, plan: Plan,
+                 notes: list[str]) -> list[tuple[str, ...]]:
+    """Router with vs without limits in one router process on one real Redis: the same
+    requests with a key without limits (no store call) and a key whose limits are never
+    reached; the variants alternate over the rounds so drift hits both alike."""
+    redis_port = _start_redis(procs, machine, tmp)
+    upstream, up_port = _start_upstream(procs, machine)
+    store_url = f"redis://127.0.0.1:{redis_port}/0"
+    router, port, log = _start_router(procs, machine, tmp, up_port, store_url, "router-limits")
+    headers = _limited_headers(port)
+    if "x-ratelimit-limit-requests" not in headers:
+        raise RuntimeError("the limited key's answer carries no x-ratelimit-* headers: "
+                           "limits are not applied")
+    variants = (("without limits", KEY), ("with limits", LIMITED_KEY))
+    seconds = plan.limits_phase_s
+    print(f"router bench: limits cost, redis :{redis_port}, router :{port} (pid {router.pid}); "
+          f"2 variants x {plan.limits_rounds} rounds x {seconds:.0f} s + open loop",
+          file=sys.stderr, flush=True)
+    for _, key in variants:  # warm-up: the script loaded, the pool and the caches warm
+        _throughput(procs, machine, tmp, port, plan, 2, key)
+    samples: dict[str, list[LimitsSample]] = {label: [] for label, _ in variants}
+    for n in range(plan.limits_rounds):
+        for label, key in (variants if n % 2 == 0 else variants[::-1]):
+            cmds0, cpu0 = _redis_round_trips(redis_port), _cpu_seconds(router.pid)
+            t = _throughput(procs, machine, tmp, port, plan, seconds, key)
+            time.sleep(0.2)  # the last settles (off the latency path) reach Redis
+            cmds = _redis_round_trips(redis_port) - cmds0
+            cpu = _cpu_seconds(router.pid) - cpu0
+            done = max(1, t.requests)
+            samples[label].append(LimitsSample(t.rps, cpu * 1e6 / done, cmds / done,
+                                               t.failures))
+    extra = ["--rate", str(plan.rate), "--duration", str(seconds), "--warmup", "1"]
+    lat = {label: _latency(_client(procs, machine, "openloop", port, *extra,
+                                   timeout=seconds + 60, key=key), "latency_ms")
+           for label, key in variants}
+
+    base, mine = samples["without limits"], samples["with limits"]
+    rps_b, rps_l = _median([s.rps for s in base]), _median([s.rps for s in mine])
+    cpu_b, cpu_l = _median([s.cpu_us for s in base]), _median([s.cpu_us for s in mine])
+    ratio = rps_l / rps_b
+    detail = "wrk" if machine.wrk else "python client"
+    lb, ll = lat["without limits"], lat["with limits"]
+    rows: list[tuple[str, ...]] = [
+        (f"req/s, non-streamed, c={plan.connections} ({detail})", f"{rps_b:,.0f}",
+         f"{rps_l:,.0f}", f"{100 * ratio:.1f}%",
+         f">= {100 * TARGET_LIMITS_RATIO:.0f}% {_mark(ratio >= TARGET_LIMITS_RATIO)}"),
+        ("router CPU per request", f"{cpu_b:.0f} µs", f"{cpu_l:.0f} µs",
+         f"{cpu_l - cpu_b:+.0f} µs", "-"),
+        ("Redis commands sent per request", f"{_median([s.redis_per_req for s in base]):.2f}",
+         f"{_median([s.redis_per_req for s in mine]):.2f}", "-", "-"),
+        (f"latency p50, open loop {plan.rate:.0f} req/s", _ms(lb["p50"]), _ms(ll["p50"]),
+         f"{ll['p50'] - lb['p50']:+.2f} ms", "-"),
+        (f"latency p99, open loop {plan.rate:.0f} req/s", _ms(lb["p99"]), _ms(ll["p99"]),
+         f"{ll['p99'] - lb['p99']:+.2f} ms", "-"),
+    ]
+    for label, ss in samples.items():
+        failed = sum(s.failures for s in ss)
+        if failed:
+            notes.append(f"limits cost: {label} had {failed} failed requests (non-2xx/socket)")
+    base_trips = _median([s.redis_per_req for s in base])
+    if base_trips > 0.05:
+        notes.append(f"limits cost: the baseline (a key without limits) still sent "
+                     f"{base_trips:.2f} Redis commands per request: it is not store-free "
+                     "(another per-request store call, e.g. a session read)")
+    spread = max((max(s.rps for s in ss) - min(s.rps for s in ss)) / _median([s.rps for s in ss])
+                 for ss in samples.values())
+    notes.append(f"limits cost: one router process, store.url redis://127.0.0.1:{redis_port} "
+                 f"(redis-server on CPU {LOAD_CPU}); with = a key with rpm/tpm/concurrency "
+                 f"{BENCH_LIMITS['rpm']:,}/{BENCH_LIMITS['tpm']:,}/{BENCH_LIMITS['concurrency']:,}"
+                 f" (admit + settle per request), without = a key with no limits (no store "
+                 f"call); req/s median of {plan.limits_rounds} x {seconds:.0f} s"
+                 + (f", widest round-to-round spread {100 * spread:.1f}%"
+                    if plan.limits_rounds > 1 else ""))
+    if router.poll() is not None or upstream.poll() is not None:
+        notes.append(f"limits cost: the router or upstream exited early; log: {log}")
+    return rows
+
+
 # -- report -------------------------------------------------------------------------------------
 
 def _ms(x: float) -> str:
@@ -783,15 +958,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[tuple[str, str, str, str, str]] = []
     profile: list[tuple[str, float, float]] | str | None = None
     auth_rows: list[tuple[str, ...]] = []
+    limits_rows: list[tuple[str, ...]] = []
     with tempfile.TemporaryDirectory(prefix="router-bench-") as tmpdir, _processes() as procs:
         tmp = Path(tmpdir)
-        if not plan.auth_only:
+        if not (plan.auth_only or plan.limits_only):
             code, profile = _direct_vs_router(procs, machine, tmp, plan, rows, notes)
             if code:
                 return code
         if plan.auth or plan.auth_only:
             try:
                 auth_rows = _auth_costs(procs, machine, tmp, plan, notes)
+            except RuntimeError as exc:
+                print(f"router bench: {exc}", file=sys.stderr)
+                return 1
+        if plan.limits or plan.limits_only:
+            try:
+                limits_rows = _limits_cost(procs, machine, tmp, plan, notes)
             except RuntimeError as exc:
                 print(f"router bench: {exc}", file=sys.stderr)
                 return 1
@@ -813,6 +995,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("|---|---:|---:|---:|---:|---:|---|")
         for auth_row in auth_rows:
             print("| " + " | ".join(auth_row) + " |")
+    if limits_rows:
+        print()
+        print("Limits cost: the same router with and without limits, one real redis-server")
+        print()
+        print("| metric | without limits | with limits | with vs without | target |")
+        print("|---|---:|---:|---:|---|")
+        for limits_row in limits_rows:
+            print("| " + " | ".join(limits_row) + " |")
     print()
     pinning = (f"router on CPU {ROUTER_CPU}; upstream, load generators on CPU {LOAD_CPU}"
                if pinned else "unpinned")
