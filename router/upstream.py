@@ -101,7 +101,8 @@ class AiohttpUpstream:
                 connector=connector,
                 timeout=aiohttp.ClientTimeout(total=None),  # never aiohttp's 300 s default
                 auto_decompress=False,
-                skip_auto_headers=("User-Agent",),
+                # No skip_auto_headers: it costs a header-dict copy per request in aiohttp.
+                # Providers send their own Accept, Accept-Encoding and User-Agent instead.
                 raise_for_status=False,
             )
         return session

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import orjson
 
+from router import __version__
 from router.config import OpenAIProviderConfig
 from router.providers.base import Exchange, UpstreamCall, parse_retry_after
 from router.upstream import UpstreamClient
@@ -19,8 +20,8 @@ class OpenAIProvider:
         self._models_url = f"{base}/models"
         self._probe = config.probe
         self._probe_timeout_s = probe_timeout_s
-        headers = {**config.headers, "Content-Type": "application/json",
-                   "Accept-Encoding": "identity"}
+        headers = {"User-Agent": f"router/{__version__}", **config.headers,
+                   "Content-Type": "application/json", "Accept-Encoding": "identity"}
         if config.api_key:
             headers["Authorization"] = f"Bearer {config.api_key}"
         self._headers = headers

@@ -47,6 +47,11 @@ class Route:
         429 stays out even then: its upstream told us when to come back.
         """
         now = time.monotonic()
+        # Every request's path: one pass when some backend is healthy and has room.
+        candidates = [b for b in self.backends if b.name not in exclude
+                      and b.state.available(now) and b.has_room()]
+        if candidates:
+            return self.strategy.select(candidates)
         untried = [b for b in self.backends if b.name not in exclude]
         healthy = [b for b in untried if b.state.available(now)]
         if not healthy and not any(b.state.available(now) for b in self.backends):
