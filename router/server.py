@@ -34,7 +34,8 @@ from router.runtime import RuntimeRef, build_runtime
 from router.state import LIMITER, STATUS, STREAMS
 from router.store import open_store
 from router.tasks import spawn
-from router.upstream import AiohttpUpstream
+from router.upstream import AiohttpUpstream, UpstreamClient
+from router.upstream_lean import LeanUpstream
 
 log = logging.getLogger("router.server")
 
@@ -116,8 +117,9 @@ class Worker:
     def __init__(self, path: str, config: Config, overrides: Overrides = Overrides(), *,
                  reuse_port: bool = False) -> None:
         pools = [getattr(p, "max_connections", 0) for p in config.providers.values()]
-        self.upstream = AiohttpUpstream(max_connections=max(sum(pools), 100),
-                                        max_per_host=max([*pools, 1]))
+        client = LeanUpstream if config.server.upstream_client == "lean" else AiohttpUpstream
+        self.upstream: UpstreamClient = client(max_connections=max(sum(pools), 100),
+                                               max_per_host=max([*pools, 1]))
         self.states: dict[str, BackendState] = {}
         # One store (and Redis pool) per worker, for its whole life: `store` changes need a
         # restart. Managed API keys are cached here, shared by every runtime a reload builds.
@@ -203,7 +205,7 @@ class _Watcher:
     """Reloads the config on SIGHUP or when the file's content changes."""
 
     def __init__(self, path: str, overrides: Overrides, ref: RuntimeRef,
-                 upstream: AiohttpUpstream, states: dict[str, BackendState],
+                 upstream: UpstreamClient, states: dict[str, BackendState],
                  metrics: Metrics) -> None:
         self._metrics = metrics
         self._path = Path(path)

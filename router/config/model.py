@@ -30,6 +30,8 @@ class ServerConfig(Frozen):
     max_streams: int = Field(10_000, ge=1)
     max_response_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     reload_poll_s: float = Field(1.0, ge=0)
+    # How to speak HTTP upstream: the lean keep-alive client (default), or aiohttp's client.
+    upstream_client: Literal["lean", "aiohttp"] = "lean"
 
 
 class StoreConfig(Frozen):

@@ -114,3 +114,17 @@ async def test_probes_and_openapi_need_no_credentials(fakes, start_router):
     async with r.http.get(r.url + "/nowhere", headers={"Authorization": f"Bearer {KEY}"}) as resp:
         assert resp.status == 404
         assert (await resp.json())["error"]["code"] == "not_found"
+
+
+async def test_both_upstream_clients_relay_json_and_streams(fakes, start_router):
+    up = await fakes()
+    for client in ("lean", "aiohttp"):
+        r = await start_router(router_config(
+            {"up": openai_provider(up)}, {"m": {"backends": [{"provider": "up", "model": "x"}]}},
+            server={"upstream_client": client}))
+        async with r.chat({"model": "m", "messages": USER_MSG}) as resp:
+            assert resp.status == 200, client
+            assert (await resp.json())["object"] == "chat.completion"
+        async with r.chat({"model": "m", "messages": USER_MSG, "stream": True}) as resp:
+            assert resp.status == 200, client
+            assert (await resp.read()).endswith(b"data: [DONE]\n\n")

@@ -1,0 +1,515 @@
+"""A lean HTTP/1.1 keep-alive client for upstream calls, over asyncio Protocols and transports.
+
+Why it exists: py-spy put ~25-30% of the router's CPU in aiohttp's client at c=64 (connector
+bookkeeping, timer contexts per chunk, stream readers). The router needs only a sliver of HTTP:
+POST a body and stream the answer, or GET a status. This module does that with one write per
+request, a small response state machine, and timers armed only while actually waiting. It
+implements router.upstream's UpstreamClient protocol and translates failures at the boundary:
+connect failure -> UpstreamUnavailable, timeouts -> UpstreamTimeout, anything else -> UpstreamError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+from multidict import CIMultiDict
+
+from router.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from router.upstream import Timeouts, UpstreamResponse
+
+MAX_HEAD = 64 * 1024  # status line + headers; larger answers are broken (or hostile)
+MAX_LINE = 8 * 1024  # a chunk-size or trailer line
+HIGH_WATER = 64 * 1024  # buffered body bytes above which the socket stops being read
+LOW_WATER = 16 * 1024
+
+_IDLE, _HEAD, _LEN, _EOF, _CSIZE, _CDATA, _CEND, _TRAILER, _DONE = range(9)
+_Key = tuple[str, str, int]
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
+class _Conn(asyncio.Protocol):
+    """One connection; parses one response at a time and queues its body chunks."""
+
+    def __init__(self, host: _Host) -> None:
+        self.host = host
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.in_pool = False
+        self.idle_since = 0.0
+        self._state = _IDLE
+        self._buf = bytearray()
+        self._queue: deque[bytes] = deque()
+        self._buffered = 0
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._left = 0
+        self.exc: UpstreamError | None = None
+        self.got_bytes = False
+        self.keep_alive = False
+        self.status = 0
+        self.headers: CIMultiDict[str] | None = None
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+
+    def data_received(self, data: bytes) -> None:
+        if self._state in (_IDLE, _DONE):  # bytes nobody asked for: never reuse this one
+            self.keep_alive = False
+            self.close_transport()
+            return
+        self.got_bytes = True
+        if self._buf:
+            self._buf += data
+            data = bytes(self._buf)
+            self._buf.clear()
+        try:
+            self._parse(data)
+        except UpstreamError as exc:
+            self._fail(exc)
+
+    def eof_received(self) -> bool | None:
+        self._lost()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost()
+        if self.in_pool:
+            self.host.forget(self)
+
+    def _lost(self) -> None:
+        self.closed = True
+        self.keep_alive = False
+        if self._state == _EOF:
+            self._finish_body()
+        elif self._state not in (_IDLE, _DONE):
+            self._fail(UpstreamError("upstream connection broke mid-response" if self.headers
+                                     else "upstream closed the connection without answering"))
+
+    # -- parsing ---------------------------------------------------------------------------
+    def _parse(self, data: bytes) -> None:
+        pos, n = 0, len(data)
+        while True:
+            st = self._state
+            if st in (_LEN, _CDATA):
+                take = min(self._left, n - pos)
+                if take:
+                    self._feed(data[pos:pos + take] if take < n else data)
+                    pos += take
+                    self._left -= take
+                if self._left:
+                    return
+                if st == _LEN:
+                    self._finish_body()
+                else:
+                    self._state = _CEND
+                continue
+            if st == _EOF:
+                if pos < n:
+                    self._feed(data[pos:] if pos else data)
+                return
+            if pos >= n or st == _DONE:
+                if pos < n:
+                    self.keep_alive = False  # extra bytes after the body
+                return
+            sep = b"\r\n\r\n" if st == _HEAD else b"\r\n"
+            end = data.find(sep, pos)
+            cap = MAX_HEAD if st == _HEAD else MAX_LINE
+            if end < 0 or end - pos > cap:
+                if end >= 0 or n - pos > cap:
+                    raise UpstreamError("upstream response head is too large")
+                self._buf += data[pos:]
+                return
+            line = data[pos:end]
+            pos = end + len(sep)
+            if st == _HEAD:
+                self._on_head(line)
+            elif st == _CSIZE:
+                try:
+                    size = int(line.split(b";", 1)[0].strip(), 16)
+                except ValueError:
+                    raise UpstreamError("upstream sent a malformed chunk") from None
+                if size < 0:
+                    raise UpstreamError("upstream sent a malformed chunk")
+                self._left = size
+                self._state = _CDATA if size else _TRAILER
+            elif st == _CEND:
+                if line:
+                    raise UpstreamError("upstream sent a malformed chunk")
+                self._state = _CSIZE
+            elif not line:  # _TRAILER: an empty line ends the body
+                self._finish_body()
+
+    def _on_head(self, head: bytes) -> None:
+        lines = head.split(b"\r\n")
+        parts = lines[0].split(None, 2)
+        try:
+            if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
+                raise ValueError
+            status = int(parts[1])
+        except ValueError:
+            raise UpstreamError("upstream sent a malformed status line") from None
+        if 100 <= status < 200:
+            return  # 1xx: an interim answer; the real one follows
+        headers: CIMultiDict[str] = CIMultiDict()
+        for raw in lines[1:]:
+            name, sep, value = raw.partition(b":")
+            if not sep or not name:
+                raise UpstreamError("upstream sent a malformed header")
+            headers.add(name.decode("latin-1"), value.strip().decode("latin-1"))
+        self.keep_alive = (parts[0] == b"HTTP/1.1"
+                           and "close" not in headers.get("Connection", "").lower())
+        if "chunked" in headers.get("Transfer-Encoding", "").lower():
+            self._state = _CSIZE
+        elif status in (204, 304):
+            self._state, self._left = _LEN, 0
+        elif (length := headers.get("Content-Length")) is not None:
+            try:
+                self._left = int(length)
+            except ValueError:
+                raise UpstreamError("upstream sent a malformed Content-Length") from None
+            if self._left < 0:
+                raise UpstreamError("upstream sent a malformed Content-Length")
+            self._state = _LEN
+        else:
+            self._state, self.keep_alive = _EOF, False
+        self.status, self.headers = status, headers
+        self._wake()
+
+    def _feed(self, chunk: bytes) -> None:
+        self._queue.append(chunk)
+        self._buffered += len(chunk)
+        if self._buffered > HIGH_WATER and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def _finish_body(self) -> None:
+        self._state = _DONE
+        self._wake()
+
+    def _fail(self, exc: UpstreamError) -> None:
+        if self.exc is None:
+            self.exc = exc
+        self.keep_alive = False
+        self.close_transport()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- used by the client and the response ----------------------------------------------
+    def usable(self) -> bool:
+        t = self.transport
+        return not self.closed and t is not None and not t.is_closing() and self._state == _IDLE
+
+    def start(self, payload: bytes) -> None:
+        self._state, self._left, self._buffered = _HEAD, 0, 0
+        self._queue.clear()
+        self.exc, self.got_bytes, self.keep_alive, self.headers = None, False, False, None
+        assert self.transport is not None
+        self.transport.write(payload)
+
+    @property
+    def done(self) -> bool:
+        return self._state == _DONE and self.exc is None
+
+    def reset(self) -> None:
+        self._state = _IDLE
+
+    async def _wait(self, idle_s: float, deadline: float) -> None:
+        left = deadline - self.loop.time()
+        if left <= 0:
+            raise UpstreamTimeout("upstream did not finish in time")
+        fut = self._waiter = self.loop.create_future()
+        timer = self.loop.call_later(min(idle_s, left), _expire, fut)
+        try:
+            await fut
+        except TimeoutError:
+            self.keep_alive = False
+            raise UpstreamTimeout("upstream went silent" if idle_s < left
+                                  else "upstream did not finish in time") from None
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    async def wait_head(self, idle_s: float, deadline: float) -> None:
+        while self.headers is None:
+            if self.exc is not None:
+                raise self.exc
+            await self._wait(idle_s, deadline)
+
+    async def next_chunk(self, idle_s: float, deadline: float) -> bytes:
+        """The body bytes buffered so far (joined), or b"" at its end."""
+        while not self._queue:
+            if self.exc is not None:
+                raise self.exc
+            if self._state == _DONE:
+                return b""
+            await self._wait(idle_s, deadline)
+        if self.loop.time() > deadline:
+            raise UpstreamTimeout("upstream did not finish in time")
+        queue = self._queue
+        chunk = queue.popleft() if len(queue) == 1 else b"".join(queue)
+        queue.clear()
+        self._buffered = 0
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return chunk
+
+    def close_transport(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+
+class _Host:
+    """The pool for one (scheme, host, port): idle connections and a per-host limit."""
+
+    def __init__(self, key: _Key, limit: int, keepalive_s: float) -> None:
+        self.key, self.limit, self.keepalive_s = key, limit, keepalive_s
+        self.idle: list[_Conn] = []
+        self.count = 0  # open or opening connections
+        self.waiters: deque[asyncio.Future[_Conn | None]] = deque()
+
+    async def acquire(self, connect_s: float, deadline: float) -> tuple[_Conn, bool]:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self.idle:
+            conn = self.idle.pop()
+            conn.in_pool = False
+            if conn.usable() and now - conn.idle_since < self.keepalive_s:
+                return conn, True
+            conn.close_transport()
+            self.count -= 1
+        wait_s = min(connect_s, deadline - now)
+        if self.count >= self.limit:
+            fut: asyncio.Future[_Conn | None] = loop.create_future()
+            self.waiters.append(fut)
+            timer = loop.call_later(wait_s, _expire, fut)
+            try:
+                got = await fut
+            except TimeoutError:
+                raise UpstreamTimeout("no upstream connection came free in time") from None
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled() and fut.exception() is None:
+                    self.give_back(fut.result())
+                raise
+            finally:
+                timer.cancel()
+                fut.cancel()
+            if got is not None:
+                return got, True
+            wait_s = min(connect_s, deadline - loop.time())
+        else:
+            self.count += 1
+        try:
+            return await self.connect(wait_s), False
+        except BaseException:
+            self.free_slot()
+            raise
+
+    async def connect(self, timeout_s: float) -> _Conn:
+        scheme, host, port = self.key
+        ctx = await _tls_context() if scheme == "https" else None
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout_s):
+                _, conn = await loop.create_connection(
+                    lambda: _Conn(self), host, port, ssl=ctx,
+                    server_hostname=host if ctx is not None else None)
+        except TimeoutError:
+            raise UpstreamTimeout("could not connect to upstream in time") from None
+        except OSError as exc:
+            raise UpstreamUnavailable("could not connect to upstream") from exc
+        return conn
+
+    def release(self, conn: _Conn, reusable: bool) -> None:
+        if reusable and conn.usable():
+            while self.waiters:
+                waiter = self.waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(conn)
+                    return
+            conn.in_pool, conn.idle_since = True, conn.loop.time()
+            self.idle.append(conn)
+        else:
+            conn.close_transport()
+            self.free_slot()
+
+    def free_slot(self) -> None:
+        while self.waiters:  # the slot passes to a waiter, who opens a new connection
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.count -= 1
+
+    def give_back(self, got: _Conn | None) -> None:
+        if got is None:
+            self.free_slot()
+        else:
+            self.release(got, True)
+
+    def forget(self, conn: _Conn) -> None:
+        if conn.in_pool:
+            conn.in_pool = False
+            self.idle.remove(conn)
+            self.free_slot()
+
+
+_TLS: ssl.SSLContext | None = None
+
+
+async def _tls_context() -> ssl.SSLContext:
+    global _TLS
+    if _TLS is None:  # loading the CA store reads files: not on the event loop
+        _TLS = await asyncio.to_thread(ssl.create_default_context)
+    return _TLS
+
+
+class _LeanResponse:
+    __slots__ = ("_conn", "_deadline", "_host", "_idle_s", "_released", "headers", "status")
+
+    def __init__(self, conn: _Conn, host: _Host, idle_s: float, deadline: float) -> None:
+        assert conn.headers is not None
+        self._conn, self._host, self._idle_s, self._deadline = conn, host, idle_s, deadline
+        self._released = False
+        self.status = conn.status
+        self.headers: Mapping[str, str] = conn.headers
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        conn = self._conn
+        try:
+            while chunk := await conn.next_chunk(self._idle_s, self._deadline):
+                yield chunk
+        except BaseException:
+            self.close()
+            raise
+        self.close()  # the body is complete: the connection goes back to the pool
+
+    async def read(self, limit: int) -> bytes:
+        declared = self.headers.get("Content-Length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            self.close()
+            raise UpstreamError("upstream response is too large")
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in self.iter_chunks():
+            size += len(chunk)
+            if size > limit:
+                self.close()
+                raise UpstreamError("upstream response is too large")
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        # An unfinished body closes the connection: the upstream sees its client leave at once.
+        if not self._released:
+            self._released = True
+            conn = self._conn
+            reusable = conn.done and conn.keep_alive
+            if reusable:
+                conn.reset()
+            self._host.release(conn, reusable)
+
+
+class LeanUpstream:
+    """Per-(scheme, host, port) keep-alive pools, made lazily inside the worker's loop."""
+
+    def __init__(self, *, max_connections: int, max_per_host: int,
+                 keepalive_s: float = 4.0) -> None:
+        # An idle connection is reused for 4 s at most: common servers (uvicorn behind vLLM)
+        # close theirs after 5 s, and a stale one costs a retry.
+        self._max_per_host = max(1, min(max_per_host, max_connections))
+        self._keepalive_s = keepalive_s
+        self._hosts: dict[_Key, _Host] = {}
+        self._urls: dict[str, tuple[_Host, str, str]] = {}
+
+    def _target(self, url: str) -> tuple[_Host, str, str]:
+        found = self._urls.get(url)
+        if found is None:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise UpstreamError("unsupported upstream URL")
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            key = (parts.scheme, parts.hostname, port)
+            host = self._hosts.get(key)
+            if host is None:
+                host = self._hosts[key] = _Host(key, self._max_per_host, self._keepalive_s)
+            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            found = self._urls[url] = (host, path, parts.netloc.rpartition("@")[2])
+        return found
+
+    async def _request(self, method: str, url: str, headers: Mapping[str, str], body: bytes,
+                       timeouts: Timeouts) -> _LeanResponse:
+        host, path, authority = self._target(url)
+        lines = [f"{method} {path} HTTP/1.1\r\nHost: {authority}\r\n"]
+        if body or method == "POST":
+            lines.append(f"Content-Length: {len(body)}\r\n")
+        lines.extend(f"{k}: {v}\r\n" for k, v in headers.items())
+        lines.append("\r\n")
+        head = "".join(lines)
+        breaks = len(lines) + 1  # the first item holds two lines
+        if head.count("\n") != breaks or head.count("\r") != breaks:
+            raise UpstreamError("an upstream header holds a line break")
+        payload = head.encode() + body
+        deadline = asyncio.get_running_loop().time() + timeouts.total_s
+        conn, reused = await host.acquire(timeouts.connect_s, deadline)
+        try:
+            while True:
+                conn.start(payload)
+                try:
+                    await conn.wait_head(timeouts.idle_s, deadline)
+                    break
+                except UpstreamError:
+                    if not (reused and conn.closed and not conn.got_bytes):
+                        raise
+                # A stale keep-alive connection: once more on a fresh one, in the same slot.
+                conn.close_transport()
+                reused = False
+                conn = await host.connect(min(timeouts.connect_s,
+                                              deadline - conn.loop.time()))
+        except BaseException:
+            conn.keep_alive = False
+            host.release(conn, False)
+            raise
+        return _LeanResponse(conn, host, timeouts.idle_s, deadline)
+
+    async def post(self, url: str, headers: Mapping[str, str], body: bytes,
+                   timeouts: Timeouts) -> UpstreamResponse:
+        return await self._request("POST", url, headers, body, timeouts)
+
+    async def get_status(self, url: str, headers: Mapping[str, str], timeout_s: float) -> int:
+        try:
+            resp = await self._request("GET", url, headers, b"",
+                                       Timeouts(timeout_s, timeout_s, timeout_s))
+            try:
+                await resp.read(1 << 20)
+            finally:
+                resp.close()
+            return resp.status
+        except UpstreamError:
+            return 0
+
+    async def close(self) -> None:
+        for host in self._hosts.values():
+            while host.idle:
+                conn = host.idle.pop()
+                conn.in_pool = False
+                conn.close_transport()
+        self._hosts.clear()
+        self._urls.clear()
+        await asyncio.sleep(0)  # let the transports finish closing before the loop goes away
