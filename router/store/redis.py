@@ -28,6 +28,7 @@ import asyncio
 import hashlib
 import secrets
 from collections.abc import Awaitable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,7 +47,8 @@ from router.store.base import (
     SessionState,
     StoreError,
 )
-from router.store.connect import connect
+from router.store.connect import connect, parse_store_url
+from router.store.resp import RespLink
 from router.tasks import spawn
 
 T = TypeVar("T")
@@ -125,8 +127,9 @@ class _ScriptBatch:
     write and one read for all of them. redis-py costs ~100 µs of CPU per command; at 64
     concurrent requests a batch spreads that over many admissions and settlements."""
 
-    def __init__(self, redis: Any) -> None:
+    def __init__(self, redis: Any, link: RespLink | None = None) -> None:
         self._redis = redis
+        self._link = link  # a plain redis:// store: the lean connection (resp.py)
         self._pending: list[tuple[str, str, list[str], list[EncodableT],
                                   asyncio.Future[Any]]] = []
 
@@ -141,11 +144,27 @@ class _ScriptBatch:
 
     def _flush(self) -> None:
         batch, self._pending = self._pending, []
+        if self._link is not None and self._link.connected:
+            # The lean link: written now, each reply settles its call from the protocol.
+            self._link.send([("EVALSHA", sha, len(keys), *keys, *args)
+                             for sha, _, keys, args, _ in batch],
+                            [partial(self._replied, call) for call in batch])
+            return
         spawn(self._run(batch), "store-batch")
+
+    def _replied(self, call: tuple[str, str, list[str], list[EncodableT], asyncio.Future[Any]],
+                 result: Any) -> None:
+        if isinstance(result, NoScriptError):  # first use, or a restarted or flushed Redis
+            spawn(self._run([call]), "store-script-load")
+        else:
+            _settle(call[4], result)
 
     async def _run(self, batch: list[tuple[str, str, list[str], list[EncodableT],
                                            asyncio.Future[Any]]]) -> None:
         try:
+            if self._link is not None:
+                await self._run_lean(self._link, batch)
+                return
             async with self._redis.pipeline(transaction=False) as pipe:
                 for sha, _, keys, args, _ in batch:
                     pipe.evalsha(sha, len(keys), *keys, *args)
@@ -159,6 +178,17 @@ class _ScriptBatch:
         except (RedisError, OSError) as exc:
             for *_, future in batch:
                 _settle(future, exc)
+
+    @staticmethod
+    async def _run_lean(link: RespLink, batch: list[tuple[str, str, list[str],
+                                                          list[EncodableT], Any]]) -> None:
+        results = await link.execute([("EVALSHA", sha, len(keys), *keys, *args)
+                                      for sha, _, keys, args, _ in batch])
+        for (sha, lua, keys, args, future), result in zip(batch, results, strict=True):
+            if isinstance(result, NoScriptError):
+                _, result = await link.execute([("SCRIPT", "LOAD", lua),
+                                                ("EVALSHA", sha, len(keys), *keys, *args)])
+            _settle(future, result)
 
 
 def _settle(future: asyncio.Future[Any], result: Any) -> None:
@@ -178,7 +208,9 @@ class RedisStore:
         self._redis = self._client.redis
         self._cluster = isinstance(self._redis, RedisCluster)
         # redis-py refuses EVALSHA in Cluster pipelines: there, each call goes alone.
-        self._batch = None if self._cluster else _ScriptBatch(self._redis)
+        plain = parse_store_url(url).kind == "redis"  # not Sentinel, not Cluster
+        self._link = RespLink(self._redis, timeout_s) if plain else None
+        self._batch = None if self._cluster else _ScriptBatch(self._redis, self._link)
 
     async def _call(self, what: str, op: Awaitable[T]) -> T:
         """The boundary: a timeout over the whole operation, driver errors -> StoreError."""
@@ -197,6 +229,8 @@ class RedisStore:
             return False
 
     async def close(self) -> None:
+        if self._link is not None:
+            self._link.close()
         await self._client.aclose()
 
     async def create_key(self, record: KeyRecord) -> None:
