@@ -18,13 +18,13 @@ from typing import Annotated, Any, TypeVar
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from router.auth.api_keys import digest, new_key
 from router.config.model import Limits, StoreConfig
 from router.errors import Forbidden, NotFound, ValidationFailed
 from router.handlers import read_body
-from router.locs import input_path
+from router.schema import parse_body
 from router.state import PRINCIPAL, RUNTIME_NOW, STORE
 from router.store import KeyRecord, Store, open_store
 
@@ -49,22 +49,7 @@ class NewKey(BaseModel):
 
 def parse_new_key(raw: bytes, routes: Collection[str], now: float) -> NewKey:
     """Body bytes -> NewKey, or ValidationFailed in the seed's 422 shape."""
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ValidationFailed([{"loc": ["body"], "msg": f"body is not valid JSON: {exc}",
-                                 "type": "json_invalid"}]) from None
-    if not isinstance(data, dict):
-        raise ValidationFailed([{"loc": ["body"], "msg": "body must be a JSON object",
-                                 "type": "model_type"}])
-    try:
-        spec = NewKey.model_validate_json(raw, strict=True)
-    except ValidationError as exc:
-        raise ValidationFailed([
-            {"loc": ["body", *input_path(data, err["loc"], missing=err["type"] == "missing")],
-             "msg": err["msg"], "type": err["type"]}
-            for err in exc.errors(include_url=False)
-        ]) from None
+    spec = parse_body(raw, NewKey)
     problems: list[dict[str, Any]] = []
     if spec.models != ["*"]:
         for i, name in enumerate(spec.models):

@@ -6,7 +6,7 @@ does not name (stream_options, response_format, seed, user, ...) pass through un
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from router.errors import ValidationFailed
 from router.locs import input_path
 
+M = TypeVar("M", bound=BaseModel)
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 Number = Annotated[float, Field(allow_inf_nan=False)]
 
@@ -59,8 +60,8 @@ class ChatCompletionRequest(_Open):
     session_id: str | None = Field(None, min_length=1, max_length=128)
 
 
-def parse_chat_request(raw: bytes) -> dict[str, Any]:
-    """Body bytes -> the validated request dict, or ValidationFailed with one entry per problem."""
+def load_json_object(raw: bytes) -> dict[str, Any]:
+    """Body bytes -> a JSON object, or the seed's 422 with `loc: ["body"]`."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -71,11 +72,27 @@ def parse_chat_request(raw: bytes) -> dict[str, Any]:
         raise ValidationFailed(
             [{"loc": ["body"], "msg": "body must be a JSON object", "type": "model_type"}]
         )
+    return body
+
+
+def parse_chat_request(raw: bytes) -> dict[str, Any]:
+    """Body bytes -> the validated request dict, or ValidationFailed with one entry per problem."""
+    body = load_json_object(raw)
     try:
         ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:
         raise ValidationFailed(_detail(exc, body)) from None
     return body
+
+
+def parse_body(raw: bytes, model: type[M]) -> M:
+    """Body bytes -> `model` (strict JSON mode: ISO strings for datetimes), or ValidationFailed
+    in the seed's detail shape."""
+    body = load_json_object(raw)
+    try:
+        return model.model_validate_json(raw, strict=True)
+    except ValidationError as exc:
+        raise ValidationFailed(_detail(exc, body)) from None
 
 
 def _detail(exc: ValidationError, body: dict[str, Any]) -> list[dict[str, Any]]:

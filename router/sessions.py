@@ -20,14 +20,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from router.auth import Principal
 from router.config.model import Config, SessionsConfig
 from router.errors import RouterError, ValidationFailed
-from router.locs import input_path
 from router.metrics import Metrics
 from router.routing.table import Backend, Route, RoutingTable
+from router.schema import parse_body
 from router.store import Store, StoreError, is_shared
 from router.store.base import SESSION_UNAVAILABLE, Pin, SessionQuery, SessionState
 
@@ -86,22 +86,7 @@ def effective(stored: dict[str, object] | None, defaults: SessionsConfig) -> Set
 def parse_settings(raw: bytes, routes: Collection[str], principal: Principal) -> dict[str, Any]:
     """Body bytes -> the settings to store (fields given, not null), or ValidationFailed in the
     seed's 422 shape. `default_model` must be a route this credential may use."""
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ValidationFailed([{"loc": ["body"], "msg": f"body is not valid JSON: {exc}",
-                                 "type": "json_invalid"}]) from None
-    if not isinstance(data, dict):
-        raise ValidationFailed([{"loc": ["body"], "msg": "body must be a JSON object",
-                                 "type": "model_type"}])
-    try:
-        spec = AutomationSettings.model_validate_json(raw, strict=True)
-    except ValidationError as exc:
-        raise ValidationFailed([
-            {"loc": ["body", *input_path(data, err["loc"], missing=err["type"] == "missing")],
-             "msg": err["msg"], "type": err["type"]}
-            for err in exc.errors(include_url=False)
-        ]) from None
+    spec = parse_body(raw, AutomationSettings)
     model = spec.default_model
     if model is not None and (model not in routes or not principal.may_use(model)):
         raise ValidationFailed([{"loc": ["body", "default_model"],
