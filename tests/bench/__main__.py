@@ -21,6 +21,13 @@ after): req/s at c=64 (target: with limits >= 85% of without), router CPU per re
 commands per request, and the added p50/p99 at a fixed open-loop rate. `--limits-only` runs just
 that.
 
+`--sessions` adds what session pinning buys a backend with a prefix (KV) cache: two upstreams
+that remember the conversations they have served (a conversation's first request on one waits
+SESSION_PREFILL_MS before its first byte, later ones SESSION_WARM_MS), one route of both with
+round_robin, SESSION_COUNT conversations x SESSION_TURNS streamed turns, once with `session_id`
+(pinned) and once without (plain round robin): time to first byte and the share of warm
+requests. Store `memory://`; `--sessions-only` runs just that.
+
 `--profile` adds a py-spy sample of the router under the 64-connection load (own time per
 function). Not a test: `make test` never runs it.
 """
@@ -60,6 +67,9 @@ TARGET_LIMITS_RATIO = 0.85
 # Far above anything one router reaches: every request is checked and charged, none refused.
 BENCH_LIMITS = {"rpm": 10_000_000, "tpm": 10_000_000_000, "concurrency": 100_000}
 CHAT_PATH = "/v1/chat/completions"
+SESSION_PREFILL_MS, SESSION_WARM_MS = 80.0, 5.0
+SESSION_COUNT, SESSION_TURNS = 40, 5
+SESSION_MODEL = "bench-kv"
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,8 @@ class Plan:
     limits_only: bool = False
     limits_rounds: int = 3
     limits_phase_s: float = 5.0
+    sessions: bool = False
+    sessions_only: bool = False
 
 
 def _parse(argv: Sequence[str]) -> Plan:
@@ -104,6 +116,11 @@ def _parse(argv: Sequence[str]) -> Plan:
                              "(router with vs without limits, same run; about 60 s)")
     parser.add_argument("--limits-only", action="store_true",
                         help="measure only the limiter's cost")
+    parser.add_argument("--sessions", action="store_true",
+                        help="also measure session pinning vs round robin on two upstreams "
+                             "simulating a prefix cache (about 10 s)")
+    parser.add_argument("--sessions-only", action="store_true",
+                        help="measure only session pinning vs round robin")
     argv = list(argv)
     if argv[:1] == ["--"]:  # `router bench -- --quick`: argparse's REMAINDER keeps the `--`
         argv = argv[1:]
@@ -117,7 +134,8 @@ def _parse(argv: Sequence[str]) -> Plan:
                 auth=args.auth, auth_only=args.auth_only,
                 auth_rounds=1 if args.quick else 3, auth_phase_s=2.0,
                 limits=args.limits, limits_only=args.limits_only,
-                limits_rounds=1 if args.quick else 3, limits_phase_s=min(duration, 5.0))
+                limits_rounds=1 if args.quick else 3, limits_phase_s=min(duration, 5.0),
+                sessions=args.sessions, sessions_only=args.sessions_only)
 
 
 # -- processes ----------------------------------------------------------------------------------
@@ -211,10 +229,11 @@ def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
     raise RuntimeError(f"no line from {proc.args!r} within {timeout:.0f} s (got {buf!r})")
 
 
-def _start_upstream(procs: Processes, machine: Machine) -> tuple[subprocess.Popen[bytes], int]:
+def _start_upstream(procs: Processes, machine: Machine, *extra: str
+                    ) -> tuple[subprocess.Popen[bytes], int]:
     proc = procs.start(machine.on(LOAD_CPU, [sys.executable, "-m", "tests.bench.upstream",
                                              "--port", "0", "--hold-s", "90",
-                                             "--hold-gap", "2"]),
+                                             "--hold-gap", "2", *extra]),
                        stdout=subprocess.PIPE)
     line = _read_line(proc, 15)
     if not line.startswith("PORT "):
@@ -268,11 +287,16 @@ def _post(port: int, model: str, timeout: float = 5.0) -> tuple[int, bytes]:
 
 
 def _start_router(procs: Processes, machine: Machine, tmp: Path, upstream_port: int,
-                  store_url: str | None = None, name: str = "router"
+                  store_url: str | None = None, name: str = "router",
+                  more_upstreams: Sequence[int] = ()
                   ) -> tuple[subprocess.Popen[bytes], int, Path]:
+    """`more_upstreams`: the sessions bench, one route of `upstream_port` and these."""
     port = _free_port()
     config = tmp / f"{name}.yaml"
-    config.write_text(yaml.safe_dump(_router_config(upstream_port, port, store_url)))
+    data = _router_config(upstream_port, port, store_url)
+    if more_upstreams:
+        _add_session_route(data, [upstream_port, *more_upstreams])
+    config.write_text(yaml.safe_dump(data))
     log = tmp / f"{name}.log"
     with log.open("wb") as err:
         proc = procs.start(machine.on(ROUTER_CPU, [sys.executable, "-m", "router", "serve",
@@ -930,6 +954,73 @@ def _limits_cost(procs: Processes, machine: Machine, tmp: Path, plan: Plan,
     return rows
 
 
+# -- sessions: pinning vs round robin on a prefix cache ----------------------------------------
+
+def _add_session_route(config: dict[str, object], ports: Sequence[int]) -> None:
+    providers: dict[str, object] = config["providers"]  # type: ignore[assignment]
+    routes: dict[str, object] = config["routes"]  # type: ignore[assignment]
+    for n, up_port in enumerate(ports):
+        providers[f"kv{n}"] = {"type": "openai", "probe": False, "max_connections": 4096,
+                               "base_url": f"http://127.0.0.1:{up_port}/v1"}
+    routes[SESSION_MODEL] = {"strategy": "round_robin", "retries": 0, "backends": [
+        {"provider": f"kv{n}", "model": SESSION_MODEL, "name": f"kv{n}"}
+        for n in range(len(ports))]}
+    config["store"] = {"url": "memory://"}
+    config["sessions"] = {"auto_create": False}  # without session_id: plain round robin
+
+
+def _prefix_stats(port: int) -> dict[str, int]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/prefix-stats", timeout=5) as resp:
+        stats: dict[str, int] = json.loads(resp.read())
+    return stats
+
+
+def _sessions_bench(procs: Processes, machine: Machine, tmp: Path, notes: list[str]
+                    ) -> list[tuple[str, ...]]:
+    """One router, one round_robin route over two prefix-cache upstreams; the same
+    conversations (fresh ones per variant) with and without `session_id`."""
+    cache = ["--prefill-ms", str(SESSION_PREFILL_MS), "--warm-ms", str(SESSION_WARM_MS)]
+    ups = [_start_upstream(procs, machine, *cache) for _ in range(2)]
+    up_ports = [p for _, p in ups]
+    router, port, log = _start_router(procs, machine, tmp, up_ports[0], name="router-sessions",
+                                      more_upstreams=up_ports[1:])
+    print(f"router bench: sessions, upstreams :{up_ports[0]} :{up_ports[1]}, router :{port} "
+          f"(pid {router.pid}); {SESSION_COUNT} conversations x {SESSION_TURNS} turns x 2",
+          file=sys.stderr, flush=True)
+    base = ["--model", SESSION_MODEL, "--sessions", str(SESSION_COUNT),
+            "--turns", str(SESSION_TURNS)]
+    _client(procs, machine, "sessions", port, *base, "--tag", "warmup", "--pin", timeout=60)
+    rows: list[tuple[str, ...]] = []
+    for label, tag, pin in (("round robin (no session_id)", "rr", False),
+                            ("pinned (session_id)", "pin", True)):
+        before = [_prefix_stats(p) for p in up_ports]
+        r = _client(procs, machine, "sessions", port, *base, "--tag", tag,
+                    *(["--pin"] if pin else []), timeout=60)
+        after = [_prefix_stats(p) for p in up_ports]
+        warm = sum(a["warm"] - b["warm"] for a, b in zip(after, before, strict=True))
+        cold = sum(a["cold"] - b["cold"] for a, b in zip(after, before, strict=True))
+        per_up = [a["warm"] + a["cold"] - b["warm"] - b["cold"]
+                  for a, b in zip(after, before, strict=True)]
+        total = max(1, warm + cold)
+        later = max(1, total - SESSION_COUNT)  # a conversation's first turn is always cold
+        f = _latency(r, "ttfb_ms")
+        t2 = _latency(r, "later_ms")
+        rows.append((label, _ms(f["p50"]), _ms(f["p95"]), _ms(f["mean"]),
+                     f"{_ms(t2['p50'])} / {_ms(t2['p95'])}",
+                     f"{100 * warm / total:.0f}% ({warm}/{total})",
+                     f"{100 * (warm / later):.0f}%", "/".join(map(str, per_up))))
+        if r["errors"]:
+            notes.append(f"sessions, {label}: {r['errors']} failed requests")
+    notes.append(f"sessions: {SESSION_COUNT} conversations at once x {SESSION_TURNS} streamed "
+                 f"turns each (history growing), route round_robin over 2 upstreams (CPU "
+                 f"{LOAD_CPU}) simulating a prefix cache keyed by the first message: cold "
+                 f"(first time on that upstream) {SESSION_PREFILL_MS:g} ms, warm "
+                 f"{SESSION_WARM_MS:g} ms before the first byte; no eviction; store memory://")
+    if router.poll() is not None or any(u.poll() is not None for u, _ in ups):
+        notes.append(f"sessions: the router or an upstream exited early; log: {log}")
+    return rows
+
+
 # -- report -------------------------------------------------------------------------------------
 
 def _ms(x: float) -> str:
@@ -959,9 +1050,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     profile: list[tuple[str, float, float]] | str | None = None
     auth_rows: list[tuple[str, ...]] = []
     limits_rows: list[tuple[str, ...]] = []
+    sessions_rows: list[tuple[str, ...]] = []
     with tempfile.TemporaryDirectory(prefix="router-bench-") as tmpdir, _processes() as procs:
         tmp = Path(tmpdir)
-        if not (plan.auth_only or plan.limits_only):
+        if not (plan.auth_only or plan.limits_only or plan.sessions_only):
             code, profile = _direct_vs_router(procs, machine, tmp, plan, rows, notes)
             if code:
                 return code
@@ -974,6 +1066,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if plan.limits or plan.limits_only:
             try:
                 limits_rows = _limits_cost(procs, machine, tmp, plan, notes)
+            except RuntimeError as exc:
+                print(f"router bench: {exc}", file=sys.stderr)
+                return 1
+        if plan.sessions or plan.sessions_only:
+            try:
+                sessions_rows = _sessions_bench(procs, machine, tmp, notes)
             except RuntimeError as exc:
                 print(f"router bench: {exc}", file=sys.stderr)
                 return 1
@@ -1003,6 +1101,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("|---|---:|---:|---:|---|")
         for limits_row in limits_rows:
             print("| " + " | ".join(limits_row) + " |")
+    if sessions_rows:
+        print()
+        print("Sessions: pinning vs round robin, two upstreams simulating a prefix (KV) cache")
+        print()
+        print("| variant | TTFB p50 | TTFB p95 | TTFB mean | turns 2+ p50 / p95 | warm | "
+              "warm, turns 2+ | requests per upstream |")
+        print("|---|---:|---:|---:|---:|---:|---:|---|")
+        for sessions_row in sessions_rows:
+            print("| " + " | ".join(sessions_row) + " |")
     print()
     pinning = (f"router on CPU {ROUTER_CPU}; upstream, load generators on CPU {LOAD_CPU}"
                if pinned else "unpinned")

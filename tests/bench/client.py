@@ -9,6 +9,9 @@ object on stdout:
 * ``ttfb``: ``--count`` streamed requests one after another; time to the first SSE ``data:``.
 * ``hold``: ``--count`` streams opened at once; prints ``READY <n>`` once all have their first
   chunk, then keeps them open until a line arrives on stdin (or ``--max-hold`` passes).
+* ``sessions``: ``--sessions`` conversations at once, each ``--turns`` streamed requests one after
+  another on its own connection, the history growing each turn; the first message is unique per
+  conversation (``--tag`` and its number); ``--pin`` adds a ``session_id``. Time to first byte.
 """
 
 from __future__ import annotations
@@ -171,7 +174,7 @@ def summary(samples: list[float]) -> dict[str, float]:
     def pct(p: float) -> float:
         return data[min(len(data) - 1, round(p / 100 * (len(data) - 1)))] * 1000
 
-    return {"p50": pct(50), "p90": pct(90), "p99": pct(99), "max": data[-1] * 1000,
+    return {"p50": pct(50), "p90": pct(90), "p95": pct(95), "p99": pct(99), "max": data[-1] * 1000,
             "mean": statistics.fmean(data) * 1000, "n": len(data)}
 
 
@@ -323,9 +326,60 @@ async def hold(host: str, port: int, request: bytes, count: int, max_hold: float
             "ramp_s": ramp}
 
 
+def session_body(model: str, tag: str, number: int, turn: int, pin: bool) -> bytes:
+    messages: list[dict[str, str]] = [{
+        "role": "user",
+        "content": f"[{tag}-{number}] A long shared document, then a question about it."}]
+    for k in range(1, turn + 1):
+        messages.append({"role": "assistant", "content": f"Answer {k}."})
+        messages.append({"role": "user", "content": f"Follow-up question {k}."})
+    body: dict[str, object] = {"model": model, "stream": True, "messages": messages}
+    if pin:
+        body["session_id"] = f"bench-{tag}-{number}"
+    return orjson.dumps(body)
+
+
+async def sessions(host: str, port: int, key: str | None, model: str, count: int, turns: int,
+                   tag: str, pin: bool) -> dict[str, object]:
+    firsts: list[float] = []
+    by_turn: list[list[float]] = [[] for _ in range(turns)]
+    errors = 0
+
+    async def one(number: int) -> None:
+        nonlocal errors
+        await asyncio.sleep(number * 0.002)  # spread the starts: the route's rotation interleaves
+        conn = await connect(host, port)
+        for turn in range(turns):
+            request = build_request(host, port, "/v1/chat/completions",
+                                    session_body(model, tag, number, turn, pin), key)
+            first: list[float] = []
+            t0 = now()
+            try:
+                status = await asyncio.wait_for(
+                    conn.send(request, on_data=functools.partial(_stamp, first)), 30)
+            except (ResponseFailed, OSError, TimeoutError):
+                errors += 1
+                conn.close()
+                conn = await connect(host, port)
+                continue
+            if status != 200 or not first:
+                errors += 1
+            else:
+                firsts.append(first[0] - t0)
+                by_turn[turn].append(first[0] - t0)
+            if conn.closed:
+                conn = await connect(host, port)
+        conn.close()
+
+    await asyncio.gather(*(one(n) for n in range(count)))
+    later = [x for t in by_turn[1:] for x in t]
+    return {"ttfb_ms": summary(firsts), "later_ms": summary(later),
+            "by_turn_ms": [summary(t) for t in by_turn], "errors": errors}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.client")
-    parser.add_argument("mode", choices=["openloop", "closed", "ttfb", "hold"])
+    parser.add_argument("mode", choices=["openloop", "closed", "ttfb", "hold", "sessions"])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--path", default="/v1/chat/completions")
@@ -338,6 +392,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--max-hold", type=float, default=60)
+    parser.add_argument("--sessions", type=int, default=40)
+    parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument("--tag", default="s")
+    parser.add_argument("--pin", action="store_true")
     args = parser.parse_args(argv)
     body = orjson.dumps({"model": args.model, "stream": args.stream,
                          "messages": [{"role": "user", "content": "Say hello."}]})
@@ -352,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
             coro = closed_loop(args.host, args.port, request, args.connections, args.duration)
         case "ttfb":
             coro = ttfb(args.host, args.port, request, args.count)
+        case "sessions":
+            coro = sessions(args.host, args.port, args.key, args.model, args.sessions,
+                            args.turns, args.tag, args.pin)
         case _:
             coro = hold(args.host, args.port, request, args.count, args.max_hold)
     # Bounded runs: a collector pause in the generator would show up as server latency.

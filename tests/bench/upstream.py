@@ -9,6 +9,12 @@ figure measured against it would measure the fake. This one answers from prebuil
 * any other streamed model: a short SSE answer written at once, chunked.
 * ``GET`` anything: a model list (the router's probe, if enabled).
 
+With ``--prefill-ms`` (the sessions bench) streamed answers simulate a prefix (KV) cache: the
+process remembers each conversation it has seen, keyed by the text of its first message (unique
+per session in the bench client); a conversation's first request here waits ``--prefill-ms``
+before its first byte (cold), later ones ``--warm-ms`` (warm). ``GET /prefix-stats`` answers
+``{"warm": n, "cold": n}`` so far.
+
 Run: ``python -m tests.bench.upstream --port 0``; it prints ``PORT <n>`` when listening.
 """
 
@@ -68,10 +74,35 @@ SSE_END = (_chunk(_sse_event({}, "stop")) + _chunk(b"data: [DONE]\n\n") + b"0\r\
 SSE_FAST = SSE_HEAD + SSE_FIRST + SSE_TOKEN * 8 + SSE_END
 
 
+class PrefixCache:
+    """Conversations this process has seen (never evicted: the bench's are few and short)."""
+
+    def __init__(self, prefill_s: float, warm_s: float) -> None:
+        self.prefill_s = prefill_s
+        self.warm_s = warm_s
+        self.seen: set[str] = set()
+        self.stats = {"warm": 0, "cold": 0}
+
+    def delay(self, body: bytes) -> float:
+        try:
+            first = orjson.loads(body)["messages"][0]["content"]
+        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+            first = ""
+        key = first if isinstance(first, str) else orjson.dumps(first).decode()
+        if key in self.seen:
+            self.stats["warm"] += 1
+            return self.warm_s
+        self.seen.add(key)
+        self.stats["cold"] += 1
+        return self.prefill_s
+
+
 class _Connection(asyncio.Protocol):
     """One keep-alive client connection; requests are answered in order."""
 
-    def __init__(self, hold_s: float, hold_gap: float) -> None:
+    def __init__(self, hold_s: float, hold_gap: float, cache: PrefixCache | None = None
+                 ) -> None:
+        self._cache = cache
         self._buf = bytearray()
         self._transport: asyncio.Transport | None = None
         self._hold_s = hold_s
@@ -114,7 +145,9 @@ class _Connection(asyncio.Protocol):
         transport = self._transport
         if transport is None:
             return
-        if head.startswith(b"GET"):
+        if head.startswith(b"GET /prefix-stats") and self._cache is not None:
+            transport.write(_response(orjson.dumps(self._cache.stats)))
+        elif head.startswith(b"GET"):
             transport.write(MODELS)
         elif b'"stream":true' not in body and b'"stream": true' not in body:
             transport.write(COMPLETION)
@@ -124,8 +157,19 @@ class _Connection(asyncio.Protocol):
                 transport.write(SSE_HEAD + SSE_FIRST)
                 self._hold_left = max(1, int(self._hold_s / self._hold_gap))
                 self._timer = asyncio.get_running_loop().call_later(self._hold_gap, self._tick)
+            elif self._cache is not None:  # later requests wait: answers stay in order
+                delay = self._cache.delay(body)
+                self._timer = asyncio.get_running_loop().call_later(delay, self._delayed)
             else:
                 transport.write(SSE_FAST)
+
+    def _delayed(self) -> None:
+        self._timer = None
+        if self._transport is None:
+            return
+        self._transport.write(SSE_FAST)
+        if self._buf:
+            self.data_received(b"")
 
     def _tick(self) -> None:
         transport = self._transport
@@ -147,9 +191,10 @@ class _Connection(asyncio.Protocol):
             self._transport.close()
 
 
-async def serve(host: str, port: int, hold_s: float, hold_gap: float) -> None:
+async def serve(host: str, port: int, hold_s: float, hold_gap: float,
+                cache: PrefixCache | None = None) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: _Connection(hold_s, hold_gap), host, port,
+    server = await loop.create_server(lambda: _Connection(hold_s, hold_gap, cache), host, port,
                                       backlog=4096, reuse_address=True)
     bound = server.sockets[0].getsockname()[1]
     print(f"PORT {bound}", flush=True)
@@ -165,7 +210,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="how long a bench-hold stream stays open")
     parser.add_argument("--hold-gap", type=float, default=2.0,
                         help="seconds between chunks of a bench-hold stream")
+    parser.add_argument("--prefill-ms", type=float, default=0.0,
+                        help="simulate a prefix cache: a conversation's first streamed request "
+                             "here waits this long before its first byte (0: off)")
+    parser.add_argument("--warm-ms", type=float, default=5.0,
+                        help="with --prefill-ms: the wait of a conversation seen here before")
     args = parser.parse_args(argv)
+    cache = (PrefixCache(args.prefill_ms / 1000, args.warm_ms / 1000)
+             if args.prefill_ms > 0 else None)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a router dependency
@@ -173,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         runner = uvloop.run
     with contextlib.suppress(KeyboardInterrupt):
-        runner(serve(args.host, args.port, args.hold_s, args.hold_gap))
+        runner(serve(args.host, args.port, args.hold_s, args.hold_gap, cache))
     return 0
 
 
