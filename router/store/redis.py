@@ -389,6 +389,12 @@ class RedisStore:
     async def refresh_leases(self, leases: Mapping[str, Sequence[str]],
                              lease_ttl_s: float) -> None:
         async def op() -> None:
+            if self._cluster:  # redis-py refuses EVALSHA in Cluster pipelines: one call each
+                await asyncio.gather(*(
+                    self._limits_script(limit_keys(principal),
+                                        ["refresh", int(lease_ttl_s * 1000), *ids])
+                    for principal, ids in leases.items()))
+                return
             # One round trip for all. The admissions that made these leases loaded the script;
             # after a SCRIPT FLUSH the next admission reloads it and the next refresh succeeds.
             async with self._redis.pipeline(transaction=False) as pipe:

@@ -196,6 +196,9 @@ async def test_one_admission_per_topology(topology: str, tmp_path: Path) -> None
         limits = Limits(rpm=2, tpm=1000, concurrency=5)
         first = await store.admit("key_aaaa", limits, 10, "lease-1", 30.0)
         assert first.allowed and first.requests_remaining == 1 and first.in_flight == 1
+        # Leases of several principals (several slots on a Cluster) are refreshed together.
+        await store.admit("key_cccc", Limits(concurrency=5), 10, "lease-c", 30.0)
+        await store.refresh_leases({"key_aaaa": ["lease-1"], "key_cccc": ["lease-c"]}, 30.0)
         await store.settle("key_aaaa", limits, -5, "lease-1")
         assert (await store.admit("key_aaaa", limits, 10, "lease-2", 30.0)).allowed
         third = await store.admit("key_aaaa", limits, 10, "lease-3", 30.0)
