@@ -145,22 +145,23 @@ def jwt_reason(exc: Exception) -> str:
     return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_") or "invalid"
 
 
+# What was wrong with a JWT, most specific first (ExpiredSignatureError is a DecodeError too).
+_FAILURES: tuple[tuple[type[Exception], str], ...] = (
+    (jwt.ExpiredSignatureError, "token expired"),
+    (jwt.ImmatureSignatureError, "token not yet valid (nbf/iat in the future)"),
+    (jwt.InvalidAudienceError, "token has the wrong audience"),
+    (jwt.InvalidIssuerError, "token has the wrong issuer"),
+    (jwt.InvalidSignatureError, "token signature does not verify"),
+    (jwt.InvalidAlgorithmError, "token algorithm is not allowed"),
+    (jwt.DecodeError, "malformed token"),
+)
+
+
 def jwt_failure(exc: Exception) -> str:
     """What was wrong with a JWT, in words a client can act on (never the token itself)."""
-    if isinstance(exc, jwt.ExpiredSignatureError):
-        return "token expired"
-    if isinstance(exc, jwt.ImmatureSignatureError):
-        return "token not yet valid (nbf/iat in the future)"
-    if isinstance(exc, jwt.InvalidAudienceError):
-        return "token has the wrong audience"
-    if isinstance(exc, jwt.InvalidIssuerError):
-        return "token has the wrong issuer"
     if isinstance(exc, jwt.MissingRequiredClaimError):
         return f"token lacks the required claim {exc.claim!r}"
-    if isinstance(exc, jwt.InvalidSignatureError):
-        return "token signature does not verify"
-    if isinstance(exc, jwt.InvalidAlgorithmError):
-        return "token algorithm is not allowed"
-    if isinstance(exc, jwt.DecodeError):
-        return "malformed token"
+    for kind, message in _FAILURES:
+        if isinstance(exc, kind):
+            return message
     return "invalid token"
