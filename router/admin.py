@@ -1,8 +1,9 @@
-"""Managed API keys: the admin endpoints, and what `router keys` shares with them.
+"""Managed API keys and the usage report: the admin endpoints, and what `router keys` shares.
 
     POST   /api/v1/admin/keys       -> 201 {"id", "key": "sk-...", ...}  (the key, this once)
     GET    /api/v1/admin/keys       -> 200 {"object": "list", "data": [...]}  (never a key or hash)
     DELETE /api/v1/admin/keys/{id}  -> 204, 404 when unknown
+    GET    /api/v1/admin/usage?from=&to=  -> 200 per-principal requests and tokens (usage.py)
 
 Admin principals only (403 otherwise). The store keeps the key's SHA-256 digest, never the key.
 """
@@ -20,6 +21,7 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
+from router import usage
 from router.auth.api_keys import digest, new_key
 from router.config.model import Limits, StoreConfig
 from router.errors import Forbidden, NotFound, ValidationFailed
@@ -151,6 +153,13 @@ async def revoke_key(request: web.Request) -> web.Response:
         raise NotFound(f"no API key with id {key_id[:64]!r}", code="key_not_found")
     _changed(request)
     return web.Response(status=204)
+
+
+async def usage_report(request: web.Request) -> web.Response:
+    _require_admin(request)
+    first, end = usage.report_window(request.query, time.time())
+    counts = await request.app[STORE].usage(first, end)
+    return _json(usage.report(first, end, counts))
 
 
 CLI_TIMEOUT_S = 5.0  # `router keys` is not on the request path: a slower network is fine

@@ -36,6 +36,7 @@ from router.state import (
     FACTS,
     LIMITER,
     METRICS,
+    OPEN_PATHS,
     OPENAPI,
     PRINCIPAL,
     REQUEST_ID,
@@ -46,11 +47,13 @@ from router.state import (
     STORE,
     STREAMS,
     UPSTREAM,
+    USAGE,
     Facts,
     ServerStatus,
 )
 from router.store import Store
 from router.upstream import UpstreamClient
+from router.usage import UsageMeter
 
 log = logging.getLogger("router.app")
 access = logging.getLogger("router.access")
@@ -58,7 +61,8 @@ access = logging.getLogger("router.access")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Everything else requires a credential: forgetting to protect a new route is impossible.
-UNAUTHENTICATED = frozenset({"/healthz", "/readyz", "/openapi.json", "/metrics"})
+# (And `metrics.path`, /metrics by default: build_app adds it.)
+UNAUTHENTICATED = frozenset({"/healthz", "/readyz", "/openapi.json"})
 
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
@@ -92,6 +96,10 @@ async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse
             m = request.app[METRICS]
             m.child(m.requests, facts.route, facts.backend, str(code), facts.stream).inc()
             m.child(m.duration, facts.route, facts.stream).observe(time.monotonic() - started)
+            if runtime.config.usage.enabled:
+                principal = request.get(PRINCIPAL)
+                if principal is not None:
+                    request.app[USAGE].record(principal, facts.tokens, code >= 400)
         if runtime.config.logging.access_log:
             log_access(request, facts, code, started)
 
@@ -103,7 +111,7 @@ def name_request(request: web.Request) -> None:
 
 
 async def authenticate(request: web.Request) -> None:
-    if request.path not in UNAUTHENTICATED:
+    if request.path not in request.app[OPEN_PATHS]:
         authenticator = request[RUNTIME_NOW].auth
         request[PRINCIPAL] = await authenticator.authenticate(
             request.headers.getall("Authorization", []))
@@ -177,8 +185,14 @@ def build_app(ref: RuntimeRef, upstream: UpstreamClient, store: Store,
     app[METRICS] = metrics
     app[LIMITER] = Limiter(store, metrics, ref)
     app[SETTINGS_CACHE] = SettingsCache()
-    app[OPENAPI] = orjson.dumps(openapi_document(new_key=admin.NewKey,
-                                                 settings=sessions.AutomationSettings))
+    app[USAGE] = UsageMeter(store, ref, metrics)
+    metrics_path = ref.current.config.metrics.path  # like the listener: fixed until restart
+    app[OPEN_PATHS] = UNAUTHENTICATED | {metrics_path}
+    doc = openapi_document(new_key=admin.NewKey, settings=sessions.AutomationSettings)
+    metrics_doc = doc["paths"].pop("/metrics")
+    if metrics.enabled:
+        doc["paths"][metrics_path] = metrics_doc
+    app[OPENAPI] = orjson.dumps(doc)
     app.on_response_prepare.append(_stamp_request_id)
     for prefix in ("/api/v1", "/v1"):
         app.router.add_post(f"{prefix}/chat/completions", handlers.chat_completions)
@@ -191,8 +205,10 @@ def build_app(ref: RuntimeRef, upstream: UpstreamClient, store: Store,
     app.router.add_post("/api/v1/admin/keys", admin.create_key)
     app.router.add_get("/api/v1/admin/keys", admin.list_keys, allow_head=False)
     app.router.add_delete("/api/v1/admin/keys/{id}", admin.revoke_key)
+    app.router.add_get("/api/v1/admin/usage", admin.usage_report, allow_head=False)
     app.router.add_get("/healthz", handlers.healthz, allow_head=False)
     app.router.add_get("/readyz", handlers.readyz, allow_head=False)
     app.router.add_get("/openapi.json", handlers.openapi, allow_head=False)
-    app.router.add_get("/metrics", handlers.metrics_endpoint, allow_head=False)
+    app.router.add_get(metrics_path, handlers.metrics_endpoint if metrics.enabled
+                       else handlers.metrics_disabled, allow_head=False)
     return app

@@ -212,6 +212,10 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
+async def metrics_disabled(request: web.Request) -> web.Response:
+    raise NotFound("metrics are off (metrics.enabled: false)", code="metrics_disabled")
+
+
 async def healthz(request: web.Request) -> web.Response:
     return _json({"status": "ok"})
 

@@ -20,8 +20,9 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.metrics import MetricWrapperBase
 
-__all__ = ["CONTENT_TYPE", "Metrics"]
+__all__ = ["CONTENT_TYPE", "DisabledMetrics", "Metrics"]
 
 # Time to first byte: 5 ms to 60 s. Whole requests (streams included): 10 ms to 10 min.
 TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
@@ -31,6 +32,8 @@ UNKNOWN = "unknown"
 
 
 class Metrics:
+    enabled = True
+
     def __init__(self) -> None:
         self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
         # A private registry per worker: tests run several workers in one process.
@@ -94,3 +97,48 @@ class Metrics:
         multiprocess.MultiProcessCollector(  # type: ignore[no-untyped-call]
             summed, path=self.multiprocess_dir)
         return generate_latest(summed)
+
+
+class _Off:
+    """Every collector of DisabledMetrics: an observation is one empty call."""
+
+    __slots__ = ()
+
+    def labels(self, *labels: str) -> _Off:
+        return self
+
+    def inc(self, amount: float = 1) -> None:
+        return None
+
+    def dec(self, amount: float = 1) -> None:
+        return None
+
+    def set(self, value: float) -> None:
+        return None
+
+    def observe(self, amount: float) -> None:
+        return None
+
+
+OFF = _Off()
+
+
+class DisabledMetrics(Metrics):
+    """`metrics.enabled: false`: the same attributes, each collector a no-op, so the request
+    path has no branch either way; nothing is recorded and nothing is rendered (the supervisor
+    gives such workers no multiprocess directory)."""
+
+    enabled = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name, value in list(vars(self).items()):
+            if isinstance(value, MetricWrapperBase):
+                setattr(self, name, OFF)
+        self._children.clear()
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        return OFF
+
+    def render(self) -> bytes:
+        return b""

@@ -259,6 +259,19 @@ def openapi_document(new_key: type[BaseModel] | None = None,
                          "responses": {"204": {"description": "Revoked"},
                                        "403": error("Not an admin"),
                                        "404": error("No such key")}}}
+    instant = {"type": "string", "description": "ISO 8601 (no zone: UTC) or unix seconds"}
+    usage = {"get": {
+        **admin_only,
+        "summary": "Per-principal requests, tokens and errors, summed over the hours that "
+                   "overlap [from, to) (default: the last 24 hours)",
+        "parameters": [{"name": "from", "in": "query", "required": False, "schema": instant},
+                       {"name": "to", "in": "query", "required": False, "schema": instant}],
+        "responses": {"200": {"description": "The usage report"},
+                      "403": error("Not an admin"),
+                      "422": {"description": "Validation Error", "content": {
+                          "application/json": {"schema": {
+                              "$ref": "#/components/schemas/ValidationError"}}}},
+                      "503": error("The store is unavailable")}}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "router", "version": "1"},
@@ -270,7 +283,8 @@ def openapi_document(new_key: type[BaseModel] | None = None,
             "/api/v1/auth/token": {"post": token},
             **({"/api/v1/automation/settings": automation} if settings is not None else {}),
             "/api/v1/sessions/{id}": session,
-            **({"/api/v1/admin/keys": admin_keys, "/api/v1/admin/keys/{id}": revoke}
+            **({"/api/v1/admin/keys": admin_keys, "/api/v1/admin/keys/{id}": revoke,
+                "/api/v1/admin/usage": usage}
                if new_key is not None else {}),
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
                 "200": {"description": "Prometheus text format"}}}},

@@ -27,11 +27,11 @@ from router.app import build_app
 from router.auth import KeyCache
 from router.config import Config, ConfigError, load_config
 from router.log import setup_logging
-from router.metrics import Metrics
+from router.metrics import DisabledMetrics, Metrics
 from router.routing.health import BackendState
 from router.routing.prober import probe_forever
 from router.runtime import RuntimeRef, build_runtime
-from router.state import LIMITER, STATUS, STREAMS
+from router.state import LIMITER, STATUS, STREAMS, USAGE
 from router.store import open_store
 from router.tasks import spawn
 from router.upstream import AiohttpUpstream, UpstreamClient
@@ -127,7 +127,7 @@ class Worker:
         self.key_cache = KeyCache(self.store, trust_stale=config.store.on_failure == "open")
         self.ref = RuntimeRef(build_runtime(config, self.upstream, self.states,
                                             key_cache=self.key_cache))
-        self.metrics = Metrics()
+        self.metrics = Metrics() if config.metrics.enabled else DisabledMetrics()
         self.app = build_app(self.ref, self.upstream, self.store, self.metrics)
         self.watcher = _Watcher(path, overrides, self.ref, self.upstream, self.states,
                                 self.metrics)
@@ -162,6 +162,7 @@ class Worker:
         self._tasks.append(spawn(probe_forever(self.ref, self.metrics), "prober"))
         self._tasks.append(spawn(self.key_cache.run(), "key-cache"))
         self._tasks.append(spawn(self.app[LIMITER].refresh_forever(), "limits-leases"))
+        self._tasks.append(spawn(self.app[USAGE].run(), "usage-flush"))
         self._tasks.append(spawn(self.app[STREAMS].heartbeat(
             server.sse_keepalive_s, server.write_stall_timeout_s), "stream-heartbeat"))
         if server.reload_poll_s > 0:
@@ -177,6 +178,7 @@ class Worker:
         await self.runner.cleanup()
         await self.upstream.close()
         await self.key_cache.flush()  # last-use times not written yet
+        await self.app[USAGE].flush()  # usage counted since the last flush
         await self.store.close()
         if self.ref.current.oidc is not None:
             await self.ref.current.oidc.close()
@@ -267,6 +269,8 @@ def _supervise(path: str, config: Config, overrides: Overrides) -> int:
     # sums them, and a restarted worker's predecessor keeps its counts in its own files.
     metrics_dir = tempfile.mkdtemp(prefix="router-metrics-")
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+    if not config.metrics.enabled:  # no collector writes: no files either
+        env.pop("PROMETHEUS_MULTIPROC_DIR")
 
     def start_worker() -> subprocess.Popen[bytes]:
         return subprocess.Popen(argv, env=env)

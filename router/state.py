@@ -14,6 +14,7 @@ from router.runtime import Runtime, RuntimeRef
 from router.sessions import SettingsCache
 from router.store import Store
 from router.upstream import UpstreamClient
+from router.usage import UsageMeter
 
 
 @dataclass(slots=True)
@@ -31,6 +32,8 @@ METRICS = web.AppKey("metrics", Metrics)
 LIMITER = web.AppKey("limiter", Limiter)
 SETTINGS_CACHE = web.AppKey("settings_cache", SettingsCache)
 OPENAPI = web.AppKey("openapi", bytes)  # the document, serialised once
+USAGE = web.AppKey("usage", UsageMeter)
+OPEN_PATHS = web.AppKey("open_paths", frozenset)  # served without a credential
 
 REQUEST_ID = web.RequestKey("request_id", str)
 RUNTIME_NOW = web.RequestKey("runtime_now", Runtime)

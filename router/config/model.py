@@ -242,6 +242,30 @@ class LoggingConfig(Frozen):
     access_log: bool = True
 
 
+class MetricsConfig(Frozen):
+    """Prometheus metrics (SPEC 8). Off: every collector is a no-op and `path` answers 404.
+    Both keys take effect on restart."""
+
+    enabled: bool = True
+    path: str = Field("/metrics", pattern=r"^/[A-Za-z0-9._~\-/]*$", max_length=128)
+
+    @field_validator("path")
+    @classmethod
+    def _not_an_api_path(cls, v: str) -> str:
+        if v in ("/healthz", "/readyz", "/openapi.json") or v.startswith(("/api/", "/v1/")):
+            raise ValueError(f"{v!r} is taken by the router's own endpoints")
+        return v
+
+
+class UsageConfig(Frozen):
+    """The per-principal usage report (GET /api/v1/admin/usage): counts kept in process memory
+    as requests end and added to hourly buckets in the store every `flush_interval_s`."""
+
+    enabled: bool = False
+    flush_interval_s: float = Field(1.0, ge=0.05, le=60)
+    retention_days: int = Field(35, ge=1, le=400)
+
+
 class Config(Frozen):
     server: ServerConfig = ServerConfig()
     store: StoreConfig = StoreConfig()
@@ -253,3 +277,5 @@ class Config(Frozen):
     default_route: str | None = None
     health: HealthConfig = HealthConfig()
     logging: LoggingConfig = LoggingConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    usage: UsageConfig = UsageConfig()

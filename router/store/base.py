@@ -99,6 +99,29 @@ class SessionState:
 SESSION_UNAVAILABLE = SessionState(None, None, available=False)
 
 
+HOUR_S = 3600  # a usage bucket
+
+
+@dataclass(frozen=True, slots=True)
+class UsageCount:
+    """One principal's usage (router/usage.py): what it added in a flush, or the sum a report
+    reads. `user` names the principal's user (the latest seen), never a key."""
+
+    principal: str
+    user: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    errors: int
+
+    def plus(self, later: UsageCount) -> UsageCount:
+        return UsageCount(self.principal, later.user or self.user,
+                          self.requests + later.requests,
+                          self.prompt_tokens + later.prompt_tokens,
+                          self.completion_tokens + later.completion_tokens,
+                          self.errors + later.errors)
+
+
 class Store(Protocol):
     """Shared state. Each method is one bounded operation (a timeout covers all of it) and
     raises StoreError, never a driver's exception."""
@@ -173,4 +196,16 @@ class Store(Protocol):
 
     async def put_settings(self, user: str, settings: Mapping[str, object]) -> None:
         """Replace the user's stored settings (a JSON object)."""
+        ...
+
+    # Usage (router/usage.py): per-principal counts in hourly buckets (hours since the epoch).
+
+    async def add_usage(self, buckets: Mapping[int, Sequence[UsageCount]],
+                        retention_s: float) -> None:
+        """Add each hour's counts to that hour's bucket (one batch for all of them); a bucket
+        is forgotten `retention_s` after its hour ends."""
+        ...
+
+    async def usage(self, first_hour: int, end_hour: int) -> list[UsageCount]:
+        """Per-principal sums over the buckets of hours [first_hour, end_hour)."""
         ...

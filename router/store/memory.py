@@ -8,7 +8,16 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from router.config.model import Limits
-from router.store.base import LIMIT_NAMES, Admission, KeyRecord, Pin, SessionQuery, SessionState
+from router.store.base import (
+    HOUR_S,
+    LIMIT_NAMES,
+    Admission,
+    KeyRecord,
+    Pin,
+    SessionQuery,
+    SessionState,
+    UsageCount,
+)
 
 PERIOD_MS = 60_000.0
 DAY_MS = 86_400_000
@@ -27,6 +36,7 @@ class MemoryStore:
         self._pins: dict[tuple[str, str], tuple[Pin, float]] = {}  # (user, id) -> (pin, ttl s)
         self._settings: dict[str, dict[str, object]] = {}  # user -> stored settings
         self._sweep_at = 1024  # pins held before expired ones are swept (amortised O(1))
+        self._usage: dict[int, tuple[float, dict[str, UsageCount]]] = {}  # hour -> (expiry, ..)
 
     async def ping(self) -> bool:
         return True
@@ -212,3 +222,31 @@ class MemoryStore:
 
     async def put_settings(self, user: str, settings: Mapping[str, object]) -> None:
         self._settings[user] = dict(settings)
+
+    # Usage: hourly buckets that expire `retention_s` after their hour, as in Redis.
+
+    async def add_usage(self, buckets: Mapping[int, Sequence[UsageCount]],
+                        retention_s: float) -> None:
+        now = self._clock()
+        for hour in [h for h, (expiry, _) in self._usage.items() if expiry <= now]:
+            del self._usage[hour]
+        for hour, counts in buckets.items():
+            expiry = (hour + 1) * HOUR_S + retention_s
+            if expiry <= now:
+                continue
+            bucket = self._usage.setdefault(hour, (expiry, {}))[1]
+            self._usage[hour] = (expiry, bucket)
+            for count in counts:
+                held = bucket.get(count.principal)
+                bucket[count.principal] = count if held is None else held.plus(count)
+
+    async def usage(self, first_hour: int, end_hour: int) -> list[UsageCount]:
+        now = self._clock()
+        totals: dict[str, UsageCount] = {}
+        for hour in sorted(self._usage):  # oldest first: the latest user name wins
+            expiry, bucket = self._usage[hour]
+            if first_hour <= hour < end_hour and expiry > now:
+                for count in bucket.values():
+                    held = totals.get(count.principal)
+                    totals[count.principal] = count if held is None else held.plus(count)
+        return list(totals.values())

@@ -39,6 +39,7 @@ from redis.typing import EncodableT, FieldT
 
 from router.config.model import Limits
 from router.store.base import (
+    HOUR_S,
     LIMIT_NAMES,
     Admission,
     KeyRecord,
@@ -46,6 +47,7 @@ from router.store.base import (
     SessionQuery,
     SessionState,
     StoreError,
+    UsageCount,
 )
 from router.store.connect import connect, parse_store_url
 from router.store.resp import RespLink
@@ -78,6 +80,25 @@ VERSION_READ = """
 redis.call('SET', KEYS[1], ARGV[1], 'NX')
 return redis.call('MGET', KEYS[1], KEYS[2])
 """
+
+
+# One hour's usage bucket: counters by field ("r:" requests, "p:" prompt and "c:" completion
+# tokens, "e:" errors, each followed by the principal id) and "u:" the principal's user.
+# ARGV: expiry (epoch s), the number of counters, counter/increment pairs, user field/value pairs.
+USAGE_ADD = """
+local n = tonumber(ARGV[2])
+for i = 3, 2 + 2 * n, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 3 + 2 * n, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIREAT', KEYS[1], ARGV[1])
+return 0
+"""
+USAGE_FIELDS = "rpce"  # requests, prompt, completion, errors: UsageCount's order
+
+
+def usage_key(hour: int) -> str:
+    """A bucket per hour (hours since the epoch), tagged by its hour: on a Cluster the hours
+    spread over the slots and each flush is a single-slot script."""
+    return f"router:usage:{{{hour}}}"
 
 
 def record_key(key_id: str) -> str:
@@ -369,6 +390,51 @@ class RedisStore:
         await self._call("put settings", self._redis.set(
             settings_key(user), orjson.dumps(dict(settings))))
 
+    # Usage: one script call per hour bucket touched (a flush usually touches one), one after
+    # the other (a fresh Cluster client fails concurrent first calls).
+
+    async def add_usage(self, buckets: Mapping[int, Sequence[UsageCount]],
+                        retention_s: float) -> None:
+        calls: list[tuple[str, list[EncodableT]]] = []
+        for hour, counts in buckets.items():
+            expire_at = int((hour + 1) * HOUR_S + retention_s)
+            for start in range(0, len(counts), BATCH):
+                counters: list[EncodableT] = []
+                users: list[EncodableT] = []
+                for c in counts[start:start + BATCH]:
+                    values = (c.requests, c.prompt_tokens, c.completion_tokens, c.errors)
+                    for kind, n in zip(USAGE_FIELDS, values, strict=True):
+                        if n:
+                            counters += [f"{kind}:{c.principal}", n]
+                    users += [f"u:{c.principal}", c.user]
+                calls.append((usage_key(hour),
+                              [expire_at, len(counters) // 2, *counters, *users]))
+
+        async def op() -> None:
+            for key, args in calls:
+                await self._redis.eval(USAGE_ADD, 1, key, *args)
+
+        if calls:
+            await self._call("usage", op())
+
+    async def usage(self, first_hour: int, end_hour: int) -> list[UsageCount]:
+        hours = list(range(first_hour, end_hour))
+        totals: dict[str, UsageCount] = {}
+        for start in range(0, len(hours), BATCH):
+            rows = await self._call("usage report", self._usage_rows(hours[start:start + BATCH]))
+            for row in rows:  # oldest first: the latest user name wins
+                for count in _usage_counts(row):
+                    held = totals.get(count.principal)
+                    totals[count.principal] = count if held is None else held.plus(count)
+        return list(totals.values())
+
+    async def _usage_rows(self, hours: list[int]) -> list[dict[Any, Any]]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for hour in hours:
+                pipe.hgetall(usage_key(hour))
+            rows: list[dict[Any, Any]] = await pipe.execute()
+        return rows
+
     async def _sessions_script(self, keys: list[str], args: list[EncodableT]) -> Any:
         if self._batch is not None:
             return await self._batch.call(SESSIONS_SHA, SESSIONS_LUA, keys, args)
@@ -482,3 +548,20 @@ def _record(fields: Mapping[str, str]) -> KeyRecord | None:
     except (KeyError, ValueError, TypeError):
         return None
 
+
+def _usage_counts(row: Mapping[Any, Any]) -> list[UsageCount]:
+    """One bucket's hash -> a count per principal; a damaged field is skipped."""
+    found: dict[str, list[Any]] = {}
+    for raw_field, raw_value in row.items():
+        kind, _, principal = _text(raw_field).partition(":")
+        slot = found.setdefault(principal, ["", 0, 0, 0, 0])
+        if kind == "u":
+            slot[0] = _text(raw_value)
+            continue
+        index = USAGE_FIELDS.find(kind)
+        if index >= 0 and len(kind) == 1:
+            try:
+                slot[index + 1] = int(raw_value)
+            except ValueError:
+                continue
+    return [UsageCount(principal, *slot) for principal, slot in found.items()]
