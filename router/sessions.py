@@ -3,14 +3,16 @@ store every replica shares, so a self-hosted backend keeps reusing its prefix (K
 each user's automation settings (auto-creation, pin TTL, default model).
 
 The pin and the settings are read with the limits' admission (one store round trip, see
-Limiter.admit); only a new or moved pin costs a second call (claim_pin: SET NX or
-compare-and-set, so racing replicas agree on one winner). Without a working store, replicas
-agree without talking: rendezvous hashing over the route's healthy backends with room.
+Limiter.admit); only a new or moved pin costs a second call before dispatch (claim_pin: SET NX
+or compare-and-set, so racing replicas agree on one winner). A pin read with an admission is
+not touched by that read (the limiter may refuse the request): an admitted request counts on
+it by a call sent without waiting for it (use_pin), or in its claim. Without a working store,
+replicas agree without talking: consistent hashing with bounded load over the route's
+available backends with room (strategies.bounded_rendezvous).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import secrets
@@ -26,10 +28,12 @@ from router.auth import Principal
 from router.config.model import Config, SessionsConfig
 from router.errors import RouterError, ValidationFailed
 from router.metrics import Metrics
+from router.routing.strategies import bounded_rendezvous
 from router.routing.table import Backend, Route, RoutingTable
 from router.schema import parse_body
 from router.store import Store, StoreError, is_shared
 from router.store.base import SESSION_UNAVAILABLE, Pin, SessionQuery, SessionState
+from router.tasks import spawn
 
 log = logging.getLogger("router.sessions")
 
@@ -140,7 +144,7 @@ async def read_state(store: Store, q: SessionQuery, config: Config,
 
 
 def hashing_only(state: SessionState, config: Config) -> bool:
-    """No store every replica shares: pins are computed, not stored (rendezvous hashing)."""
+    """No store every replica shares: pins are computed, not stored (consistent hashing)."""
     return not state.available or (not is_shared(config.store) and config.server.workers > 1)
 
 
@@ -153,7 +157,7 @@ async def place(store: Store, metrics: Metrics, config: Config, table: RoutingTa
     now = time.monotonic()
     candidates = [b for b in route.backends if b.state.available(now) and b.has_room()]
     if hashing_only(state, config):
-        return rendezvous(f"{user}\0{session_id}", candidates)
+        return hashed(metrics, config, route, user, session_id, candidates)
     pin = state.pin
     replaces: str | None = None
     if pin is not None:
@@ -161,18 +165,21 @@ async def place(store: Store, metrics: Metrics, config: Config, table: RoutingTa
         pinned = next((b for b in candidates if b.name == pin.backend), None)
         if pinned is not None:
             metrics.child(metrics.session_pins, "hit").inc()
+            if not state.touched:  # read with an admission: count this admitted request
+                spawn(_use(store, metrics, user, session_id, ttl_s), "session-use")
             return pinned
         replaces = pin.backend
     choice = route.pick(set())
     if choice is None:
         return None
     try:
-        held = await store.claim_pin(user, session_id, choice.name, route.name, ttl_s, replaces)
+        held = await store.claim_pin(user, session_id, choice.name, route.name, ttl_s,
+                                     replaces, count=pin is None or not state.touched)
     except StoreError:
         metrics.child(metrics.store_errors, "claim_pin").inc()
         if config.store.on_failure == "closed":
             raise
-        return rendezvous(f"{user}\0{session_id}", candidates) or choice
+        return hashed(metrics, config, route, user, session_id, candidates) or choice
     if held.backend != choice.name:
         # Another replica pinned it first: follow the winner.
         metrics.child(metrics.session_pins, "hit").inc()
@@ -201,7 +208,7 @@ async def settle(store: Store, metrics: Metrics, user: str, session_id: str, rou
         return
     try:
         held = await store.claim_pin(user, session_id, served.name, route.name, ttl_s,
-                                     placed.name)
+                                     placed.name, count=False)  # counted when placed
     except StoreError:
         metrics.child(metrics.store_errors, "claim_pin").inc()
         return
@@ -209,18 +216,26 @@ async def settle(store: Store, metrics: Metrics, user: str, session_id: str, rou
         metrics.child(metrics.session_pins, "repin").inc()
 
 
-def rendezvous(key: str, candidates: Sequence[Backend]) -> Backend | None:
-    """Weighted rendezvous (highest random weight) hashing: every replica computes the same
-    backend for `key`; removing a backend moves only its own sessions."""
-    best: Backend | None = None
-    best_score = -math.inf
-    for backend in candidates:
-        digest = hashlib.blake2b(f"{key}\0{backend.name}".encode(), digest_size=8).digest()
-        u = (int.from_bytes(digest, "big") + 1) / (2**64 + 2)  # in (0, 1)
-        score = -backend.weight / math.log(u)
-        if score > best_score:
-            best, best_score = backend, score
-    return best
+def hashed(metrics: Metrics, config: Config, route: Route, user: str, session_id: str,
+           candidates: Sequence[Backend]) -> Backend | None:
+    """No pin to read or write: the session's backend is computed (consistent hashing with
+    bounded load over the available backends with room). Without a store nothing tells a new
+    session from a known one: going to the session's hashed first choice counts as `hit`,
+    being moved off it (ejected, full, past its load bound) as `repin`; never `new`."""
+    backend, home = bounded_rendezvous(f"{user}\0{session_id}", route.backends, candidates,
+                                       config.sessions.hash_load_factor)
+    if backend is not None:
+        metrics.child(metrics.session_pins, "hit" if home else "repin").inc()
+    return backend
+
+
+async def _use(store: Store, metrics: Metrics, user: str, session_id: str,
+               ttl_s: int) -> None:
+    try:
+        await store.use_pin(user, session_id, ttl_s)
+    except StoreError as exc:  # this request goes uncounted on its pin
+        metrics.child(metrics.store_errors, "use_pin").inc()
+        log.warning("could not count a session request: %s", exc.message)
 
 
 def inject_json(body: bytes, session_id: str) -> bytes:

@@ -78,6 +78,9 @@ class SessionsConfig(Frozen):
 
     auto_create: bool = False
     ttl_s: int = Field(3600, ge=1, le=604800)
+    # Without a shared store, sessions are placed by consistent hashing with bounded load: a
+    # backend past this many times its share of the in-flight requests takes no new ones.
+    hash_load_factor: float = Field(1.25, ge=1.0, le=100.0)
 
 
 class ApiKeyConfig(Frozen):

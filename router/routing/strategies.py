@@ -1,9 +1,12 @@
-"""Balancing strategies: one synchronous `select()` each, no I/O; stats come in the candidates."""
+"""Balancing strategies: one synchronous `select()` each, no I/O; stats come in the candidates.
+Also the keyed choice sessions fall back to without a shared store (bounded_rendezvous)."""
 
 from __future__ import annotations
 
+import hashlib
+import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -89,3 +92,41 @@ STRATEGIES: dict[str, Callable[[], Strategy]] = {
     "latency": Latency,
     "random": Random,
 }
+
+
+
+def rendezvous_order(key: str, backends: Sequence[Backend]) -> list[Backend]:
+    """`backends` by weighted rendezvous (highest random weight) score for `key`, best first.
+    Every replica computes the same order, whatever order the backends come in; removing a
+    backend moves only the keys it headed."""
+    scored: list[tuple[float, str, Backend]] = []
+    for backend in backends:
+        digest = hashlib.blake2b(f"{key}\0{backend.name}".encode(), digest_size=8).digest()
+        u = (int.from_bytes(digest, "big") + 1) / (2**64 + 2)  # in (0, 1)
+        scored.append((-backend.weight / math.log(u), backend.name, backend))
+    scored.sort(key=lambda s: (-s[0], s[1]))
+    return [b for _, _, b in scored]
+
+
+def bounded_rendezvous(key: str, backends: Sequence[Backend], candidates: Collection[Backend],
+                       load_factor: float) -> tuple[Backend | None, bool]:
+    """Consistent hashing with bounded load: the first of `key`'s rendezvous order over all
+    `backends` that is a candidate (available, with room) and not past its bound, i.e. with at
+    most ceil(load_factor x its weight's share x (in-flight over the candidates + 1)) requests
+    in flight. Some candidate is always within its bound, and no backend takes a new key past
+    it, so none holds much more than `load_factor` times its share. While the load is even,
+    every key goes to the head of its order: replicas agree without talking.
+
+    Returns (backend, home): `home` is True when it is the head of the order over all
+    `backends` (False: moved off its ejected, full or overloaded head); (None, False) when
+    there is no candidate."""
+    usable = set(candidates)
+    if not usable:
+        return None, False
+    total = sum(b.state.inflight for b in usable) + 1  # this request included
+    weight = sum(b.weight for b in usable)
+    for rank, backend in enumerate(rendezvous_order(key, backends)):
+        if backend in usable and \
+                backend.state.inflight <= math.ceil(load_factor * total * backend.weight / weight):
+            return backend, rank == 0
+    return None, False  # only when a candidate is not one of `backends`

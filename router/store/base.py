@@ -89,11 +89,14 @@ class SessionQuery:
 @dataclass(frozen=True, slots=True)
 class SessionState:
     """The answer: the user's stored settings (a JSON object, None when never set) and the pin;
-    `available` is False when the store could not be asked (fail-open)."""
+    `available` is False when the store could not be asked (fail-open). `touched`: the pin
+    already counts this request (False when it was only read, alongside an admission that
+    could refuse the request: see Store.use_pin)."""
 
     settings: dict[str, object] | None
     pin: Pin | None
     available: bool = True
+    touched: bool = False
 
 
 SESSION_UNAVAILABLE = SessionState(None, None, available=False)
@@ -176,14 +179,21 @@ class Store(Protocol):
     # user's automation settings.
 
     async def session_state(self, query: SessionQuery) -> SessionState:
-        """The user's settings and the touched pin (as `admit` does with `session`)."""
+        """The user's settings and the touched pin (one more request, last use now, TTL
+        slid). `admit` with `session` only reads them, since it may refuse the request."""
+        ...
+
+    async def use_pin(self, user: str, session_id: str, ttl_s: float) -> None:
+        """One more request on the pin (if it still exists), as session_state's touch: for an
+        admitted request whose pin was only read with its admission."""
         ...
 
     async def claim_pin(self, user: str, session_id: str, backend: str, route: str,
-                        ttl_s: float, replaces: str | None) -> Pin:
+                        ttl_s: float, replaces: str | None, count: bool = True) -> Pin:
         """Pin the session to `backend` unless another replica got there first: with
         `replaces` None only if no pin exists (SET NX), else only if the pin still names
-        `replaces`. Returns the pin that holds afterwards (ours or the winner's)."""
+        `replaces`. Returns the pin that holds afterwards (ours or the winner's). `count`:
+        this request is one more on that pin (a new pin starts at one request regardless)."""
         ...
 
     async def get_pin(self, user: str, session_id: str) -> Pin | None:

@@ -80,7 +80,10 @@ class MemoryStore:
         admission = self._admit(principal, limits, tokens, lease, lease_ttl_s)
         if session is None:
             return admission
-        return dataclasses.replace(admission, session=await self.session_state(session))
+        # Only an admitted request counts as a use of its pin.
+        state = await self.session_state(session) if admission.allowed else \
+            self._read_state(session)
+        return dataclasses.replace(admission, session=state)
 
     def _admit(self, principal: str, limits: Limits, tokens: int, lease: str,
                lease_ttl_s: float) -> Admission:
@@ -176,27 +179,48 @@ class MemoryStore:
             return None
         return found
 
-    async def session_state(self, query: SessionQuery) -> SessionState:
+    def _read_state(self, query: SessionQuery) -> SessionState:
         settings = self._settings.get(query.user)
         if query.session_id is None:
             return SessionState(settings, None)
+        found = self._live_pin(query.user, query.session_id, self._clock())
+        return SessionState(settings, None if found is None else found[0])
+
+    def _touch(self, user: str, session_id: str, default_ttl_s: float) -> Pin | None:
         now = self._clock()
-        found = self._live_pin(query.user, query.session_id, now)
+        found = self._live_pin(user, session_id, now)
         if found is None:
-            return SessionState(settings, None)
+            return None
+        settings = self._settings.get(user)
         ttl = settings.get("session_ttl_s") if settings else None
-        ttl_s = float(ttl) if isinstance(ttl, int) else query.default_ttl_s
+        ttl_s = float(ttl) if isinstance(ttl, int) else default_ttl_s
         pin = dataclasses.replace(found[0], last_used_at=now, requests=found[0].requests + 1,
                                   expires_at=now + ttl_s)
-        self._pins[(query.user, query.session_id)] = (pin, ttl_s)
-        return SessionState(settings, pin)
+        self._pins[(user, session_id)] = (pin, ttl_s)
+        return pin
+
+    async def session_state(self, query: SessionQuery) -> SessionState:
+        settings = self._settings.get(query.user)
+        if query.session_id is None:
+            return SessionState(settings, None, touched=True)
+        pin = self._touch(query.user, query.session_id, query.default_ttl_s)
+        return SessionState(settings, pin, touched=True)
+
+    async def use_pin(self, user: str, session_id: str, ttl_s: float) -> None:
+        self._touch(user, session_id, ttl_s)
 
     async def claim_pin(self, user: str, session_id: str, backend: str, route: str,
-                        ttl_s: float, replaces: str | None) -> Pin:
+                        ttl_s: float, replaces: str | None, count: bool = True) -> Pin:
         now = self._clock()
         found = self._live_pin(user, session_id, now)
         if found is not None and (replaces is None or found[0].backend != replaces):
-            return found[0]  # another request pinned it first: follow it
+            if not count:
+                return found[0]
+            # Another request pinned it first: this one goes there too.
+            pin = dataclasses.replace(found[0], last_used_at=now,
+                                      requests=found[0].requests + 1, expires_at=now + ttl_s)
+            self._pins[(user, session_id)] = (pin, ttl_s)
+            return pin
         if found is None:
             if len(self._pins) >= self._sweep_at:
                 self._pins = {k: v for k, v in self._pins.items() if v[0].expires_at > now}
@@ -204,6 +228,7 @@ class MemoryStore:
             pin = Pin(backend, route, now, now, 1, now + ttl_s)
         else:
             pin = dataclasses.replace(found[0], backend=backend, route=route, last_used_at=now,
+                                      requests=found[0].requests + count,
                                       expires_at=now + ttl_s)
         self._pins[(user, session_id)] = (pin, ttl_s)
         return pin

@@ -135,12 +135,13 @@ def pin_key(user: str, session_id: str) -> str:
     return f"router:sess:{{{user_tag(user)}}}:{session_id}"
 
 
-def session_call(query: SessionQuery) -> tuple[list[str], list[EncodableT]]:
-    """The keys and arguments of sessions.lua's `touch` for `query`."""
+def session_call(query: SessionQuery, op: str = "read") -> tuple[list[str], list[EncodableT]]:
+    """The keys and arguments of sessions.lua's `read` (with an admission, which may refuse
+    the request: the pin is counted after, by use_pin) or `touch` for `query`."""
     keys = [settings_key(query.user)]
     if query.session_id is not None:
         keys.append(pin_key(query.user, query.session_id))
-    return keys, ["touch", int(query.default_ttl_s * 1000)]
+    return keys, [op, int(query.default_ttl_s * 1000)]
 
 
 class _ScriptBatch:
@@ -362,14 +363,19 @@ class RedisStore:
     # Sessions: one script (sessions.lua); settings are read with the pin, in its slot.
 
     async def session_state(self, query: SessionQuery) -> SessionState:
-        keys, args = session_call(query)
-        return _state(await self._call("session", self._sessions_script(keys, args)))
+        keys, args = session_call(query, "touch")
+        return _state(await self._call("session", self._sessions_script(keys, args)),
+                      touched=True)
+
+    async def use_pin(self, user: str, session_id: str, ttl_s: float) -> None:
+        keys, args = session_call(SessionQuery(user, session_id, ttl_s), "touch")
+        await self._call("use pin", self._sessions_script(keys, args))
 
     async def claim_pin(self, user: str, session_id: str, backend: str, route: str,
-                        ttl_s: float, replaces: str | None) -> Pin:
+                        ttl_s: float, replaces: str | None, count: bool = True) -> Pin:
         row = await self._call("claim pin", self._sessions_script(
             [pin_key(user, session_id)],
-            ["claim", backend, route, int(ttl_s * 1000), replaces or ""]))
+            ["claim", backend, route, int(ttl_s * 1000), replaces or "", int(count)]))
         pin = _pin(row)
         if pin is None:  # only if the key vanished between the write and the read: never
             raise StoreError("the store lost a pin it just wrote")
@@ -506,8 +512,8 @@ def _pin(row: Sequence[Any]) -> Pin | None:
                int(expires) / 1000)
 
 
-def _state(row: Sequence[Any]) -> SessionState:
-    return SessionState(_settings(row[0]), _pin(row[1:]))
+def _state(row: Sequence[Any], touched: bool = False) -> SessionState:
+    return SessionState(_settings(row[0]), _pin(row[1:]), touched=touched)
 
 
 def _fields(record: KeyRecord) -> dict[FieldT, EncodableT]:

@@ -6,9 +6,12 @@
 --   touch default_ttl_ms   KEYS: settings [, pin]
 --     -> {settings|nil, backend, route, created, last, n, expires}   (pin fields nil: no pin)
 --     one more request on the pin, last use = now, TTL = settings.session_ttl_s or the default.
---   claim backend route ttl_ms replaces   KEYS: pin
+--   read   KEYS: settings [, pin]   -> the same, untouched: asked with a limits admission that
+--     may refuse the request; an admitted one is counted by a `touch` (or `claim ... 1`) after.
+--   claim backend route ttl_ms replaces count   KEYS: pin
 --     pins only if there is no pin (replaces '') or it still names `replaces`
 --     -> {backend, route, created, last, n, expires}: the pin that holds now
+--     count '1': this request is one more on that pin (ours or the winner's), last use = now
 --   get   KEYS: pin   -> the same, untouched (nil fields: no pin)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -39,12 +42,28 @@ if op == 'touch' then
   return {settings, p[1], p[2], p[3], p[4], p[5], p[6]}
 end
 
+if op == 'read' then
+  local settings = redis.call('GET', KEYS[1])
+  if #KEYS < 2 then return {settings, false, false, false, false, false, false} end
+  local p = pin(KEYS[2])
+  return {settings, p[1], p[2], p[3], p[4], p[5], p[6]}
+end
+
 if op == 'claim' then
   local backend, route, ttl, replaces = ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
+  local count = ARGV[6] == '1'
   local current = redis.call('HGET', KEYS[1], 'backend')
-  if current and (replaces == '' or current ~= replaces) then return pin(KEYS[1]) end
+  if current and (replaces == '' or current ~= replaces) then
+    if count then  -- another request pinned it first: this one goes there too
+      redis.call('HINCRBY', KEYS[1], 'n', 1)
+      redis.call('HSET', KEYS[1], 'last', now)
+      redis.call('PEXPIRE', KEYS[1], ttl)
+    end
+    return pin(KEYS[1])
+  end
   if current then
     redis.call('HSET', KEYS[1], 'backend', backend, 'route', route, 'last', now)
+    if count then redis.call('HINCRBY', KEYS[1], 'n', 1) end
   else
     redis.call('HSET', KEYS[1], 'backend', backend, 'route', route, 'created', now,
                'last', now, 'n', 1)

@@ -1,12 +1,15 @@
 """Sessions (SPEC 5) through the real app: pins shared by two routers on one real redis-server,
 re-pinning, TTL, user isolation, automation settings, auto-creation, route mismatch, memory://
-in one process, and agreement by hashing when Redis is down."""
+in one process, requests counted only when admitted, and agreement by consistent hashing with
+bounded load when there is no shared store."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -63,6 +66,31 @@ async def backend_of(r: Any, session: str, **kw: Any) -> str:
 def pins(r: Any, outcome: str) -> float:
     return r.worker.metrics.registry.get_sample_value(
         "router_session_pins_total", {"outcome": outcome}) or 0.0
+
+
+async def until(what: str, check: Callable[[], bool], within_s: float = 10.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not check():
+        assert time.monotonic() < deadline, f"still not {what} after {within_s} s"
+        await asyncio.sleep(0.01)
+
+
+async def requests_on(r: Any, session: str, expected: int, key: str = KEY) -> dict[str, Any]:
+    """The session as GET shows it, once it counts `expected` requests (an admitted request's
+    count is sent without waiting for it); fails if it never does."""
+    deadline = time.monotonic() + 10.0
+    while True:
+        status, info = await api(r, "GET", f"/api/v1/sessions/{session}", key=key)
+        assert status == 200
+        if info["requests"] == expected or time.monotonic() > deadline:
+            assert info["requests"] == expected, info
+            return info  # type: ignore[no-any-return]
+        await asyncio.sleep(0.02)
+
+
+def with_limits(cfg: dict[str, Any], **limits: int) -> dict[str, Any]:
+    cfg["auth"]["api_keys"][0]["limits"] = limits
+    return cfg
 
 
 async def api(r: Any, method: str, path: str, *, key: str = KEY,
@@ -407,6 +435,92 @@ async def test_with_redis_down_replicas_still_agree_by_hashing(fakes, start_rout
     errors = sum(r.worker.metrics.registry.get_sample_value(
         "router_store_errors_total", {"op": "session"}) or 0 for r in replicas)
     assert errors > 0
+    # One request at a time: the load stays even, so every request went to its session's
+    # hashed first choice (a `hit`); nothing tells a new session from a known one here.
+    assert [sum(pins(r, o) for r in replicas) for o in ("new", "hit", "repin")] == [0, 36, 0]
+
+
+async def test_without_a_shared_store_a_busy_backend_takes_no_session_past_its_share(
+        fakes, start_router):
+    """memory:// with several workers: pins are computed. A backend holding more than
+    ceil(1.25 x its share x (in flight + 1)) requests takes no more sessions until the load
+    evens out: they go to their next choice (`repin`), then come back."""
+    ups = [await fakes(n) for n in ("a", "b", "c")]
+    r = await start_router(config(ups, MEMORY, server={"workers": 2}))
+    home = {f"s{i}": await backend_of(r, f"s{i}") for i in range(40)}
+    assert [pins(r, o) for o in ("new", "hit", "repin")] == [0, 40, 0]
+    assert (await api(r, "GET", "/api/v1/sessions/s0"))[0] == 404  # nothing stored
+    a, on_a = ups[0], [s for s, b in home.items() if b == "a/gpt-x"]
+    other = next(s for s, b in home.items() if b != "a/gpt-x")
+    assert len(on_a) >= 4
+    a.recorder.override = "hang"
+    held = [asyncio.ensure_future(ask(r, s)) for s in on_a[:3]]
+    try:
+        await until("3 requests held on a", lambda: a.recorder.inflight == 3)
+        # a holds all 3 requests in flight: past ceil(1.25 x 1/3 x 4) = 2.
+        for _ in range(3):
+            moved = await backend_of(r, on_a[3])
+            assert moved != "a/gpt-x"
+        assert pins(r, "repin") == 3
+        assert await backend_of(r, other) == home[other]  # the others' sessions stay put
+        assert pins(r, "hit") == 40 + 3 + 1  # the held three went home too
+    finally:
+        for task in held:
+            task.cancel()
+        await asyncio.gather(*held, return_exceptions=True)
+    a.recorder.override = None
+    state = r.worker.states["a/gpt-x"]
+    await until("a's requests ended", lambda: state.inflight == 0)
+    assert await backend_of(r, on_a[3]) == "a/gpt-x"  # the load is even again: back home
+    assert (pins(r, "hit"), pins(r, "repin")) == (45, 3)
+
+
+# --- what counts as a use of a session ----------------------------------------------------
+
+@pytest.mark.parametrize("backing", ["redis", "memory"])
+async def test_a_request_the_limiter_refuses_is_not_a_use_of_its_session(
+        fakes, start_router, request, backing):
+    store = redis(request.getfixturevalue("redis_server")) if backing == "redis" else MEMORY
+    ups = [await fakes(n) for n in ("a", "b")]
+    r = await start_router(with_limits(config(ups, store), rpm=3))
+    pinned = {await backend_of(r, "s") for _ in range(3)}
+    assert len(pinned) == 1
+    before = await requests_on(r, "s", 3)
+    pin = await r.worker.store.get_pin("alice", "s")
+    for _ in range(2):
+        status, _, body = await ask(r, "s")
+        assert status == 429 and body["error"]["code"] == "rpm"
+    # Refused: neither counted nor touched (last use and expiry as they were).
+    assert await r.worker.store.get_pin("alice", "s") == pin
+    assert await requests_on(r, "s", 3) == before
+    assert (pins(r, "new"), pins(r, "hit")) == (1, 2)
+
+
+@pytest.mark.parametrize("backing", ["redis", "memory"])
+async def test_with_limits_every_admitted_request_counts_once_on_its_pin(
+        fakes, start_router, request, backing):
+    """The pin is read with the admission (not touched: it might be refused), then counted:
+    a hit by a call sent without waiting, a new or moved pin in its claim."""
+    store = redis(request.getfixturevalue("redis_server")) if backing == "redis" else MEMORY
+    ups = [await fakes(n) for n in ("a", "b", "c")]
+    r = await start_router(with_limits(config(ups, store, ejection=EJECT_AT_ONCE),
+                                       rpm=10_000, concurrency=50))
+    first = {s: await backend_of(r, s) for s in ("s0", "s1", "s2", "s3")}
+    assert first["s0"] == first["s3"]
+    for session in first:
+        assert await backend_of(r, session) == first[session]
+    bad = next(u for u in ups if first["s0"].startswith(u.name + "/"))
+    bad.recorder.override = "status:500"
+    moved = await backend_of(r, "s0")  # placed on its pin, failed there, answered elsewhere
+    assert moved != first["s0"]
+    moved3 = await backend_of(r, "s3")  # its backend is ejected now: re-pinned up front
+    assert moved3 != first["s3"]
+    assert await backend_of(r, "s3") == moved3
+    assert [pins(r, o) for o in ("new", "hit", "repin")] == [4, 6, 2]
+    info = await requests_on(r, "s0", 3)
+    assert info["backend"] == moved
+    assert (await requests_on(r, "s3", 4))["backend"] == moved3
+    assert (await requests_on(r, "s1", 2))["backend"] == first["s1"]
 
 
 async def test_with_redis_down_and_on_failure_closed_a_session_request_is_503(
