@@ -25,6 +25,7 @@ from router.errors import (
 from router.metrics import CONTENT_TYPE
 from router.relay import relay_json, relay_stream
 from router.routing.dispatch import Opened, dispatch
+from router.routing.fanout import fan_out
 from router.routing.prober import publish_backend_up
 from router.routing.table import Route
 from router.runtime import Runtime
@@ -92,20 +93,28 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 else runtime.table.default_route
         route = _route_for(runtime, principal, name)
         facts.route = name
-        created = session_id is None and settings.auto_create_session
+        fanout = route.config.fanout
+        # `all` asks every backend: there is no one backend to pin a session to.
+        created = session_id is None and settings.auto_create_session and fanout != "all"
         if created:
             session_id = sessions.new_session_id()
         placed = None
         if session_id is not None:
             headers["x-session-id"] = session_id
-            placed = await sessions.place(store, metrics, config, runtime.table, route,
-                                          principal.user, session_id, state,
-                                          settings.session_ttl_s)
+            if fanout != "all":
+                placed = await sessions.place(store, metrics, config, runtime.table, route,
+                                              principal.user, session_id, state,
+                                              settings.session_ttl_s)
         inflight = metrics.child(metrics.inflight, name)
         inflight.inc()
-        opened = await dispatch(route, body, stream=stream, request_id=request[REQUEST_ID],
-                                max_response_bytes=server.max_response_bytes, metrics=metrics,
-                                prefer=placed)
+        if fanout == "none" or placed is not None:  # a pinned session ignores race and hedge
+            opened = await dispatch(route, body, stream=stream, request_id=request[REQUEST_ID],
+                                    max_response_bytes=server.max_response_bytes,
+                                    metrics=metrics, prefer=placed)
+        else:
+            opened = await fan_out(route, body, stream=stream, request_id=request[REQUEST_ID],
+                                   max_response_bytes=server.max_response_bytes,
+                                   metrics=metrics)
         if session_id is not None and opened.backend is not placed \
                 and not sessions.hashing_only(state, config):
             try:

@@ -105,6 +105,7 @@ def _cross_checks(config: Config) -> Iterator[tuple[Path, str]]:
                 yield ("routes", route_name, "fallbacks", i), f"unknown route {fallback!r}"
             elif fallback == route_name:
                 yield ("routes", route_name, "fallbacks", i), "a route cannot fall back to itself"
+        yield from _fanout_checks(route_name, route)
     if config.default_route is not None and config.default_route not in routes:
         yield ("default_route",), f"unknown route {config.default_route!r}"
     ids: set[str] = set()
@@ -117,6 +118,27 @@ def _cross_checks(config: Config) -> Iterator[tuple[Path, str]]:
                 yield ("auth", "api_keys", i, "models", j), f"unknown route {model!r}"
     if config.auth.dev_api_key is not None and not _is_loopback(config.server.host):
         yield ("auth", "dev_api_key"), "a dev key is only allowed when server.host is loopback"
+
+
+def _fanout_checks(name: str, route: RouteConfig) -> Iterator[tuple[Path, str]]:
+    """Fan-out keys that fit the route's mode and its number of backends."""
+    mode, count, given = route.fanout, len(route.backends), route.model_fields_set
+    if mode != "none" and count < 2:
+        yield ("routes", name, "fanout"), \
+            f"fanout {mode} needs at least 2 backends (this route has {count})"
+    if "fanout_width" in given and route.fanout_width is not None:
+        if mode not in ("race", "all"):
+            yield ("routes", name, "fanout_width"), "applies only to fanout race or all"
+        elif route.fanout_width > count:
+            yield ("routes", name, "fanout_width"), \
+                f"{route.fanout_width} is more than this route's {count} backends"
+    for key in ("hedge_after_ms", "max_hedges"):
+        if key in given and mode != "hedge":
+            yield ("routes", name, key), "applies only to fanout hedge"
+    if mode == "hedge" and 2 <= count <= route.max_hedges:
+        yield ("routes", name, "max_hedges"), \
+            f"{route.max_hedges} extra copies need {route.max_hedges + 1} backends " \
+            f"(this route has {count})"
 
 
 def _is_loopback(host: str) -> bool:

@@ -4,11 +4,32 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    field_validator,
+    model_validator,
+)
 
 Strategy = Literal["round_robin", "weighted", "least_busy", "latency", "random"]
-Fanout = Literal["none"]
+Fanout = Literal["none", "race", "hedge", "all"]
 PositiveInt = Annotated[int, Field(ge=1)]
+
+
+def _hedge_after(value: object) -> object:
+    """A number of milliseconds > 0, or `p95` (the route's observed 95th percentile)."""
+    if value == "p95":
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and 0 < value <= 3_600_000:
+        return float(value)
+    raise ValueError("expected milliseconds (a number > 0, at most 3600000) or 'p95'")
+
+
+HedgeAfter = Annotated[float | Literal["p95"], BeforeValidator(_hedge_after)]
 
 
 class Frozen(BaseModel):
@@ -223,6 +244,10 @@ class EjectionConfig(Frozen):
 class RouteConfig(Frozen):
     strategy: Strategy = "round_robin"
     fanout: Fanout = "none"
+    # race and all: how many backends are asked (race: all of them, at most 4; all: every one).
+    fanout_width: int | None = Field(None, ge=2, le=16)
+    hedge_after_ms: HedgeAfter = "p95"
+    max_hedges: int = Field(1, ge=1, le=15)
     retries: int = Field(2, ge=0, le=10)
     timeout_s: float = Field(600.0, gt=0)
     connect_timeout_s: float = Field(5.0, gt=0)

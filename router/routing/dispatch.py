@@ -65,7 +65,7 @@ class Opened:
 
     def record_usage(self, usage: dict[str, Any]) -> None:
         """A stream's `usage`, read by the relay at its end: kept and counted like JSON's."""
-        self.tokens = _count_tokens({"usage": usage}, self.route, self.backend, self.metrics)
+        self.tokens = count_tokens({"usage": usage}, self.route, self.backend, self.metrics)
 
     def finish(self, upstream_failed: bool) -> None:
         """Release the slot and close the exchange; count a failure only if the upstream was at
@@ -105,29 +105,60 @@ async def dispatch(route: Route, body: dict[str, Any], *, stream: bool, request_
             if last_error is not None:
                 metrics.child(metrics.retries, route.name, last_error.code or "error").inc()
             try:
-                return await _attempt(r, backend, body, stream, request_id,
+                return await attempt(r, backend, body, stream, request_id,
                                       max_response_bytes, attempts, metrics)
-            except _Retryable as exc:
+            except Retryable as exc:
                 last_error = exc.error
                 log.info("backend %s failed: %s", backend.name, exc.error.message)
     if last_error is not None:
         raise last_error
+    raise unavailable(route)
+
+
+def unavailable(route: Route) -> RouterError:
+    """No backend could be asked: 429 while every one rests after an upstream 429, else 503."""
     rests = [rest for r in route.chain() if (rest := r.rest_remaining()) is not None]
     if rests:
-        raise UpstreamRateLimited("every upstream for this model asked to wait",
-                                  headers={"Retry-After": str(max(1, math.ceil(min(rests))))})
-    raise Overloaded("every backend of this route is at its concurrency limit or down",
-                     headers={"Retry-After": "1"})
+        return UpstreamRateLimited("every upstream for this model asked to wait",
+                                   headers={"Retry-After": str(max(1, math.ceil(min(rests))))})
+    return Overloaded("every backend of this route is at its concurrency limit or down",
+                      headers={"Retry-After": "1"})
 
 
-class _Retryable(Exception):
+class Retryable(Exception):
+    """An attempt failed in a way another backend may not (it is tried next); `error` is what
+    the client sees if none does."""
+
     def __init__(self, error: RouterError) -> None:
         self.error = error
 
 
-async def _attempt(route: Route, backend: Backend, body: dict[str, Any], stream: bool,
-                   request_id: str, max_response_bytes: int, attempts: int,
-                   metrics: Metrics) -> Opened:
+async def attempt_or_error(route: Route, backend: Backend, body: dict[str, Any], stream: bool,
+                           request_id: str, max_response_bytes: int, attempts: int,
+                           metrics: Metrics) -> Opened | RouterError:
+    """One copy of a fanned-out request: its answer, or the error the client would see."""
+    try:
+        return await attempt(route, backend, body, stream, request_id, max_response_bytes,
+                             attempts, metrics)
+    except Retryable as exc:
+        log.info("backend %s failed: %s", backend.name, exc.error.message)
+        return exc.error
+    except RouterError as exc:  # an upstream 4xx that blames the request
+        return exc
+
+
+def finish_if_opened(task: asyncio.Task[Opened | RouterError]) -> None:
+    """Done callback of a fanned-out copy that lost: if it answered after all (it finished
+    before its cancellation landed), release that answer."""
+    if not task.cancelled():
+        result = task.result()
+        if isinstance(result, Opened):
+            result.finish(upstream_failed=False)
+
+
+async def attempt(route: Route, backend: Backend, body: dict[str, Any], stream: bool,
+                  request_id: str, max_response_bytes: int, attempts: int,
+                  metrics: Metrics) -> Opened:
     cfg = route.config
     upstream_body = dict(body)
     upstream_body["model"] = backend.model
@@ -161,7 +192,7 @@ async def _attempt(route: Route, backend: Backend, body: dict[str, Any], stream:
             # A JSON answer's head is its first byte; the body may take the whole timeout_s.
             ttfb = time.monotonic() - started
             first = await _read_all(exchange, max_response_bytes)
-            tokens = _count_tokens(_check_json(first), route, backend, metrics)
+            tokens = count_tokens(check_json(first), route, backend, metrics)
         state.record_ttfb(ttfb)
         metrics.child(metrics.ttfb, route.name, backend.name).observe(ttfb)
         state.record_success()
@@ -170,11 +201,11 @@ async def _attempt(route: Route, backend: Backend, body: dict[str, Any], stream:
                       hide_usage)
     except TimeoutError:
         _count_failure(route, backend, metrics, "timeout")
-        raise _Retryable(UpstreamTimeout(
+        raise Retryable(UpstreamTimeout(
             f"no first byte from upstream within {cfg.first_byte_timeout_s} s")) from None
     except UpstreamError as exc:
         _count_failure(route, backend, metrics, exc.code or "error")
-        raise _Retryable(exc) from exc
+        raise Retryable(exc) from exc
     finally:
         if not committed:
             state.inflight -= 1
@@ -207,7 +238,7 @@ async def _read_all(exchange: Exchange, limit: int) -> bytes:
     return b"".join(parts)
 
 
-def _check_json(body: bytes) -> dict[str, Any]:
+def check_json(body: bytes) -> dict[str, Any]:
     """A 2xx JSON answer that does not parse is an upstream failure: the next backend may do."""
     try:
         parsed = orjson.loads(body)
@@ -218,7 +249,7 @@ def _check_json(body: bytes) -> dict[str, Any]:
     return parsed
 
 
-def _count_tokens(answer: dict[str, Any], route: Route, backend: Backend,
+def count_tokens(answer: dict[str, Any], route: Route, backend: Backend,
                   metrics: Metrics) -> tuple[int, int] | None:
     """(prompt, completion) tokens from the answer's `usage`, counted in the metrics."""
     usage = answer.get("usage")
@@ -241,7 +272,7 @@ async def _refusal(route: Route, backend: Backend, exchange: Exchange) -> Router
         rest = exchange.retry_after_s if exchange.retry_after_s is not None else 1.0
         backend.state.rest(rest)
         retry_after = str(max(1, round(rest)))
-        raise _Retryable(UpstreamRateLimited(
+        raise Retryable(UpstreamRateLimited(
             "every upstream for this model is rate limited", headers={"Retry-After": retry_after}))
     if status >= 500 or status in (401, 403, 407, 408):
         # Upstream trouble, or the router's own upstream credentials: never the client's fault.

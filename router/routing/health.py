@@ -1,4 +1,5 @@
-"""Backend health: in-flight count, time-to-first-byte EWMA, passive ejection, probe results.
+"""Backend health: in-flight count, time-to-first-byte EWMA, passive ejection, probe results;
+and a route's recent times to first byte (the `p95` of `fanout: hedge`).
 
 State is per process and survives config reloads for backends whose name is unchanged.
 """
@@ -53,3 +54,38 @@ class BackendState:
     def rest(self, seconds: float) -> None:
         """An upstream asked us to back off (429 Retry-After)."""
         self.resting_until = max(self.resting_until, time.monotonic() + seconds)
+
+
+class TtfbWindow:
+    """A route's last SIZE times to first byte, for `hedge_after_ms: p95`: recording is one list
+    store; the percentile is recomputed (a sort of SIZE floats) after every RECOMPUTE new samples.
+    None until MIN_SAMPLES have been seen."""
+
+    SIZE = 256
+    MIN_SAMPLES = 20
+    RECOMPUTE = 16
+
+    __slots__ = ("_count", "_fresh", "_p95", "_samples")
+
+    def __init__(self) -> None:
+        self._samples: list[float] = []
+        self._count = 0  # samples ever recorded
+        self._fresh = 0  # recorded since _p95 was computed
+        self._p95: float | None = None
+
+    def record(self, seconds: float) -> None:
+        if len(self._samples) < self.SIZE:
+            self._samples.append(seconds)
+        else:
+            self._samples[self._count % self.SIZE] = seconds
+        self._count += 1
+        self._fresh += 1
+
+    def p95(self) -> float | None:
+        if self._count < self.MIN_SAMPLES:
+            return None
+        if self._p95 is None or self._fresh >= self.RECOMPUTE:
+            ordered = sorted(self._samples)
+            self._p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+            self._fresh = 0
+        return self._p95

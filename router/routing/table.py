@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from router.config import Config, RouteConfig
 from router.providers import Provider
-from router.routing.health import BackendState
+from router.routing.health import BackendState, TtfbWindow
 from router.routing.strategies import STRATEGIES, Strategy
 from router.upstream import Timeouts
 
@@ -34,6 +34,7 @@ class Route:
     strategy: Strategy
     fallbacks: tuple[Route, ...] = field(default=())
     timeouts: Timeouts = field(init=False)
+    ttfb: TtfbWindow = field(init=False, default_factory=TtfbWindow)  # recorded by hedges only
 
     def __post_init__(self) -> None:
         c = self.config
