@@ -7,6 +7,7 @@ providers or the relay. aiohttp's exceptions are translated into RouterErrors at
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -33,10 +34,31 @@ class UpstreamResponse(Protocol):
 
 
 class UpstreamClient(Protocol):
+    """`ca_file`: for https, trust only the CAs in this PEM file instead of the system's."""
+
     async def post(self, url: str, headers: Mapping[str, str], body: bytes,
-                   timeouts: Timeouts) -> UpstreamResponse: ...
-    async def get_status(self, url: str, headers: Mapping[str, str], timeout_s: float) -> int: ...
+                   timeouts: Timeouts, ca_file: str | None = None) -> UpstreamResponse: ...
+    async def get_status(self, url: str, headers: Mapping[str, str], timeout_s: float,
+                         ca_file: str | None = None) -> int: ...
     async def close(self) -> None: ...
+
+
+_TLS: dict[str | None, ssl.SSLContext] = {}
+
+
+async def tls_context(ca_file: str | None = None) -> ssl.SSLContext:
+    """The verifying client context for https upstreams: the system's CAs (as OpenSSL finds
+    them: SSL_CERT_FILE and SSL_CERT_DIR are honoured), or only those in `ca_file`. Made once
+    per process and file, in a thread (loading CAs reads files); a file that cannot be loaded
+    is an UpstreamUnavailable (tried again on the next call)."""
+    ctx = _TLS.get(ca_file)
+    if ctx is None:
+        try:
+            ctx = await asyncio.to_thread(ssl.create_default_context, cafile=ca_file)
+        except (OSError, ValueError) as exc:  # missing file, not PEM, no certificate in it
+            raise UpstreamUnavailable("could not load the upstream CA file") from exc
+        _TLS[ca_file] = ctx
+    return ctx
 
 
 class _AiohttpResponse:
@@ -108,7 +130,9 @@ class AiohttpUpstream:
         return session
 
     async def post(self, url: str, headers: Mapping[str, str], body: bytes,
-                   timeouts: Timeouts) -> UpstreamResponse:
+                   timeouts: Timeouts, ca_file: str | None = None) -> UpstreamResponse:
+        # aiohttp's own verifying context (made at import, SSL_CERT_FILE honoured), or ours
+        tls: ssl.SSLContext | bool = True if ca_file is None else await tls_context(ca_file)
         timeout = self._timeouts.get(timeouts)
         if timeout is None:
             timeout = self._timeouts[timeouts] = aiohttp.ClientTimeout(
@@ -117,7 +141,10 @@ class AiohttpUpstream:
                 sock_read=timeouts.idle_s,
             )
         try:
-            resp = await self._session.post(url, data=body, headers=headers, timeout=timeout)
+            resp = await self._session.post(url, data=body, headers=headers, timeout=timeout,
+                                            ssl=tls)
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise UpstreamUnavailable("the upstream's TLS certificate is not trusted") from exc
         except aiohttp.ClientConnectorError as exc:
             raise UpstreamUnavailable("could not connect to upstream") from exc
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
@@ -126,13 +153,16 @@ class AiohttpUpstream:
             raise UpstreamError("upstream request failed") from exc
         return _AiohttpResponse(resp)
 
-    async def get_status(self, url: str, headers: Mapping[str, str], timeout_s: float) -> int:
+    async def get_status(self, url: str, headers: Mapping[str, str], timeout_s: float,
+                         ca_file: str | None = None) -> int:
         timeout = aiohttp.ClientTimeout(total=timeout_s)
         try:
-            async with self._session.get(url, headers=headers, timeout=timeout) as resp:
+            tls: ssl.SSLContext | bool = True if ca_file is None else await tls_context(ca_file)
+            async with self._session.get(url, headers=headers, timeout=timeout,
+                                         ssl=tls) as resp:
                 await resp.read()
                 return resp.status
-        except (TimeoutError, aiohttp.ClientError):
+        except (TimeoutError, aiohttp.ClientError, UpstreamUnavailable):
             return 0
 
     async def close(self) -> None:

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 from multidict import CIMultiDict
 
 from router.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
-from router.upstream import Timeouts, UpstreamResponse
+from router.upstream import Timeouts, UpstreamResponse, tls_context
 
 MAX_HEAD = 64 * 1024  # status line + headers; larger answers are broken (or hostile)
 MAX_LINE = 8 * 1024  # a chunk-size or trailer line
@@ -28,7 +28,7 @@ HIGH_WATER = 64 * 1024  # buffered body bytes above which the socket stops being
 LOW_WATER = 16 * 1024
 
 _IDLE, _HEAD, _LEN, _EOF, _CSIZE, _CDATA, _CEND, _TRAILER, _DONE = range(9)
-_Key = tuple[str, str, int]
+_Key = tuple[str, str, int, str | None]  # scheme, host, port, CA file (https)
 
 
 def _expire(fut: asyncio.Future[Any]) -> None:
@@ -276,7 +276,8 @@ class _Conn(asyncio.Protocol):
 
 
 class _Host:
-    """The pool for one (scheme, host, port): idle connections and a per-host limit."""
+    """The pool for one (scheme, host, port, CA file): idle connections and a per-host
+    limit."""
 
     def __init__(self, key: _Key, limit: int, keepalive_s: float) -> None:
         self.key, self.limit, self.keepalive_s = key, limit, keepalive_s
@@ -322,8 +323,8 @@ class _Host:
             raise
 
     async def connect(self, timeout_s: float) -> _Conn:
-        scheme, host, port = self.key
-        ctx = await _tls_context() if scheme == "https" else None
+        scheme, host, port, ca_file = self.key
+        ctx = await tls_context(ca_file) if scheme == "https" else None
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout_s):
@@ -332,6 +333,8 @@ class _Host:
                     server_hostname=host if ctx is not None else None)
         except TimeoutError:
             raise UpstreamTimeout("could not connect to upstream in time") from None
+        except ssl.SSLCertVerificationError as exc:
+            raise UpstreamUnavailable("the upstream's TLS certificate is not trusted") from exc
         except OSError as exc:
             raise UpstreamUnavailable("could not connect to upstream") from exc
         return conn
@@ -368,16 +371,6 @@ class _Host:
             conn.in_pool = False
             self.idle.remove(conn)
             self.free_slot()
-
-
-_TLS: ssl.SSLContext | None = None
-
-
-async def _tls_context() -> ssl.SSLContext:
-    global _TLS
-    if _TLS is None:  # loading the CA store reads files: not on the event loop
-        _TLS = await asyncio.to_thread(ssl.create_default_context)
-    return _TLS
 
 
 class _LeanResponse:
@@ -427,7 +420,8 @@ class _LeanResponse:
 
 
 class LeanUpstream:
-    """Per-(scheme, host, port) keep-alive pools, made lazily inside the worker's loop."""
+    """Per-(scheme, host, port, CA file) keep-alive pools, made lazily inside the worker's
+    loop."""
 
     def __init__(self, *, max_connections: int, max_per_host: int,
                  keepalive_s: float = 4.0) -> None:
@@ -436,26 +430,27 @@ class LeanUpstream:
         self._max_per_host = max(1, min(max_per_host, max_connections))
         self._keepalive_s = keepalive_s
         self._hosts: dict[_Key, _Host] = {}
-        self._urls: dict[str, tuple[_Host, str, str]] = {}
+        self._urls: dict[tuple[str, str | None], tuple[_Host, str, str]] = {}
 
-    def _target(self, url: str) -> tuple[_Host, str, str]:
-        found = self._urls.get(url)
+    def _target(self, url: str, ca_file: str | None) -> tuple[_Host, str, str]:
+        found = self._urls.get((url, ca_file))
         if found is None:
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise UpstreamError("unsupported upstream URL")
             port = parts.port or (443 if parts.scheme == "https" else 80)
-            key = (parts.scheme, parts.hostname, port)
+            key = (parts.scheme, parts.hostname, port,
+                   ca_file if parts.scheme == "https" else None)
             host = self._hosts.get(key)
             if host is None:
                 host = self._hosts[key] = _Host(key, self._max_per_host, self._keepalive_s)
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            found = self._urls[url] = (host, path, parts.netloc.rpartition("@")[2])
+            found = self._urls[url, ca_file] = (host, path, parts.netloc.rpartition("@")[2])
         return found
 
     async def _request(self, method: str, url: str, headers: Mapping[str, str], body: bytes,
-                       timeouts: Timeouts) -> _LeanResponse:
-        host, path, authority = self._target(url)
+                       timeouts: Timeouts, ca_file: str | None) -> _LeanResponse:
+        host, path, authority = self._target(url, ca_file)
         lines = [f"{method} {path} HTTP/1.1\r\nHost: {authority}\r\n"]
         if body or method == "POST":
             lines.append(f"Content-Length: {len(body)}\r\n")
@@ -489,13 +484,14 @@ class LeanUpstream:
         return _LeanResponse(conn, host, timeouts.idle_s, deadline)
 
     async def post(self, url: str, headers: Mapping[str, str], body: bytes,
-                   timeouts: Timeouts) -> UpstreamResponse:
-        return await self._request("POST", url, headers, body, timeouts)
+                   timeouts: Timeouts, ca_file: str | None = None) -> UpstreamResponse:
+        return await self._request("POST", url, headers, body, timeouts, ca_file)
 
-    async def get_status(self, url: str, headers: Mapping[str, str], timeout_s: float) -> int:
+    async def get_status(self, url: str, headers: Mapping[str, str], timeout_s: float,
+                         ca_file: str | None = None) -> int:
         try:
             resp = await self._request("GET", url, headers, b"",
-                                       Timeouts(timeout_s, timeout_s, timeout_s))
+                                       Timeouts(timeout_s, timeout_s, timeout_s), ca_file)
             try:
                 await resp.read(1 << 20)
             finally:

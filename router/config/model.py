@@ -208,6 +208,15 @@ class OpenAIProviderConfig(Frozen):
     headers: dict[str, str] = Field(default_factory=dict, repr=False)
     max_connections: int = Field(256, ge=1)
     probe: bool = True
+    # https: trust only the CAs in this PEM file (a private CA) instead of the system's; read
+    # on first use, so a changed file takes effect on restart.
+    ca_file: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _ca_file_needs_https(self) -> OpenAIProviderConfig:
+        if self.ca_file is not None and not self.base_url.startswith("https://"):
+            raise ValueError("ca_file needs an https:// base_url")
+        return self
 
 
 class MockProviderConfig(Frozen):

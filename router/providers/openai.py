@@ -19,6 +19,7 @@ class OpenAIProvider:
         self._url = f"{base}/chat/completions"
         self._models_url = f"{base}/models"
         self._probe = config.probe
+        self._ca_file = config.ca_file
         self._probe_timeout_s = probe_timeout_s
         headers = {"User-Agent": f"router/{__version__}", **config.headers,
                    "Content-Type": "application/json", "Accept-Encoding": "identity"}
@@ -33,7 +34,7 @@ class OpenAIProvider:
         headers["Accept"] = "text/event-stream" if call.stream else "application/json"
         headers["x-request-id"] = call.request_id
         resp = await self._client.post(self._url, headers, orjson.dumps(call.body),
-                                       call.timeouts)
+                                       call.timeouts, self._ca_file)
         return Exchange(
             status=resp.status,
             content_type=resp.headers.get("Content-Type", "application/json"),
@@ -46,5 +47,5 @@ class OpenAIProvider:
         if not self._probe:
             return None
         status = await self._client.get_status(self._models_url, self._probe_headers,
-                                               self._probe_timeout_s)
+                                               self._probe_timeout_s, self._ca_file)
         return 200 <= status < 300

@@ -18,6 +18,13 @@ metadata read from disk, which would block the event loop).
                                                       belongs to one slot per call.
     rediss+sentinel://, rediss+cluster://             the same over TLS (to the sentinels too)
 
+Every rediss url takes redis-py's TLS options in its query (TLS_PARAMS), for the data nodes and
+the sentinels alike, e.g. `rediss://host:6380/0?ssl_ca_certs=/etc/router/redis-ca.pem`: the
+CA bundle that signed the server's certificate (trusted besides the system's CAs), a client
+certificate and key for servers that ask for one, `ssl_cert_reqs=none|optional|required` and
+`ssl_check_hostname=true|false`. Any other query parameter is refused when the config loads
+(redis-py would pass it on as a connection argument, failing every call).
+
 The client is typed as `Redis` for every topology: the store uses only the command methods
 that `RedisCluster` shares with it, and keeps every pipeline and script within one slot.
 """
@@ -49,6 +56,10 @@ SCHEMES: dict[str, tuple[Kind, bool]] = {
     "rediss+cluster": ("cluster", True),
 }
 SENTINEL_PORT = 26379
+TLS_PARAMS = frozenset({"ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs",
+                        "ssl_check_hostname"})
+_CERT_REQS = ("none", "optional", "required")
+_BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 MASTER_CHECK_S = 1.0  # how stale a Sentinel client's idea of the master may be
 
 
@@ -64,6 +75,9 @@ class StoreUrl:
     username: str | None = field(default=None, repr=False)
     password: str | None = field(default=None, repr=False)
     sentinel_password: str | None = field(default=None, repr=False)
+    # rediss: redis-py's ssl_* keyword arguments from the query (sentinel and cluster use them;
+    # redis-py reads them from a plain rediss:// url itself)
+    tls_options: tuple[tuple[str, str | bool], ...] = ()
 
 
 def parse_store_url(url: str) -> StoreUrl:
@@ -72,9 +86,19 @@ def parse_store_url(url: str) -> StoreUrl:
     if not sep or scheme not in SCHEMES:
         raise ValueError(f"unsupported redis url scheme {scheme!r}")
     kind, tls = SCHEMES[scheme]
-    if kind == "redis":
-        return StoreUrl(kind, tls)
     rest, _, query = rest.partition("?")
+    params = parse_qs(query, keep_blank_values=True)
+    allowed = (TLS_PARAMS if tls else frozenset()) | (
+        {"sentinel_password"} if kind == "sentinel" else set())
+    unknown = set(params) - allowed
+    if unknown:
+        hint = " (ssl_* parameters need a rediss scheme)" if not tls and unknown & TLS_PARAMS \
+            else ""
+        raise ValueError(f"{scheme}:// url: unknown parameter(s) {sorted(unknown)}{hint}")
+    tls_options = tuple((name, _tls_option(name, values[-1], scheme))
+                        for name, values in sorted(params.items()) if name in TLS_PARAMS)
+    if kind == "redis":  # the rest is redis-py's to parse
+        return StoreUrl(kind, tls, tls_options=tls_options)
     rest, _, fragment = rest.partition("#")
     if fragment:
         raise ValueError(f"{scheme}:// url: unexpected fragment")
@@ -87,10 +111,6 @@ def parse_store_url(url: str) -> StoreUrl:
         password = unquote(secret) if colon else None
     default_port = SENTINEL_PORT if kind == "sentinel" else 6379
     nodes = tuple(_host_port(h, default_port, scheme) for h in hosts.split(","))
-    params = parse_qs(query, keep_blank_values=True)
-    unknown = set(params) - ({"sentinel_password"} if kind == "sentinel" else set())
-    if unknown:
-        raise ValueError(f"{scheme}:// url: unknown parameter(s) {sorted(unknown)}")
     parts = [unquote(p) for p in path.split("/")] if path else []
     if kind == "sentinel":
         if not parts or not parts[0] or len(parts) > 2:
@@ -98,11 +118,26 @@ def parse_store_url(url: str) -> StoreUrl:
                              "/service_name[/db]")
         sentinel_password = params.get("sentinel_password", [None])[-1]
         return StoreUrl(kind, tls, nodes, parts[0], _db(parts[1:], scheme), username,
-                        password, sentinel_password)
+                        password, sentinel_password, tls_options)
     if len(parts) > 1 or _db(parts, scheme) != 0:
         raise ValueError("redis+cluster:// has one database, 0: expected "
                          "redis+cluster://[:password@]host:port[,host:port...]")
-    return StoreUrl(kind, tls, nodes, username=username, password=password)
+    return StoreUrl(kind, tls, nodes, username=username, password=password,
+                    tls_options=tls_options)
+
+
+def _tls_option(name: str, value: str, scheme: str) -> str | bool:
+    if name == "ssl_cert_reqs":
+        if value not in _CERT_REQS:
+            raise ValueError(f"{scheme}:// url: ssl_cert_reqs must be one of {_CERT_REQS}")
+        return value
+    if name == "ssl_check_hostname":
+        if value.lower() not in _BOOLS:
+            raise ValueError(f"{scheme}:// url: ssl_check_hostname must be true or false")
+        return _BOOLS[value.lower()]
+    if not value:
+        raise ValueError(f"{scheme}:// url: {name} needs a file path")
+    return value
 
 
 def _host_port(text: str, default_port: int, scheme: str) -> tuple[str, int]:
@@ -196,20 +231,21 @@ def connect(url: str, *, timeout_s: float, max_connections: int = 64) -> Client:
         redis = Redis.from_pool(pool)
         return Client(redis, [redis.aclose])
     auth: dict[str, Any] = {"username": parsed.username, "password": parsed.password}
+    tls: dict[str, Any] = {"ssl": parsed.tls, **dict(parsed.tls_options)}
     if parsed.kind == "cluster":
         cluster = RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in parsed.nodes],
             max_connections=max_connections,  # per node; beyond it a call fails at once
             decode_responses=True,
             client_name="router",
-            ssl=parsed.tls,
+            **tls,
             **auth,
             **common,
         )
         return Client(cast(Redis, cluster), [cluster.aclose])
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         list(parsed.nodes),
-        sentinel_kwargs={"password": parsed.sentinel_password, "ssl": parsed.tls, **common},
+        sentinel_kwargs={"password": parsed.sentinel_password, **tls, **common},
     )
     master = sentinel.master_for(
         parsed.service,
@@ -219,7 +255,7 @@ def connect(url: str, *, timeout_s: float, max_connections: int = 64) -> Client:
         db=parsed.db,
         decode_responses=True,
         client_name="router",
-        ssl=parsed.tls,
+        **tls,
         **auth,
         **common,
     )

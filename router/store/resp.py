@@ -110,7 +110,9 @@ class RespLink:
     async def _connect(self) -> None:
         kw = self._kwargs
         if self._tls and self._ssl is None:
-            self._ssl = SSLConnection(**kw).ssl_context.get()
+            # redis-py's context for these kwargs (ssl_ca_certs and all); loading the CA
+            # bundle reads files: not on the event loop
+            self._ssl = await asyncio.to_thread(lambda: SSLConnection(**kw).ssl_context.get())
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._timeout_s):

@@ -9,6 +9,7 @@ names such as ``gpt-x``) mean a normal answer.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -367,15 +368,18 @@ def build_app(name: str = "fake") -> web.Application:
     return app
 
 
-async def start_fake(name: str = "fake") -> tuple[web.AppRunner, str, Recorder]:
+async def start_fake(name: str = "fake", ssl_context: ssl.SSLContext | None = None,
+                     ) -> tuple[web.AppRunner, str, Recorder]:
     """Start the fake on 127.0.0.1:<free port>; returns (runner, base_url ending in /v1, recorder).
 
+    With `ssl_context` (a server context holding the certificate) it speaks HTTPS only.
     Call ``await runner.cleanup()`` when done.
     """
     app = build_app(name)
     runner = web.AppRunner(app, handler_cancellation=True)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
     await site.start()
     host, port = runner.addresses[0][:2]
-    return runner, f"http://{host}:{port}/v1", app[RECORDER]
+    scheme = "http" if ssl_context is None else "https"
+    return runner, f"{scheme}://{host}:{port}/v1", app[RECORDER]
