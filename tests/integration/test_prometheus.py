@@ -2,8 +2,9 @@
 
 Traffic of every kind the router serves today goes through it (ok JSON, stream, 422, 401, 403,
 unknown model 404, upstream 429, upstream 500 -> 502 after retries, a fallback, an ejection,
-config reloads); a real `prometheus` on loopback scrapes /metrics every second, and every query of
-every panel of grafana/dashboards/router.json, template variables substituted, must return data.
+a fan-out race, config reloads); a real `prometheus` on loopback scrapes /metrics every second,
+and every query of every panel of grafana/dashboards/router.json, template variables
+substituted, must return data.
 """
 
 from __future__ import annotations
@@ -214,6 +215,7 @@ async def drive(r: Any) -> None:
         (body("busy"), KEY, 429),
         (body("broken"), KEY, 502),
         (body("main"), KEY, 200),  # its backend fails: served by the fallback route
+        (body("raced", stream=True), KEY, 200),  # fan-out: a race of two backends
         (body("flaky"), KEY, 200),
         (body("flaky"), KEY, 200),
         (body("flaky"), KEY, 200),
@@ -240,6 +242,9 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(
          "main": {"retries": 0, "fallbacks": ["fb"], "ejection": NO_EJECTION,
                   "backends": [{"provider": "bad", "model": "gpt-main"}]},
          "fb": {"backends": [{"provider": "up", "model": "gpt-fb"}], "ejection": NO_EJECTION},
+         "raced": {"fanout": "race", "ejection": NO_EJECTION,
+                   "backends": [{"provider": "up", "model": "gpt-race"},
+                                {"provider": "up", "model": "first-byte:2"}]},
          "busy": {"retries": 0, "ejection": NO_EJECTION,
                   "backends": [{"provider": "busy", "model": "gpt-x"}]},
          "flaky": {"retries": 1,
@@ -279,6 +284,10 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(
             if not any(math.isfinite(v) for v in values):
                 empty.append(f"{title} [{ref}]: {substitute(expr)} -> {result}")
         assert not empty, "panel queries without data:\n" + "\n".join(empty)
+        # The fan-out panel falls back to 0 without fan-out traffic: its series must be real.
+        fanout = await prom.query("sum by (mode, outcome) (router_fanout_total)")
+        assert {(s["metric"]["mode"], s["metric"]["outcome"]) for s in fanout} >= \
+            {("race", "won"), ("race", "cancelled")}
 
         # A concrete choice of route and backend filters every panel that has those labels.
         for title, _ref, expr in targets(dash):
