@@ -104,7 +104,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             if fanout != "all":
                 placed = await sessions.place(store, metrics, config, runtime.table, route,
                                               principal.user, session_id, state,
-                                              settings.session_ttl_s)
+                                              settings.session_ttl_s, created=created)
         inflight = metrics.child(metrics.inflight, name)
         inflight.inc()
         if fanout == "none" or placed is not None:  # a pinned session ignores race and hedge

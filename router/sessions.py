@@ -150,14 +150,15 @@ def hashing_only(state: SessionState, config: Config) -> bool:
 
 async def place(store: Store, metrics: Metrics, config: Config, table: RoutingTable,
                 route: Route, user: str, session_id: str, state: SessionState,
-                ttl_s: int) -> Backend | None:
+                ttl_s: int, *, created: bool = False) -> Backend | None:
     """The backend this session's request goes to first: its pin when that backend is
     available with room (`hit`), else the strategy's choice, pinned (`new`, `repin`). None
-    when no backend can take it (dispatch then answers as it would without a session)."""
+    when no backend can take it (dispatch then answers as it would without a session).
+    `created`: the router just made the session id."""
     now = time.monotonic()
     candidates = [b for b in route.backends if b.state.available(now) and b.has_room()]
     if hashing_only(state, config):
-        return hashed(metrics, config, route, user, session_id, candidates)
+        return hashed(metrics, config, route, user, session_id, candidates, created)
     pin = state.pin
     replaces: str | None = None
     if pin is not None:
@@ -179,7 +180,7 @@ async def place(store: Store, metrics: Metrics, config: Config, table: RoutingTa
         metrics.child(metrics.store_errors, "claim_pin").inc()
         if config.store.on_failure == "closed":
             raise
-        return hashed(metrics, config, route, user, session_id, candidates) or choice
+        return hashed(metrics, config, route, user, session_id, candidates, created) or choice
     if held.backend != choice.name:
         # Another replica pinned it first: follow the winner.
         metrics.child(metrics.session_pins, "hit").inc()
@@ -217,15 +218,17 @@ async def settle(store: Store, metrics: Metrics, user: str, session_id: str, rou
 
 
 def hashed(metrics: Metrics, config: Config, route: Route, user: str, session_id: str,
-           candidates: Sequence[Backend]) -> Backend | None:
+           candidates: Sequence[Backend], created: bool) -> Backend | None:
     """No pin to read or write: the session's backend is computed (consistent hashing with
-    bounded load over the available backends with room). Without a store nothing tells a new
-    session from a known one: going to the session's hashed first choice counts as `hit`,
-    being moved off it (ejected, full, past its load bound) as `repin`; never `new`."""
+    bounded load over the available backends with room). Only an id the router just made is
+    known to be `new`; for any other, nothing tells a new session from a known one: going to
+    its hashed first choice counts as `hit`, being moved off it (ejected, full, past its load
+    bound) as `repin`."""
     backend, home = bounded_rendezvous(f"{user}\0{session_id}", route.backends, candidates,
                                        config.sessions.hash_load_factor)
     if backend is not None:
-        metrics.child(metrics.session_pins, "hit" if home else "repin").inc()
+        outcome = "new" if created else "hit" if home else "repin"
+        metrics.child(metrics.session_pins, outcome).inc()
     return backend
 
 

@@ -478,6 +478,19 @@ async def test_without_a_shared_store_a_busy_backend_takes_no_session_past_its_s
     assert (pins(r, "hit"), pins(r, "repin")) == (45, 3)
 
 
+async def test_without_a_shared_store_an_auto_created_session_counts_as_new(
+        fakes, start_router):
+    ups = [await fakes(n) for n in ("a", "b", "c")]
+    r = await start_router(config(ups, MEMORY, server={"workers": 2},
+                                  sessions={"auto_create": True}))
+    status, headers, body = await ask(r)
+    assert status == 200 and body["session_id"] == headers["x-session-id"]
+    sid, backend = headers["x-session-id"], headers["x-router-backend"]
+    for _ in range(3):
+        assert await backend_of(r, sid) == backend
+    assert [pins(r, o) for o in ("new", "hit", "repin")] == [1, 3, 0]
+
+
 # --- what counts as a use of a session ----------------------------------------------------
 
 @pytest.mark.parametrize("backing", ["redis", "memory"])
