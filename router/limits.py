@@ -24,7 +24,6 @@ from router.routing.dispatch import Opened
 from router.runtime import RuntimeRef
 from router.store import MemoryStore, Store, StoreError
 from router.store.base import SESSION_UNAVAILABLE, Admission, SessionQuery, SessionState
-from router.tasks import spawn
 
 log = logging.getLogger("router.limits")
 
@@ -83,6 +82,12 @@ class Limiter:
         try:
             admission = await store.admit(principal.id, limits, prompt + completion,
                                           lease or "", ttl_s, session)
+        except asyncio.CancelledError:
+            # The client left while the store answered: the slot may have been taken; give it
+            # back now rather than when its lease expires (the token estimate stays charged).
+            if lease is not None:
+                store.settle(principal.id, limits, 0, lease).add_done_callback(self._settled)
+            raise
         except StoreError:
             m = self._metrics
             m.child(m.store_errors, "admit").inc()
@@ -119,16 +124,19 @@ class Limiter:
             delta = actual_tokens(ticket, opened) - ticket.estimate
         if ticket.lease is None and not delta:
             return
-        spawn(self._settle(ticket, delta), "limits-settle")
+        # Sent by the store at once (batched with this loop turn's other calls): no task here.
+        outcome = ticket.store.settle(ticket.principal, ticket.limits, delta, ticket.lease)
+        outcome.add_done_callback(self._settled)
 
-    async def _settle(self, ticket: Ticket, delta: int) -> None:
-        try:
-            await ticket.store.settle(ticket.principal, ticket.limits, delta, ticket.lease)
-        except StoreError as exc:
-            # The lease expires on its own; the token charge stays at the estimate.
-            m = self._metrics
-            m.child(m.store_errors, "settle").inc()
-            log.warning("could not settle a request's limits: %s", exc.message)
+    def _settled(self, outcome: asyncio.Future[Any]) -> None:
+        exc = None if outcome.cancelled() else outcome.exception()
+        if exc is None:
+            return
+        # The lease expires on its own; the token charge stays at the estimate.
+        m = self._metrics
+        m.child(m.store_errors, "settle").inc()
+        log.warning("could not settle a request's limits: %s",
+                    exc.message if isinstance(exc, StoreError) else type(exc).__name__)
 
     async def refresh_forever(self) -> None:
         """Keep in-flight requests' leases alive: one pipeline per worker every TTL/3."""

@@ -6,10 +6,11 @@ that created it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from router.config.model import Limits
 from router.errors import RouterError
@@ -164,10 +165,11 @@ class Store(Protocol):
         round trip (`Admission.session`), whether admitted or not."""
         ...
 
-    async def settle(self, principal: str, limits: Limits, token_delta: int,
-                     lease: str | None) -> None:
+    def settle(self, principal: str, limits: Limits, token_delta: int,
+               lease: str | None) -> asyncio.Future[Any]:
         """The request ended: release `lease` and adjust tpm and the day's tokens by
-        `token_delta` (actual - estimate)."""
+        `token_delta` (actual - estimate). Under way when this returns, awaited or not (no task
+        per request): the future only reports the outcome, failing with StoreError."""
         ...
 
     async def refresh_leases(self, leases: Mapping[str, Sequence[str]],

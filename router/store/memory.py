@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from router.config.model import Limits
 from router.store.base import (
@@ -143,8 +145,15 @@ class MemoryStore:
             day_remaining=max(0, (limits.tokens_per_day or 0) - used),
             day_reset_ms=round(midnight - now), in_flight=len(leases))
 
-    async def settle(self, principal: str, limits: Limits, token_delta: int,
-                     lease: str | None) -> None:
+    def settle(self, principal: str, limits: Limits, token_delta: int,
+               lease: str | None) -> asyncio.Future[Any]:
+        self._settle(principal, limits, token_delta, lease)
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    def _settle(self, principal: str, limits: Limits, token_delta: int,
+                lease: str | None) -> None:
         if lease is not None:
             self._leases.get(principal, {}).pop(lease, None)
         if not token_delta:

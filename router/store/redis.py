@@ -155,6 +155,12 @@ class _ScriptBatch:
         self._pending: list[tuple[str, str, list[str], list[EncodableT],
                                   asyncio.Future[Any]]] = []
 
+    @property
+    def bounded(self) -> bool:
+        """Every call is bounded without a timer of its own: the lean link is up, and it drops
+        the connection (failing what waits) when a reply is overdue by the store timeout."""
+        return self._link is not None and self._link.connected
+
     def call(self, sha: str, lua: str, keys: list[str],
              args: list[EncodableT]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
@@ -216,7 +222,9 @@ class _ScriptBatch:
 def _settle(future: asyncio.Future[Any], result: Any) -> None:
     if future.done():  # its caller gave up (timeout, client gone)
         return
-    if isinstance(result, BaseException):
+    if isinstance(result, (RedisError, OSError)):  # the driver's errors stop here
+        future.set_exception(StoreError(f"the store failed ({type(result).__name__})"))
+    elif isinstance(result, BaseException):
         future.set_exception(result)
     else:
         future.set_result(result)
@@ -339,15 +347,32 @@ class RedisStore:
                                   limits.concurrency or 0, limits.tokens_per_day or 0, tokens,
                                   lease, int(lease_ttl_s * 1000)]
         state = None
-        if session is None:
-            row = await self._call("admit", self._limits_script(limit_keys(principal), args))
+        keys = limit_keys(principal)
+        batch = self._batch
+        if batch is not None and batch.bounded:
+            # The hot path: no timer, no coroutine per call; the batch's futures fail with
+            # StoreError, and the link bounds the wait.
+            limits_reply = batch.call(LIMITS_SHA, LIMITS_LUA, keys, args)
+            session_reply = None if session is None else \
+                batch.call(SESSIONS_SHA, SESSIONS_LUA, *session_call(session))
+            try:
+                row = await limits_reply
+                if session_reply is not None:
+                    state = _state(await session_reply)
+            except BaseException:
+                for reply in (limits_reply, session_reply):
+                    if reply is not None:
+                        reply.add_done_callback(_quiet)
+                raise
+        elif session is None:
+            row = await self._call("admit", self._limits_script(keys, args))
         else:
             row, srow = await self._call("admit", self._admit_and_session(
-                limit_keys(principal), args, *session_call(session)))
+                keys, args, *session_call(session)))
             state = _state(srow)
-        allowed, denied, retry, *rest = (int(v) for v in row)
-        r_rem, r_reset, t_rem, t_reset, d_rem, d_reset, in_flight = rest
-        return Admission(bool(allowed), LIMIT_NAMES[denied - 1] if denied else None, retry,
+        # Lua numbers come back as integers.
+        allowed, denied, retry, r_rem, r_reset, t_rem, t_reset, d_rem, d_reset, in_flight = row
+        return Admission(allowed == 1, LIMIT_NAMES[denied - 1] if denied else None, retry,
                          r_rem, r_reset, t_rem, t_reset, d_rem, d_reset, in_flight, state)
 
     async def _admit_and_session(self, keys: list[str], args: list[EncodableT],
@@ -450,13 +475,15 @@ class RedisStore:
             await self._redis.script_load(SESSIONS_LUA)
             return await self._redis.evalsha(SESSIONS_SHA, len(keys), *keys, *args)
 
-    async def settle(self, principal: str, limits: Limits, token_delta: int,
-                     lease: str | None) -> None:
-        if lease is None and not token_delta:
-            return
+    def settle(self, principal: str, limits: Limits, token_delta: int,
+               lease: str | None) -> asyncio.Future[Any]:
         args: list[EncodableT] = ["settle", limits.tpm or 0, limits.tokens_per_day or 0,
                                   token_delta, lease or ""]
-        await self._call("settle", self._limits_script(limit_keys(principal), args))
+        batch = self._batch
+        if batch is not None and batch.bounded:  # as admit's: no task, no timer
+            return batch.call(LIMITS_SHA, LIMITS_LUA, limit_keys(principal), args)
+        return _reported(self._call("settle", self._limits_script(limit_keys(principal), args)),
+                         "limits-settle")
 
     async def refresh_leases(self, leases: Mapping[str, Sequence[str]],
                              lease_ttl_s: float) -> None:
@@ -487,6 +514,26 @@ class RedisStore:
         except NoScriptError:
             await self._redis.script_load(LIMITS_LUA)
             return await self._redis.evalsha(LIMITS_SHA, len(keys), *keys, *args)
+
+
+def _quiet(future: asyncio.Future[Any]) -> None:
+    """Nobody awaits this reply any more: retrieve its error so asyncio does not report it."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _reported(op: Awaitable[Any], name: str) -> asyncio.Future[Any]:
+    """Run `op` in the background; its outcome (a StoreError included) goes to the future."""
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    async def run() -> None:
+        try:
+            _settle(future, await op)
+        except StoreError as exc:
+            _settle(future, exc)
+
+    spawn(run(), name)
+    return future
 
 
 def _text(value: bytes | str) -> str:

@@ -19,11 +19,12 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from redis.asyncio import Redis
 
 from router.store.redis import limit_keys
-from tests.conftest import USER_MSG, openai_provider, router_config
+from tests.conftest import KEY, USER_MSG, openai_provider, router_config
 from tests.redis_server import RedisServer, free_port, ping
 
 STORE_TIMEOUT_MS = 50
@@ -263,3 +264,34 @@ async def test_every_limiter_key_expires(fakes, start_router, redis_server):
         # (tpm's arrival time may already be past after the refunds: then the key is gone.)
         rpm_key, _tpm, _conc, day_key = limit_keys("test")
         assert {rpm_key, day_key} <= present
+
+
+async def test_client_leaving_during_admission_gives_its_slot_back(fakes, start_router,
+                                                                   debug_redis):
+    """A client that hangs up while Redis decides: the slot its admission took is released at
+    once, not when its lease expires (lease_ttl_s 60 here), so the next request gets in."""
+    up = await fakes()
+    store = {"url": debug_redis.url, "timeout_ms": 5000}
+    r = await start_router(limited_config(up, {"concurrency": 1}, store))
+    body = {"model": "m", "messages": USER_MSG}
+    async with r.chat(body) as resp:  # the script is loaded, the connection up
+        assert resp.status == 200
+    conc_key = limit_keys("test")[2]
+    async with Redis.from_url(debug_redis.url) as sleeper, \
+            Redis.from_url(debug_redis.url) as redis:
+        sleeping = asyncio.create_task(sleeper.execute_command("DEBUG", "SLEEP", "0.6"))
+        await asyncio.sleep(0.1)  # Redis is asleep: the admission below waits for it
+        with pytest.raises(TimeoutError):
+            async with r.http.post(f"{r.url}/api/v1/chat/completions", json=body,
+                                   headers={"Authorization": f"Bearer {KEY}"},
+                                   timeout=aiohttp.ClientTimeout(total=0.2)) as resp:
+                await resp.read()
+        await sleeping
+        # The admission ran when Redis woke up, and its release right after it.
+        for _ in range(150):  # up to ~3 s
+            if not await redis.zcard(conc_key):
+                break
+            await asyncio.sleep(0.02)
+        assert await redis.zcard(conc_key) == 0
+    async with r.chat(body) as resp:
+        assert resp.status == 200, await resp.text()
