@@ -10,8 +10,9 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -26,8 +27,10 @@ from router.metrics import Metrics
 from router.providers import Exchange, UpstreamCall
 from router.providers.base import leaks_secret
 from router.routing.table import Backend, Route
+from router.tasks import spawn
 
 log = logging.getLogger("router.dispatch")
+T = TypeVar("T")
 
 MAX_ERROR_BODY = 64 * 1024
 
@@ -145,6 +148,30 @@ async def attempt_or_error(route: Route, backend: Backend, body: dict[str, Any],
         return exc.error
     except RouterError as exc:  # an upstream 4xx that blames the request
         return exc
+
+
+def spawn_counted(backend: Backend, run: Callable[[], Awaitable[T]], name: str
+                  ) -> asyncio.Task[T]:
+    """A task whose `run()` calls attempt() on `backend`, that backend's slot counted from now:
+    a pick and its count in one step (as in dispatch()), so `max_concurrency` holds while the
+    task waits for its first turn, and a task cancelled before that turn gives the slot back."""
+    state = backend.state
+    state.inflight += 1
+    started = False
+
+    async def counted() -> T:
+        nonlocal started
+        started = True
+        state.inflight -= 1  # attempt() counts it again before it first waits
+        return await run()
+
+    def unstarted(_: asyncio.Task[T]) -> None:
+        if not started:
+            state.inflight -= 1
+
+    task = spawn(counted(), name)
+    task.add_done_callback(unstarted)
+    return task
 
 
 def finish_if_opened(task: asyncio.Task[Opened | RouterError]) -> None:

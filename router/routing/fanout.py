@@ -12,14 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import time
+from functools import partial
 from typing import Any
 
 from router.errors import RouterError
 from router.metrics import Metrics
 from router.routing import merge
-from router.routing.dispatch import Opened, attempt_or_error, finish_if_opened, unavailable
+from router.routing.dispatch import (
+    Opened,
+    attempt_or_error,
+    finish_if_opened,
+    spawn_counted,
+    unavailable,
+)
 from router.routing.table import Backend, Route
-from router.tasks import spawn
 
 RACE_WIDTH = 4  # race's default: every backend of the route, at most this many
 
@@ -106,9 +112,9 @@ class _Copies:
             return False
         self.tried.add(backend.name)
         self.sent += 1
-        task = spawn(attempt_or_error(self.route, backend, self.body, self.stream,
-                                      self.request_id, self.max_response_bytes, self.sent,
-                                      self.metrics), f"fanout-{self.mode}")
+        task = spawn_counted(backend, partial(
+            attempt_or_error, self.route, backend, self.body, self.stream, self.request_id,
+            self.max_response_bytes, self.sent, self.metrics), f"fanout-{self.mode}")
         self.live[task] = backend
         return True
 

@@ -17,6 +17,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import orjson
@@ -31,11 +32,11 @@ from router.routing.dispatch import (
     check_json,
     count_tokens,
     finish_if_opened,
+    spawn_counted,
     unavailable,
 )
 from router.routing.health import BackendState
 from router.routing.table import Backend, Route
-from router.tasks import spawn
 
 QUEUE_EVENTS = 64  # batches of events waiting for the client: past it, upstreams wait too
 _EVENT = re.compile(rb".*?(?:\r\n\r\n|\n\n|\r\r)", re.DOTALL)
@@ -90,7 +91,8 @@ async def ask_all(route: Route, body: dict[str, Any], *, stream: bool, request_i
         return Combined(group, route, exchange, first, len(backends), metrics, started,
                         time.monotonic() - started, None, hide_usage=not asked, merger=merger)
     answers = await _gather(route, backends, body, request_id, max_response_bytes, metrics)
-    merged, tokens = merge_json(route, backends, answers, n)
+    merged = merge_json(route, backends, answers, n)
+    tokens = _tokens([(a.tokens, len(a.first)) for a in answers if isinstance(a, Opened)])
     exchange = Exchange(200, "application/json", _nothing(), _noop)
     return Combined(group, route, exchange, merged, len(backends), metrics, started,
                     time.monotonic() - started, tokens)
@@ -99,8 +101,8 @@ async def ask_all(route: Route, body: dict[str, Any], *, stream: bool, request_i
 async def _gather(route: Route, backends: list[Backend], body: dict[str, Any], request_id: str,
                   max_response_bytes: int, metrics: Metrics) -> list[Opened | RouterError]:
     """Every backend's whole JSON answer (or error); the last error if all of them failed."""
-    tasks = [spawn(attempt_or_error(route, b, body, False, request_id, max_response_bytes,
-                                    i + 1, metrics), "fanout-all")
+    tasks = [spawn_counted(b, partial(attempt_or_error, route, b, body, False, request_id,
+                                      max_response_bytes, i + 1, metrics), "fanout-all")
              for i, b in enumerate(backends)]
     last_error: RouterError | None = None
     pending = set(tasks)
@@ -129,8 +131,8 @@ async def _gather(route: Route, backends: list[Backend], body: dict[str, Any], r
 
 
 def merge_json(route: Route, backends: list[Backend], answers: list[Opened | RouterError],
-               n: int) -> tuple[bytes, tuple[int, int] | None]:
-    """One chat.completion of every answer: (body, (prompt, completion) tokens summed)."""
+               n: int) -> bytes:
+    """One chat.completion of every answer (an error choice for each failed one)."""
     choices: list[dict[str, Any]] = []
     usage: dict[str, int] = {}
     created: object = None
@@ -157,11 +159,21 @@ def merge_json(route: Route, backends: list[Backend], answers: list[Opened | Rou
         "created": created if isinstance(created, int) else int(time.time()),
         "model": route.name, "choices": choices,
     }
-    tokens = None
     if usage:
         merged["usage"] = usage
-        tokens = (usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
-    return orjson.dumps(merged), tokens
+    return orjson.dumps(merged)
+
+
+def _tokens(parts: list[tuple[tuple[int, int] | None, int]]) -> tuple[int, int] | None:
+    """What the backends used, from (reported tokens, bytes relayed) of each that answered:
+    the reported usage, plus bytes / 4 for one that reported none; None when none reported
+    (the limiter then estimates from the bytes relayed)."""
+    reported = [t for t, _ in parts if t is not None]
+    if not reported:
+        return None
+    prompt = sum(t[0] for t in reported)
+    completion = sum(t[1] for t in reported) + sum(size // 4 for t, size in parts if t is None)
+    return prompt, completion
 
 
 def _own_index(choice: dict[str, Any]) -> int:
@@ -219,7 +231,7 @@ class StreamMerger:
 
     def start(self) -> None:
         for part in self.parts:
-            part.task = spawn(self._pump(part), "fanout-all")
+            part.task = spawn_counted(part.backend, partial(self._pump, part), "fanout-all")
 
     async def first_events(self) -> bytes:
         """The events up to the first content chunk of any backend: the merge is committed.
@@ -267,15 +279,7 @@ class StreamMerger:
                     _count(self.metrics, "cancelled")
 
     def tokens(self) -> tuple[int, int] | None:
-        """What the backends used: their reported usage, plus relayed bytes / 4 for a backend
-        that reported none; None when none reported (the limiter estimates from the bytes)."""
-        reported = [p.tokens for p in self.parts if p.tokens is not None]
-        if not reported:
-            return None
-        prompt = sum(t[0] for t in reported)
-        completion = sum(t[1] for t in reported)
-        completion += sum(p.relayed // 4 for p in self.parts if p.tokens is None)
-        return prompt, completion
+        return _tokens([(p.tokens, p.relayed) for p in self.parts])
 
     async def _pump(self, part: _Part) -> None:
         result = await attempt_or_error(self.route, part.backend, self.body, True,

@@ -28,6 +28,11 @@ round_robin, SESSION_COUNT conversations x SESSION_TURNS streamed turns, once wi
 (pinned) and once without (plain round robin): time to first byte and the share of warm
 requests. Store `memory://`; `--sessions-only` runs just that.
 
+`--fanout` adds what fan-out does to tail latency (tests/bench/fanout.py): two upstreams, one
+with a heavy tail, and one router whose routes over both use `fanout: none`, `race`, `hedge` after
+a fixed delay and `hedge` after the observed p95; p50/p95/p99 of each under the same open-loop
+load, and the upstream requests each client request cost. `--fanout-only` runs just that.
+
 `--profile` adds a py-spy sample of the router under the 64-connection load (own time per
 function). Not a test: `make test` never runs it.
 """
@@ -90,6 +95,8 @@ class Plan:
     limits_phase_s: float = 5.0
     sessions: bool = False
     sessions_only: bool = False
+    fanout: bool = False
+    fanout_only: bool = False
 
 
 def _parse(argv: Sequence[str]) -> Plan:
@@ -121,6 +128,11 @@ def _parse(argv: Sequence[str]) -> Plan:
                              "simulating a prefix cache (about 10 s)")
     parser.add_argument("--sessions-only", action="store_true",
                         help="measure only session pinning vs round robin")
+    parser.add_argument("--fanout", action="store_true",
+                        help="also measure fan-out: p99 of none, race and hedge over two "
+                             "upstreams, one with a heavy tail (about 30 s)")
+    parser.add_argument("--fanout-only", action="store_true",
+                        help="measure only fan-out")
     argv = list(argv)
     if argv[:1] == ["--"]:  # `router bench -- --quick`: argparse's REMAINDER keeps the `--`
         argv = argv[1:]
@@ -135,6 +147,7 @@ def _parse(argv: Sequence[str]) -> Plan:
                 auth_rounds=1 if args.quick else 3, auth_phase_s=2.0,
                 limits=args.limits, limits_only=args.limits_only,
                 limits_rounds=1 if args.quick else 3, limits_phase_s=min(duration, 5.0),
+                fanout=args.fanout, fanout_only=args.fanout_only,
                 sessions=args.sessions, sessions_only=args.sessions_only)
 
 
@@ -1051,9 +1064,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     auth_rows: list[tuple[str, ...]] = []
     limits_rows: list[tuple[str, ...]] = []
     sessions_rows: list[tuple[str, ...]] = []
+    fanout_rows: list[tuple[str, ...]] = []
     with tempfile.TemporaryDirectory(prefix="router-bench-") as tmpdir, _processes() as procs:
         tmp = Path(tmpdir)
-        if not (plan.auth_only or plan.limits_only or plan.sessions_only):
+        if not (plan.auth_only or plan.limits_only or plan.sessions_only or plan.fanout_only):
             code, profile = _direct_vs_router(procs, machine, tmp, plan, rows, notes)
             if code:
                 return code
@@ -1072,6 +1086,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if plan.sessions or plan.sessions_only:
             try:
                 sessions_rows = _sessions_bench(procs, machine, tmp, notes)
+            except RuntimeError as exc:
+                print(f"router bench: {exc}", file=sys.stderr)
+                return 1
+        if plan.fanout or plan.fanout_only:
+            from tests.bench import fanout
+
+            try:
+                fanout_rows = fanout.run(procs, machine, tmp, notes)
             except RuntimeError as exc:
                 print(f"router bench: {exc}", file=sys.stderr)
                 return 1
@@ -1110,6 +1132,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("|---|---:|---:|---:|---:|---:|---:|---|")
         for sessions_row in sessions_rows:
             print("| " + " | ".join(sessions_row) + " |")
+    if fanout_rows:
+        from tests.bench.fanout import HEADER
+
+        print()
+        print("Fan-out: none vs race vs hedge, two upstreams, one with a heavy tail")
+        print()
+        print(HEADER)
+        for fanout_row in fanout_rows:
+            print("| " + " | ".join(fanout_row) + " |")
     print()
     pinning = (f"router on CPU {ROUTER_CPU}; upstream, load generators on CPU {LOAD_CPU}"
                if pinned else "unpinned")

@@ -152,6 +152,17 @@ async def test_race_width_caps_the_copies(fakes, start_router):
     assert len(x.seen) + len(y.seen) + len(z.seen) == 6
 
 
+async def test_race_copies_respect_max_concurrency(fakes, start_router):
+    (a, c), r = await start(fakes, start_router, ("a", "c"), {
+        "m": route("race", {**b("a", "first-byte:0.5"), "max_concurrency": 1},
+                   b("c", "first-byte:0.5"))})
+    results = await asyncio.gather(*(ask(r, "m") for _ in range(4)))
+    assert [resp.status for resp, _, _ in results] == [200] * 4
+    assert a.recorder.max_inflight == 1 and len(a.seen) >= 1
+    assert len(c.seen) == 4
+    await eventually(lambda: all(s.inflight == 0 for s in r.worker.states.values()))
+
+
 # --- hedge -------------------------------------------------------------------------------------
 
 async def test_hedge_sends_the_second_copy_only_after_the_delay(fakes, start_router):
@@ -451,3 +462,30 @@ async def test_fanout_counts_once_against_rpm_and_charges_the_real_total_tokens(
                 assert time.monotonic() < deadline, (await redis.get(day_key), used)
                 await asyncio.sleep(0.02)
     assert remaining == [99, 98, 97]  # one request each, however many upstreams it asked
+
+
+async def test_the_openai_sdk_reads_all_merged_json_and_streams(fakes, start_router):
+    import openai
+
+    _, r = await start(fakes, start_router, ("a", "bad"), {
+        "m": route("all", b("a", "chunks:3"), b("bad", "status:500"))})
+    client = openai.AsyncOpenAI(base_url=f"{r.url}/v1", api_key=KEY, max_retries=0, timeout=20)
+    try:
+        answer = await client.chat.completions.create(model="m", messages=USER_MSG, n=2)
+        assert [c.index for c in answer.choices] == [0, 1, 2, 3]
+        assert [c.finish_reason for c in answer.choices] == ["stop", "stop", "error", "error"]
+        assert answer.choices[0].message.content == "tok0 tok1 tok2 "
+        assert (answer.choices[2].model_extra or {})["backend"] == "bad/status:500"
+        stream = await client.chat.completions.create(
+            model="m", messages=USER_MSG, stream=True, stream_options={"include_usage": True})
+        text, finishes, usage = "", {}, None
+        async for chunk in stream:  # the SDK raises on an `error` event: there is none
+            for choice in chunk.choices:
+                text += choice.delta.content or ""
+                if choice.finish_reason:
+                    finishes[choice.index] = choice.finish_reason
+            usage = chunk.usage or usage
+        assert text == "tok0 tok1 tok2 " and finishes == {0: "stop", 1: "error"}
+        assert usage is not None and usage.completion_tokens == 3
+    finally:
+        await client.close()
