@@ -20,6 +20,7 @@ from router.metrics import Metrics
 from router.routing import merge
 from router.routing.dispatch import (
     Opened,
+    UpstreamAnswer,
     attempt_or_error,
     finish_if_opened,
     spawn_counted,
@@ -88,7 +89,10 @@ class _Copies:
         next_at: float | None = None
         while True:
             if not self.live:
-                # Nothing in flight (the start, or every copy failed): the next goes at once.
+                # Nothing in flight (the start, or every copy failed): the next goes at once,
+                # unless the upstream blamed the request itself (another would say the same).
+                if isinstance(self.last_error, UpstreamAnswer):
+                    raise self.last_error
                 if self.sent >= budget or not self.launch():
                     raise self.last_error or unavailable(self.route)
                 next_at = None if delay is None else time.monotonic() + delay

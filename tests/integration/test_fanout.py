@@ -201,6 +201,15 @@ async def test_hedge_a_failed_copy_sends_the_next_at_once(fakes, start_router):
     assert fanout_count(r, "hedge", "failed") == 1 and fanout_count(r, "hedge", "won") == 1
 
 
+async def test_hedge_relays_a_4xx_that_blames_the_request_without_a_second_copy(
+        fakes, start_router):
+    (picky, other), r = await start(fakes, start_router, ("picky", "other"), {
+        "m": route("hedge", b("picky", "status:400"), b("other"), hedge_after_ms=5000)})
+    resp, body, _ = await ask(r, "m")
+    assert resp.status == 400 and body["error"]["message"] == "fake failure 400"
+    assert len(picky.seen) == 1 and other.seen == []
+
+
 async def test_hedge_max_hedges_spaces_each_extra_copy_by_the_delay(fakes, start_router):
     ups, r = await start(fakes, start_router, ("s1", "s2", "s3"), {
         "m": route("hedge", b("s1", "first-byte:4"), b("s2", "first-byte:4"),
