@@ -115,9 +115,10 @@ async def _gather(route: Route, backends: list[Backend], body: dict[str, Any], r
                     last_error = result
     except BaseException:  # the client left: nobody wants any of them now
         for task in tasks:
+            failed = task.done() and isinstance(task.result(), RouterError)
             task.cancel()
             task.add_done_callback(finish_if_opened)
-            _count(metrics, "cancelled")
+            _count(metrics, "failed" if failed else "cancelled")
         raise
     answers = [t.result() for t in tasks]
     for answer in answers:
@@ -226,7 +227,7 @@ class StreamMerger:
         self.last_error: RouterError | None = None
         self.id = _new_id()
         self.created = int(time.time())
-        self.extra: dict[tuple[int, object], int] = {}  # indices an upstream sent outside 0..n-1
+        self.extra: dict[tuple[int, str], int] = {}  # indices an upstream sent outside 0..n-1
         self.closed = False
 
     def start(self) -> None:
@@ -288,7 +289,7 @@ class StreamMerger:
         if isinstance(result, RouterError):
             await self._fail(part, result)
             return
-        failed = False
+        broken: UpstreamError | None = None
         try:
             cutter = EventCutter()
             await self._put(part, cutter.feed(result.first))
@@ -302,17 +303,18 @@ class StreamMerger:
                 else:
                     raise UpstreamError("the upstream ended the stream without [DONE]")
         except UpstreamError as exc:
-            failed = True
-            await self._fail(part, exc)
-        finally:
+            broken = exc
+        finally:  # also when cancelled: the client left
             if part.usage is not None:
                 part.tokens = count_tokens({"usage": part.usage}, self.route, part.backend,
                                            self.metrics)
-            result.finish(upstream_failed=failed)
-        if not failed:
-            part.ended = True
-            _count(self.metrics, "won")
-            await self.queue.put(None)
+            result.finish(upstream_failed=broken is not None)
+        if broken is not None:
+            await self._fail(part, broken)
+            return
+        part.ended = True
+        _count(self.metrics, "won")
+        await self.queue.put(None)
 
     async def _put(self, part: _Part, events: bytes) -> None:
         """Remap whole events and queue them (an upstream's `usage` is kept, not relayed)."""
@@ -359,7 +361,7 @@ class StreamMerger:
         n = self.n
         if isinstance(own, int) and not isinstance(own, bool) and 0 <= own < n:
             return part.number * n + own
-        key = (part.number, own)  # an upstream that ignored `n`: past every reserved index
+        key = (part.number, repr(own))  # an upstream that ignored `n`: past every reserved one
         found = self.extra.get(key)
         if found is None:
             found = self.extra[key] = len(self.parts) * n + len(self.extra)
