@@ -28,6 +28,11 @@ round_robin, SESSION_COUNT conversations x SESSION_TURNS streamed turns, once wi
 (pinned) and once without (plain round robin): time to first byte and the share of warm
 requests. Store `memory://`; `--sessions-only` runs just that.
 
+`--metrics` adds what per-request metrics cost: three router processes on the router's CPU, the
+same config but `metrics.enabled: false`, the default (metrics on), and metrics on with the usage
+report (`usage.enabled`, store memory://); req/s at c=64, router CPU per request and the open-loop
+p50/p99, the variants alternating over the rounds. `--metrics-only` runs just that.
+
 `--fanout` adds what fan-out does to tail latency (tests/bench/fanout.py): two upstreams, one
 with a heavy tail, and one router whose routes over both use `fanout: none`, `race`, `hedge` after
 a fixed delay and `hedge` after the observed p95; p50/p95/p99 of each under the same open-loop
@@ -97,6 +102,10 @@ class Plan:
     sessions_only: bool = False
     fanout: bool = False
     fanout_only: bool = False
+    metrics: bool = False
+    metrics_only: bool = False
+    metrics_rounds: int = 5
+    metrics_phase_s: float = 5.0
 
 
 def _parse(argv: Sequence[str]) -> Plan:
@@ -133,6 +142,12 @@ def _parse(argv: Sequence[str]) -> Plan:
                              "upstreams, one with a heavy tail (about 30 s)")
     parser.add_argument("--fanout-only", action="store_true",
                         help="measure only fan-out")
+    parser.add_argument("--metrics", action="store_true",
+                        help="also measure the per-request cost of metrics (and of the usage "
+                             "report): routers with metrics off / on / on + usage, same run; "
+                             "about 100 s")
+    parser.add_argument("--metrics-only", action="store_true",
+                        help="measure only the cost of metrics")
     argv = list(argv)
     if argv[:1] == ["--"]:  # `router bench -- --quick`: argparse's REMAINDER keeps the `--`
         argv = argv[1:]
@@ -148,7 +163,9 @@ def _parse(argv: Sequence[str]) -> Plan:
                 limits=args.limits, limits_only=args.limits_only,
                 limits_rounds=1 if args.quick else 3, limits_phase_s=min(duration, 5.0),
                 fanout=args.fanout, fanout_only=args.fanout_only,
-                sessions=args.sessions, sessions_only=args.sessions_only)
+                sessions=args.sessions, sessions_only=args.sessions_only,
+                metrics=args.metrics, metrics_only=args.metrics_only,
+                metrics_rounds=1 if args.quick else 5, metrics_phase_s=min(duration, 5.0))
 
 
 # -- processes ----------------------------------------------------------------------------------
@@ -301,12 +318,13 @@ def _post(port: int, model: str, timeout: float = 5.0) -> tuple[int, bytes]:
 
 def _start_router(procs: Processes, machine: Machine, tmp: Path, upstream_port: int,
                   store_url: str | None = None, name: str = "router",
-                  more_upstreams: Sequence[int] = ()
+                  more_upstreams: Sequence[int] = (), sections: dict[str, object] | None = None
                   ) -> tuple[subprocess.Popen[bytes], int, Path]:
-    """`more_upstreams`: the sessions bench, one route of `upstream_port` and these."""
+    """`more_upstreams`: the sessions bench, one route of `upstream_port` and these.
+    `sections`: top-level config sections to add (the metrics bench)."""
     port = _free_port()
     config = tmp / f"{name}.yaml"
-    data = _router_config(upstream_port, port, store_url)
+    data = {**_router_config(upstream_port, port, store_url), **(sections or {})}
     if more_upstreams:
         _add_session_route(data, [upstream_port, *more_upstreams])
     config.write_text(yaml.safe_dump(data))
@@ -967,6 +985,112 @@ def _limits_cost(procs: Processes, machine: Machine, tmp: Path, plan: Plan,
     return rows
 
 
+# -- metrics cost -------------------------------------------------------------------------------
+
+METRICS_VARIANTS: tuple[tuple[str, dict[str, object]], ...] = (
+    ("metrics off", {"metrics": {"enabled": False}}),
+    ("metrics on", {}),  # the default
+    ("metrics + usage report", {"usage": {"enabled": True}}),
+)
+
+
+@dataclass
+class MetricsSample:
+    rps: float
+    cpu_us: float  # router CPU per request
+    failures: int
+
+
+def _noop_residue_us() -> float:
+    """What the calls left with metrics off still cost per non-streamed request: the pipeline,
+    handler and dispatch make about 7 `child()` lookups and 8 observations (timed here)."""
+    import timeit
+
+    from router.metrics import DisabledMetrics
+
+    m = DisabledMetrics()
+
+    def request() -> None:
+        m.child(m.requests, "r", "b", "200", "false").inc()
+        m.child(m.duration, "r", "false").observe(0.1)
+        inflight = m.child(m.inflight, "r")
+        inflight.inc()
+        inflight.dec()
+        m.child(m.ttfb, "r", "b").observe(0.1)
+        m.child(m.upstream_duration, "b").observe(0.1)
+        m.child(m.tokens, "r", "b", "prompt").inc(3)
+        m.child(m.tokens, "r", "b", "completion").inc(5)
+
+    n = 100_000
+    return min(timeit.repeat(request, number=n, repeat=5)) / n * 1e6
+
+
+def _metrics_cost(procs: Processes, machine: Machine, tmp: Path, plan: Plan,
+                  notes: list[str]) -> list[tuple[str, ...]]:
+    """The same router with metrics off, on, and on with the usage report: one process each
+    (`metrics.enabled` is fixed at start), all on the router's CPU, measured one at a time with
+    the variants alternating over the rounds so drift hits all of them alike."""
+    upstream, up_port = _start_upstream(procs, machine)
+    routers = []
+    for n, (label, sections) in enumerate(METRICS_VARIANTS):
+        proc, port, log = _start_router(procs, machine, tmp, up_port, "memory://",
+                                        f"router-metrics-{n}", sections=sections)
+        routers.append((label, proc, port, log))
+    seconds = plan.metrics_phase_s
+    print(f"router bench: metrics cost, {len(routers)} routers "
+          f"({', '.join(f':{port}' for _, _, port, _ in routers)}); "
+          f"{plan.metrics_rounds} rounds x {seconds:.0f} s + open loop", file=sys.stderr,
+          flush=True)
+    for _, _, port, _ in routers:  # warm-up: pools, caches, label children
+        _throughput(procs, machine, tmp, port, plan, 2)
+    samples: dict[str, list[MetricsSample]] = {label: [] for label, *_ in routers}
+    for n in range(plan.metrics_rounds):
+        for label, proc, port, _ in (routers if n % 2 == 0 else routers[::-1]):
+            cpu0 = _cpu_seconds(proc.pid)
+            t = _throughput(procs, machine, tmp, port, plan, seconds)
+            cpu = _cpu_seconds(proc.pid) - cpu0
+            samples[label].append(MetricsSample(t.rps, cpu * 1e6 / max(1, t.requests),
+                                                t.failures))
+    extra = ["--rate", str(plan.rate), "--duration", str(seconds), "--warmup", "1"]
+    lat = {label: _latency(_client(procs, machine, "openloop", port, *extra,
+                                   timeout=seconds + 60), "latency_ms")
+           for label, _, port, _ in routers}
+
+    base_label = METRICS_VARIANTS[0][0]
+    rps_b = _median([s.rps for s in samples[base_label]])
+    cpu_b = _median([s.cpu_us for s in samples[base_label]])
+    rows: list[tuple[str, ...]] = []
+    for label, *_ in routers:
+        ss = samples[label]
+        rps, cpu = _median([s.rps for s in ss]), _median([s.cpu_us for s in ss])
+        lt = lat[label]
+        same = label == base_label
+        rows.append((label, f"{rps:,.0f}", "-" if same else f"{100 * rps / rps_b:.1f}%",
+                     "-" if same else f"{1e6 / rps - 1e6 / rps_b:+.1f} µs",
+                     f"{cpu:.1f} µs", "-" if same else f"{cpu - cpu_b:+.1f} µs",
+                     f"{_ms(lt['p50'])} / {_ms(lt['p99'])}"))
+        failed = sum(s.failures for s in ss)
+        if failed:
+            notes.append(f"metrics cost: {label} had {failed} failed requests "
+                         "(non-2xx/socket)")
+    spread = max((max(s.rps for s in ss) - min(s.rps for s in ss)) / _median([s.rps for s in ss])
+                 for ss in samples.values())
+    notes.append(f"metrics cost: {len(routers)} router processes (store memory://, no limits), "
+                 f"POST non-streamed at c={plan.connections} "
+                 f"({'wrk' if machine.wrk else 'python client'}), median of "
+                 f"{plan.metrics_rounds} x {seconds:.0f} s"
+                 + (f", widest round-to-round spread {100 * spread:.1f}%"
+                    if plan.metrics_rounds > 1 else "")
+                 + f"; with metrics off the collectors are no-ops whose calls remain, "
+                   f"~{_noop_residue_us():.2f} µs per request (timed in-process)")
+    for label, proc, _, log in routers:
+        if proc.poll() is not None:
+            notes.append(f"metrics cost: the {label} router exited early; log: {log}")
+    if upstream.poll() is not None:
+        notes.append("metrics cost: the upstream exited early")
+    return rows
+
+
 # -- sessions: pinning vs round robin on a prefix cache ----------------------------------------
 
 def _add_session_route(config: dict[str, object], ports: Sequence[int]) -> None:
@@ -1065,9 +1189,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     limits_rows: list[tuple[str, ...]] = []
     sessions_rows: list[tuple[str, ...]] = []
     fanout_rows: list[tuple[str, ...]] = []
+    metrics_rows: list[tuple[str, ...]] = []
     with tempfile.TemporaryDirectory(prefix="router-bench-") as tmpdir, _processes() as procs:
         tmp = Path(tmpdir)
-        if not (plan.auth_only or plan.limits_only or plan.sessions_only or plan.fanout_only):
+        if not (plan.auth_only or plan.limits_only or plan.sessions_only or plan.fanout_only
+                or plan.metrics_only):
             code, profile = _direct_vs_router(procs, machine, tmp, plan, rows, notes)
             if code:
                 return code
@@ -1094,6 +1220,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             try:
                 fanout_rows = fanout.run(procs, machine, tmp, notes)
+            except RuntimeError as exc:
+                print(f"router bench: {exc}", file=sys.stderr)
+                return 1
+        if plan.metrics or plan.metrics_only:
+            try:
+                metrics_rows = _metrics_cost(procs, machine, tmp, plan, notes)
             except RuntimeError as exc:
                 print(f"router bench: {exc}", file=sys.stderr)
                 return 1
@@ -1141,6 +1273,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(HEADER)
         for fanout_row in fanout_rows:
             print("| " + " | ".join(fanout_row) + " |")
+    if metrics_rows:
+        print()
+        print("Metrics cost: the same router with metrics off, on, and on with the usage report")
+        print()
+        print("| variant | req/s | vs metrics off | added µs/req (req/s) | router CPU/req | "
+              "added CPU/req | latency p50 / p99, open loop |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for metrics_row in metrics_rows:
+            print("| " + " | ".join(metrics_row) + " |")
     print()
     pinning = (f"router on CPU {ROUTER_CPU}; upstream, load generators on CPU {LOAD_CPU}"
                if pinned else "unpinned")
