@@ -152,6 +152,10 @@ class Worker:
     async def start(self) -> int:
         server = self.ref.current.config.server
         await self.runner.setup()
+        # Warm the store before the first request: its connection, and a Cluster client's slot
+        # map (redis-py fails concurrent first commands on a cold Cluster client). A store that
+        # is down costs one store timeout here and is noticed again by the requests.
+        await self.store.ping()
         self.site = web.TCPSite(self.runner, server.host, server.port,
                                 reuse_port=self._reuse_port or None, backlog=2048)
         await self.site.start()

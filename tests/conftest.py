@@ -15,6 +15,7 @@ import pytest
 import yaml
 from aiohttp import web
 
+import router.store.redis  # noqa: F401 - reads its Lua files at import: before any event loop
 from router.config import load_config
 from router.server import Worker
 from tests.fakes.openai_upstream import Recorder, start_fake
