@@ -62,6 +62,16 @@ _NULL_USAGE = (b'"usage":null', b'"usage": null')
 _EVENT = re.compile(rb".*?(?:\r\n\r\n|\n\n|\r\r)", re.DOTALL)
 
 
+# What makes a stream's answer begin: text (not the empty content of a role-only first chunk),
+# a tool call, a finish reason, or the stream's end. A race's stream wins on the first of these.
+_CONTENT = re.compile(rb'"(?:content|reasoning_content|refusal)"\s*:\s*"[^"]'
+                      rb'|"tool_calls"\s*:\s*\[|"finish_reason"\s*:\s*"|\[DONE\]')
+
+
+def carries_content(data: bytes) -> bool:
+    return _CONTENT.search(data) is not None
+
+
 def may_carry_usage(events: bytes) -> bool:
     """Whether whole events may carry a non-null `usage`: two substring counts, no parsing.
 

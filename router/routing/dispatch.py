@@ -26,6 +26,7 @@ from router.errors import (
 from router.metrics import Metrics
 from router.providers import Exchange, UpstreamCall
 from router.providers.base import leaks_secret
+from router.providers.sse import carries_content
 from router.routing.table import Backend, Route
 from router.tasks import spawn
 
@@ -33,6 +34,7 @@ log = logging.getLogger("router.dispatch")
 T = TypeVar("T")
 
 MAX_ERROR_BODY = 64 * 1024
+CONTENT_PEEK_BYTES = 64 * 1024  # a race's stream: read this much for content, at most
 
 
 class UpstreamAnswer(RouterError):
@@ -138,11 +140,12 @@ class Retryable(Exception):
 
 async def attempt_or_error(route: Route, backend: Backend, body: dict[str, Any], stream: bool,
                            request_id: str, max_response_bytes: int, attempts: int,
-                           metrics: Metrics) -> Opened | RouterError:
+                           metrics: Metrics, until_content: bool = False
+                           ) -> Opened | RouterError:
     """One copy of a fanned-out request: its answer, or the error the client would see."""
     try:
         return await attempt(route, backend, body, stream, request_id, max_response_bytes,
-                             attempts, metrics)
+                             attempts, metrics, until_content)
     except Retryable as exc:
         log.info("backend %s failed: %s", backend.name, exc.error.message)
         return exc.error
@@ -185,7 +188,9 @@ def finish_if_opened(task: asyncio.Task[Opened | RouterError]) -> None:
 
 async def attempt(route: Route, backend: Backend, body: dict[str, Any], stream: bool,
                   request_id: str, max_response_bytes: int, attempts: int,
-                  metrics: Metrics) -> Opened:
+                  metrics: Metrics, until_content: bool = False) -> Opened:
+    """One backend asked once. A stream commits at its first chunk, or with `until_content`
+    (a race) once it carries content: a role-only first chunk sent at once proves nothing."""
     cfg = route.config
     upstream_body = dict(body)
     upstream_body["model"] = backend.model
@@ -209,7 +214,11 @@ async def attempt(route: Route, backend: Backend, body: dict[str, Any], stream: 
         if exchange.status >= 300:
             raise await _refusal(route, backend, exchange)
         if stream:
-            if first_byte_s is None:
+            if until_content:
+                async with asyncio.timeout(None if first_byte_s is None else
+                                           first_byte_s - (time.monotonic() - started)):
+                    first = await _until_content(exchange)
+            elif first_byte_s is None:
                 first = await anext(exchange.chunks, b"")
             else:
                 async with asyncio.timeout(first_byte_s - (time.monotonic() - started)):
@@ -252,6 +261,22 @@ def _ask_for_usage(body: dict[str, Any]) -> bool:
         return False  # asked for (or malformed: the upstream answers that)
     body["stream_options"] = {**options, "include_usage": True}
     return True
+
+
+async def _until_content(exchange: Exchange) -> bytes:
+    """A stream's first chunks, up to the one that carries content (or its end; or
+    CONTENT_PEEK_BYTES without content, which is an answer too)."""
+    parts: list[bytes] = []
+    size = 0
+    tail = b""  # a marker may be split across chunks
+    async for chunk in exchange.chunks:
+        parts.append(chunk)
+        size += len(chunk)
+        window = tail + chunk
+        if size > CONTENT_PEEK_BYTES or carries_content(window):
+            break
+        tail = window[-64:]
+    return b"".join(parts)
 
 
 async def _read_all(exchange: Exchange, limit: int) -> bytes:

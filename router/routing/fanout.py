@@ -118,7 +118,8 @@ class _Copies:
         self.sent += 1
         task = spawn_counted(backend, partial(
             attempt_or_error, self.route, backend, self.body, self.stream, self.request_id,
-            self.max_response_bytes, self.sent, self.metrics), f"fanout-{self.mode}")
+            self.max_response_bytes, self.sent, self.metrics,
+            until_content=self.mode == "race"), f"fanout-{self.mode}")
         self.live[task] = backend
         return True
 

@@ -123,6 +123,22 @@ async def test_a_race_stream_is_the_winners_bytes_unchanged(fakes, start_router)
     assert got == want
 
 
+async def test_a_race_stream_is_won_by_content_not_by_a_role_only_first_chunk(fakes,
+                                                                             start_router):
+    # "stalls" sends its role-only first chunk at once, then its first word 2 s later;
+    # "steady" sends nothing for 0.3 s, then its whole answer. The answer begins at "steady".
+    (stalls, steady), r = await start(fakes, start_router, ("stalls", "steady"), {
+        "m": route("race", b("stalls", "gap:2+chunks:3"), b("steady", "first-byte:0.3"))})
+    started = time.monotonic()
+    resp, raw, answered = await ask(r, "m", stream=True)
+    assert resp.status == 200
+    assert resp.headers["x-router-backend"] == "steady/first-byte:0.3"
+    assert answered - started < 1.5  # "stalls" would have needed 6 s for its answer
+    assert raw.count(DONE) == 1
+    await eventually(lambda: stalls.seen[0].t_disconnected is not None)
+    assert len(steady.seen) == 1
+
+
 async def test_a_failing_racer_does_not_win(fakes, start_router):
     (bad, _), r = await start(fakes, start_router, ("bad", "ok"), {
         "m": route("race", b("bad", "status:500"), b("ok", "first-byte:0.3"))})

@@ -12,6 +12,7 @@ from router.providers.sse import (
     EventCutter,
     EventTooLarge,
     UsageTap,
+    carries_content,
     data_event,
     error_event,
     event_data,
@@ -171,3 +172,19 @@ def test_usage_tap_passes_what_it_cannot_read(event):
 ])
 def test_wants_stream(stream, accept, expected):
     assert wants_stream(stream, accept) is expected
+
+
+@pytest.mark.parametrize(("event", "expected"), [
+    (b'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}\n\n', False),
+    (b'data: {"choices":[{"delta":{"role":"assistant","content":null}}]}\n\n', False),
+    (b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n', True),
+    (b'data: {"choices": [{"delta": {"content": "Hi"}}]}\n\n', True),
+    (b'data: {"choices":[{"delta":{"reasoning_content":"hm"}}]}\n\n', True),
+    (b'data: {"choices":[{"delta":{"tool_calls":[{"index":0}]}}]}\n\n', True),
+    (b'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\n', True),
+    (b'data: {"choices":[{"delta":{},"finish_reason":null}]}\n\n', False),
+    (b"data: [DONE]\n\n", True),
+    (b": keep-alive\n\n", False),
+])
+def test_carries_content_tells_an_answer_from_a_role_only_chunk(event, expected):
+    assert carries_content(event) is expected
