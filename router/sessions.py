@@ -13,12 +13,14 @@ available backends with room (strategies.bounded_rendezvous).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import secrets
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import orjson
@@ -33,7 +35,6 @@ from router.routing.table import Backend, Route, RoutingTable
 from router.schema import parse_body
 from router.store import Store, StoreError, is_shared
 from router.store.base import SESSION_UNAVAILABLE, Pin, SessionQuery, SessionState
-from router.tasks import spawn
 
 log = logging.getLogger("router.sessions")
 
@@ -167,7 +168,8 @@ async def place(store: Store, metrics: Metrics, config: Config, table: RoutingTa
         if pinned is not None:
             metrics.child(metrics.session_pins, "hit").inc()
             if not state.touched:  # read with an admission: count this admitted request
-                spawn(_use(store, metrics, user, session_id, ttl_s), "session-use")
+                store.use_pin(user, session_id, ttl_s).add_done_callback(
+                    partial(_used, metrics))
             return pinned
         replaces = pin.backend
     choice = route.pick(set())
@@ -232,13 +234,12 @@ def hashed(metrics: Metrics, config: Config, route: Route, user: str, session_id
     return backend
 
 
-async def _use(store: Store, metrics: Metrics, user: str, session_id: str,
-               ttl_s: int) -> None:
-    try:
-        await store.use_pin(user, session_id, ttl_s)
-    except StoreError as exc:  # this request goes uncounted on its pin
+def _used(metrics: Metrics, outcome: asyncio.Future[Any]) -> None:
+    exc = None if outcome.cancelled() else outcome.exception()
+    if exc is not None:  # this request goes uncounted on its pin
         metrics.child(metrics.store_errors, "use_pin").inc()
-        log.warning("could not count a session request: %s", exc.message)
+        log.warning("could not count a session request: %s",
+                    exc.message if isinstance(exc, StoreError) else type(exc).__name__)
 
 
 def inject_json(body: bytes, session_id: str) -> bytes:

@@ -185,9 +185,10 @@ class Store(Protocol):
         slid). `admit` with `session` only reads them, since it may refuse the request."""
         ...
 
-    async def use_pin(self, user: str, session_id: str, ttl_s: float) -> None:
+    def use_pin(self, user: str, session_id: str, ttl_s: float) -> asyncio.Future[Any]:
         """One more request on the pin (if it still exists), as session_state's touch: for an
-        admitted request whose pin was only read with its admission."""
+        admitted request whose pin was only read with its admission. Under way when this
+        returns, as settle's: the future only reports the outcome (StoreError)."""
         ...
 
     async def claim_pin(self, user: str, session_id: str, backend: str, route: str,

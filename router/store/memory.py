@@ -148,9 +148,7 @@ class MemoryStore:
     def settle(self, principal: str, limits: Limits, token_delta: int,
                lease: str | None) -> asyncio.Future[Any]:
         self._settle(principal, limits, token_delta, lease)
-        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        done.set_result(None)
-        return done
+        return _done()
 
     def _settle(self, principal: str, limits: Limits, token_delta: int,
                 lease: str | None) -> None:
@@ -215,8 +213,9 @@ class MemoryStore:
         pin = self._touch(query.user, query.session_id, query.default_ttl_s)
         return SessionState(settings, pin, touched=True)
 
-    async def use_pin(self, user: str, session_id: str, ttl_s: float) -> None:
+    def use_pin(self, user: str, session_id: str, ttl_s: float) -> asyncio.Future[Any]:
         self._touch(user, session_id, ttl_s)
+        return _done()
 
     async def claim_pin(self, user: str, session_id: str, backend: str, route: str,
                         ttl_s: float, replaces: str | None, count: bool = True) -> Pin:
@@ -284,3 +283,10 @@ class MemoryStore:
                     held = totals.get(count.principal)
                     totals[count.principal] = count if held is None else held.plus(count)
         return list(totals.values())
+
+
+def _done() -> asyncio.Future[Any]:
+    """The outcome of a call this store answered at once."""
+    done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    done.set_result(None)
+    return done

@@ -392,9 +392,12 @@ class RedisStore:
         return _state(await self._call("session", self._sessions_script(keys, args)),
                       touched=True)
 
-    async def use_pin(self, user: str, session_id: str, ttl_s: float) -> None:
+    def use_pin(self, user: str, session_id: str, ttl_s: float) -> asyncio.Future[Any]:
         keys, args = session_call(SessionQuery(user, session_id, ttl_s), "touch")
-        await self._call("use pin", self._sessions_script(keys, args))
+        batch = self._batch
+        if batch is not None and batch.bounded:  # as settle's: no task, no timer
+            return batch.call(SESSIONS_SHA, SESSIONS_LUA, keys, args)
+        return _reported(self._call("use pin", self._sessions_script(keys, args)), "session-use")
 
     async def claim_pin(self, user: str, session_id: str, backend: str, route: str,
                         ttl_s: float, replaces: str | None, count: bool = True) -> Pin:

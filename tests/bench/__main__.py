@@ -1231,57 +1231,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1
 
     if rows:
-        print()
-        print("| metric | direct | router | router vs direct | target |")
-        print("|---|---:|---:|---:|---|")
-        for row in rows:
-            print("| " + " | ".join(row) + " |")
+        _table("", ["metric", "direct", "router", "router vs direct", "target"], rows)
     if auth_rows:
-        print()
-        print(f"Auth cost per request, warm: GET /v1/models (no upstream), c={plan.connections}, "
-              f"wrk, median of {plan.auth_rounds} x {plan.auth_phase_s:.0f} s; baseline = the "
-              "same router process with authentication skipped")
-        print()
-        print("| credential | baseline req/s | with credential req/s | added µs/req (req/s) | "
-              "added CPU µs/req | in authenticate() | target (on the larger added) |")
-        print("|---|---:|---:|---:|---:|---:|---|")
-        for auth_row in auth_rows:
-            print("| " + " | ".join(auth_row) + " |")
+        _table(f"Auth cost per request, warm: GET /v1/models (no upstream), c={plan.connections}, "
+               f"wrk, median of {plan.auth_rounds} x {plan.auth_phase_s:.0f} s; baseline = the "
+               "same router process with authentication skipped",
+               ["credential", "baseline req/s", "with credential req/s", "added µs/req (req/s)",
+                "added CPU µs/req", "in authenticate()", "target (on the larger added)"],
+               auth_rows)
     if limits_rows:
-        print()
-        print("Limits cost: the same router with and without limits, one real redis-server")
-        print()
-        print("| metric | without limits | with limits | with vs without | target |")
-        print("|---|---:|---:|---:|---|")
-        for limits_row in limits_rows:
-            print("| " + " | ".join(limits_row) + " |")
+        _table("Limits cost: the same router with and without limits, one real redis-server",
+               ["metric", "without limits", "with limits", "with vs without", "target"],
+               limits_rows)
     if sessions_rows:
-        print()
-        print("Sessions: pinning vs round robin, two upstreams simulating a prefix (KV) cache")
-        print()
-        print("| variant | TTFB p50 | TTFB p95 | TTFB mean | turns 2+ p50 / p95 | warm | "
-              "warm, turns 2+ | requests per upstream |")
-        print("|---|---:|---:|---:|---:|---:|---:|---|")
-        for sessions_row in sessions_rows:
-            print("| " + " | ".join(sessions_row) + " |")
+        _table("Sessions: pinning vs round robin, two upstreams simulating a prefix (KV) cache",
+               ["variant", "TTFB p50", "TTFB p95", "TTFB mean", "turns 2+ p50 / p95", "warm",
+                "warm, turns 2+", "requests per upstream"], sessions_rows)
     if fanout_rows:
-        from tests.bench.fanout import HEADER
+        from tests.bench.fanout import COLUMNS
 
-        print()
-        print("Fan-out: none vs race vs hedge, two upstreams, one with a heavy tail")
-        print()
-        print(HEADER)
-        for fanout_row in fanout_rows:
-            print("| " + " | ".join(fanout_row) + " |")
+        _table("Fan-out: none vs race vs hedge, two upstreams, one with a heavy tail", COLUMNS,
+               fanout_rows)
     if metrics_rows:
-        print()
-        print("Metrics cost: the same router with metrics off, on, and on with the usage report")
-        print()
-        print("| variant | req/s | vs metrics off | added µs/req (req/s) | router CPU/req | "
-              "added CPU/req | latency p50 / p99, open loop |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
-        for metrics_row in metrics_rows:
-            print("| " + " | ".join(metrics_row) + " |")
+        _table("Metrics cost: the same router with metrics off, on, and on with the usage report",
+               ["variant", "req/s", "vs metrics off", "added µs/req (req/s)", "router CPU/req",
+                "added CPU/req", "latency p50 / p99, open loop"], metrics_rows)
     print()
     pinning = (f"router on CPU {ROUTER_CPU}; upstream, load generators on CPU {LOAD_CPU}"
                if pinned else "unpinned")
@@ -1302,6 +1276,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\n(bench took {time.monotonic() - started:.0f} s)")
     return 0
 
+
+
+def _table(title: str, columns: list[str], rows: list[tuple[str, ...]]) -> None:
+    """One markdown table: the first column and a target column left, numbers right."""
+    print()
+    if title:
+        print(title)
+        print()
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "|".join("---" if i == 0 or c.startswith("target") else "---:"
+                         for i, c in enumerate(columns)) + "|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
 
 if __name__ == "__main__":
     sys.exit(main())

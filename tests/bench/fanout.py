@@ -34,6 +34,7 @@ import orjson
 import yaml
 
 from tests.bench.upstream import COMPLETION, MODELS, SSE_FAST, _response
+from tests.redis_server import free_port
 
 FAST_MS, TAIL_MS, TAIL_SHARE = 20.0, 300.0, 0.10
 HEDGE_MS = 50.0
@@ -217,7 +218,7 @@ def run(procs: _Procs, machine: _Machine, tmp: Path, notes: list[str]) -> list[t
             "--tail-ms", str(TAIL_MS), "--tail-share", str(share), "--seed", str(seed)]),
             stdout=subprocess.PIPE)
         ups[name] = _read_port(proc)
-    port = _free_port()
+    port = free_port()
     config = tmp / "router-fanout.yaml"
     config.write_text(yaml.safe_dump(_config(port, ups)))
     log = tmp / "router-fanout.log"
@@ -267,17 +268,8 @@ def run(procs: _Procs, machine: _Machine, tmp: Path, notes: list[str]) -> list[t
     return rows
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-HEADER = ("| route | p50 | p95 | p99 | max | upstream requests per request | "
-          "cancelled upstream requests per request | errors |\n"
-          "|---|---:|---:|---:|---:|---:|---:|---:|")
+COLUMNS = ["route", "p50", "p95", "p99", "max", "upstream requests per request",
+           "cancelled upstream requests per request", "errors"]
 
 
 if __name__ == "__main__":
