@@ -151,7 +151,8 @@ class SentinelSetup(Topology):
 def start_sentinel(workdir: Path) -> SentinelSetup:
     setup = SentinelSetup()
     try:
-        master = spawn(workdir / "master", free_port())
+        # No 5 s wait before the replica's first (diskless) sync.
+        master = spawn(workdir / "master", free_port(), "--repl-diskless-sync-delay", "0")
         setup.servers.append(master)
         setup.servers.append(spawn(workdir / "replica", free_port(), "--replicaof", "127.0.0.1",
                                    str(master.port)))
@@ -169,6 +170,13 @@ def start_sentinel(workdir: Path) -> SentinelSetup:
             "master_link_status") == "up")
         wait_until("the sentinel to see the replica", lambda: f"{replica}" in cli(
             setup.sentinel_port, "SENTINEL", "REPLICAS", SERVICE))
+
+        def replica_known() -> bool:  # its INFO read: a replica SENTINEL FAILOVER may pick
+            fields = cli(setup.sentinel_port, "SENTINEL", "REPLICAS", SERVICE).split()
+            return dict(zip(fields[::2], fields[1::2], strict=False)).get(
+                "master-link-status") == "ok"
+
+        wait_until("the sentinel to read the replica's state", replica_known)
         return setup
     except BaseException:
         setup.stop()
