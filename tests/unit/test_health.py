@@ -61,16 +61,16 @@ def test_a_success_resets_the_failure_count():
 
 
 def test_a_success_after_the_cooldown_restarts_the_growth():
-    quick = EjectionConfig(consecutive_failures=1, base_cooldown_s=0.01, max_cooldown_s=1)
+    quick = EjectionConfig(consecutive_failures=1, base_cooldown_s=0.1, max_cooldown_s=1)
     state = BackendState()
     eject(state, quick)
     eject(state, quick)
     assert state.ejections == 2
-    time.sleep(0.03)  # past the 0.02 s cool-down
+    time.sleep(0.25)  # past the 0.2 s cool-down
     state.record_success()
     assert state.ejections == 0
     assert state.available(time.monotonic())
-    assert 0.01 <= eject(state, quick) < 0.025  # base again, not base x 3
+    assert 0.1 <= eject(state, quick) < 0.15  # base again, not base x 3
 
 
 def test_rest_makes_the_backend_unavailable_for_that_long():
