@@ -281,12 +281,12 @@ async def test_client_leaving_during_admission_gives_its_slot_back(fakes, start_
     conc_key = limit_keys("test")[2]
     async with Redis.from_url(debug_redis.url) as sleeper, \
             Redis.from_url(debug_redis.url) as redis:
-        sleeping = asyncio.create_task(sleeper.execute_command("DEBUG", "SLEEP", "0.6"))
-        await asyncio.sleep(0.1)  # Redis is asleep: the admission below waits for it
-        with pytest.raises(TimeoutError):
+        sleeping = asyncio.create_task(sleeper.execute_command("DEBUG", "SLEEP", "1.5"))
+        await asyncio.sleep(0.2)  # Redis is asleep: the admission below waits for it
+        with pytest.raises(TimeoutError):  # the client gives up long before Redis wakes
             async with r.http.post(f"{r.url}/api/v1/chat/completions", json=body,
                                    headers={"Authorization": f"Bearer {KEY}"},
-                                   timeout=aiohttp.ClientTimeout(total=0.2)) as resp:
+                                   timeout=aiohttp.ClientTimeout(total=0.3)) as resp:
                 await resp.read()
         await sleeping
         # The admission ran when Redis woke up, and its release right after it.
