@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -67,12 +68,31 @@ class Overrides:
 def serve(path: str, overrides: Overrides, *, worker: bool = False) -> int:
     config = overrides.apply(load_config(path))
     setup_logging(config.logging)
+    _raise_fd_limit(config.server.max_streams)
     if config.server.workers > 1 and not worker:
         return _supervise(path, config, overrides)
     _announce(config, worker)
     _install_uvloop()
     asyncio.run(_run_worker(path, config, overrides, reuse_port=config.server.workers > 1))
     return 0
+
+
+def _raise_fd_limit(max_streams: int) -> None:
+    """Every stream holds two sockets (client and upstream): lift the soft limit on open files
+    to the hard one (a common soft default is 1024: about 500 streams), and say so when even
+    the hard limit is short of `server.max_streams`. Workers inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-files limit from %d: %s", soft, exc)
+    needed = 2 * max_streams + 256
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning("open-files limit %d is below the %d that server.max_streams %d needs; "
+                    "raise it (LimitNOFILE= in the systemd unit, ulimit -n)", soft, needed,
+                    max_streams)
 
 
 def _announce(config: Config, worker: bool) -> None:

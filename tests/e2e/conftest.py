@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import signal
 import socket
 import sys
@@ -120,11 +121,16 @@ StartRouter = Callable[..., Awaitable[RouterProcess]]
 
 @pytest.fixture
 async def router_process(tmp_path: Path) -> AsyncIterator[StartRouter]:
-    """`await router_process(config, *args, env=..., ready=True)` starts `router serve`."""
+    """`await router_process(config, *args, env=..., ready=True, nofile=(soft, hard))` starts
+    `router serve` (`nofile`: the open-files limits it starts with)."""
     started: list[RouterProcess] = []
 
     async def start(config: dict[str, Any] | str, *args: str, env: dict[str, str] | None = None,
-                    ready: bool = True) -> RouterProcess:
+                    ready: bool = True, nofile: tuple[int, int] | None = None) -> RouterProcess:
+        def limit_files() -> None:  # in the child, before exec
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
+
         n = len(started)
         path = tmp_path / f"router-{n}.yaml"
         path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
@@ -137,7 +143,8 @@ async def router_process(tmp_path: Path) -> AsyncIterator[StartRouter]:
                     sys.executable, "-m", "router", "serve", "--config", str(path),
                     "--port", str(port), *args,
                     stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                    cwd=ROOT, env=full_env, start_new_session=True)
+                    cwd=ROOT, env=full_env, start_new_session=True,
+                    preexec_fn=limit_files if nofile is not None else None)
             rp = RouterProcess(proc, port, path, log_path)
             started.append(rp)
             if not ready:
