@@ -68,7 +68,8 @@ class Overrides:
 def serve(path: str, overrides: Overrides, *, worker: bool = False) -> int:
     config = overrides.apply(load_config(path))
     setup_logging(config.logging)
-    _raise_fd_limit(config.server.max_streams)
+    if not worker:  # workers inherit the supervisor's limit
+        _raise_fd_limit(config.server.max_streams)
     if config.server.workers > 1 and not worker:
         return _supervise(path, config, overrides)
     _announce(config, worker)
