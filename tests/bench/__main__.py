@@ -296,7 +296,8 @@ def _router_config(upstream_port: int, router_port: int, store_url: str | None =
                    "shutdown_grace_s": 1},
         "auth": {"api_keys": keys},
         **extra,
-        "providers": {"up": {"type": "openai", "probe": False, "max_connections": 4096,
+        # Connections are opened on demand: a cap above any --streams count costs nothing.
+        "providers": {"up": {"type": "openai", "probe": False, "max_connections": 16384,
                              "base_url": f"http://127.0.0.1:{upstream_port}/v1"}},
         "routes": backends,
         "health": {"enabled": False},
@@ -611,7 +612,9 @@ def _direct_vs_router(procs: Processes, machine: Machine, tmp: Path, plan: Plan,
                  f"+{held.rss_open - held.rss_idle:.0f} MB "
                  f"({(held.rss_open - held.rss_idle) * 1024 / max(1, held.ready):.0f} "
                  f"KB/stream)",
-                 f"<= {TARGET_RSS_MB:g} MB {_mark(held.rss_open <= TARGET_RSS_MB)}"))
+                 # the target is for 1,000 streams; other counts are reported only
+                 f"<= {TARGET_RSS_MB:g} MB {_mark(held.rss_open <= TARGET_RSS_MB)}"
+                 if plan.streams == 1000 else "-"))
     notes.append(f"open streams: {held.ready}/{plan.streams} had their first chunk "
                  f"({held.open_at_ready} still open) after {held.ramp_s:.1f} s; "
                  f"router RSS after closing them: {held.rss_after:.0f} MB")
