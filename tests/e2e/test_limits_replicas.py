@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from router.store.redis import limit_keys
 from tests.conftest import KEY, USER_MSG, openai_provider, router_config
 from tests.e2e.conftest import wait_for
+from tests.e2e.test_limits_crash import open_stream
 from tests.fakes.openai_upstream import RECORDER, Recorder, build_app
 
 
@@ -191,19 +192,6 @@ async def test_tpm_exact_across_three_replicas(gated_fake, router_process, redis
     assert len(up.recorder.seen) == 7
     streamed = [s.body for s in up.recorder.seen if s.body.get("stream")]
     assert streamed and all(b["stream_options"]["include_usage"] for b in streamed)
-
-
-async def open_stream(http: aiohttp.ClientSession, url: str, model: str
-                      ) -> aiohttp.ClientResponse:
-    """POST a streamed chat; a 200 is returned once its first line arrived (still open)."""
-    resp = await http.post(url + "/api/v1/chat/completions",
-                           json={"model": model, "messages": USER_MSG, "stream": True},
-                           headers={"Authorization": f"Bearer {KEY}"})
-    if resp.status == 200:
-        await resp.content.readline()
-    else:
-        await resp.read()
-    return resp
 
 
 async def test_concurrency_slots_come_back_after_client_disconnect(fakes, router_process,
