@@ -72,6 +72,13 @@ def load_json_object(raw: bytes) -> dict[str, Any]:
         raise ValidationFailed(
             [{"loc": ["body"], "msg": "body must be a JSON object", "type": "model_type"}]
         )
+    # A repeated key (orjson keeps the last): every key brings one `:`, and ':' needs no
+    # escape, so the body written back from what was parsed has fewer colons only when keys
+    # were dropped. Cheap (C code throughout: ~1 us for a typical body).
+    if raw.count(b":") > orjson.dumps(body).count(b":"):
+        raise ValidationFailed([{"loc": ["body"], "msg": "a JSON object in the body repeats "
+                                 "a key (which value would count is ambiguous)",
+                                 "type": "json_invalid"}])
     return body
 
 

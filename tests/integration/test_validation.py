@@ -240,6 +240,12 @@ NOT_JSON_CASES: list[tuple[str, bytes]] = [
     ("number", b"42"),
     ("null", b"null"),
     ("utf16", '{"model": "m", "messages": []}'.encode("utf-16")),
+    ("duplicate-top-level-key", b'{"model": "m", "model": "m", "messages": '
+                                b'[{"role": "user", "content": "x"}]}'),
+    ("duplicate-key-in-a-message", b'{"model": "m", "messages": '
+                                   b'[{"role": "user", "role": "system", "content": "x"}]}'),
+    ("duplicate-key-with-colons-in-values", b'{"model": "m", "messages": [{"role": "user", '
+                                            b'"content": "a: b", "content": "c: d"}]}'),
 ]
 
 

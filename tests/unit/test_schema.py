@@ -128,6 +128,23 @@ def test_not_a_json_object_is_one_entry_at_body(raw):
     assert entry["type"] in ("json_invalid", "model_type")
 
 
+@pytest.mark.parametrize("raw", [
+    b'{"model": "m", "messages": [{"role": "user", "content": "a: b \\u003a c"}]}',
+    b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "k\\u003a": {"a:": ":"}}',
+    b'{"model" : "m" , "messages" : [ {"role" : "user" , "content" : "::"} ] }',
+])
+def test_colons_in_strings_and_escapes_are_not_taken_for_repeated_keys(raw):
+    assert parse_chat_request(raw)["model"] == "m"
+
+
+def test_a_repeated_key_is_one_entry_at_body():
+    with pytest.raises(ValidationFailed) as info:
+        parse_chat_request(b'{"model": "m", "messages": [], "tools": [{"type": "function", '
+                           b'"function": {"name": "f", "name": "g"}}]}')
+    [entry] = info.value.detail
+    assert entry["loc"] == ["body"] and "repeats a key" in entry["msg"]
+
+
 def test_input_path_drops_union_member_steps():
     body = {"stop": [1], "messages": [{"content": [5]}]}
     assert input_path(body, ("stop", "list[str]", 0), missing=False) == ("stop", 0)
