@@ -24,6 +24,7 @@ from router.routing.dispatch import Opened
 from router.runtime import RuntimeRef
 from router.store import MemoryStore, Store, StoreError
 from router.store.base import SESSION_UNAVAILABLE, Admission, SessionQuery, SessionState
+from router.tasks import count_failure
 
 log = logging.getLogger("router.limits")
 
@@ -63,6 +64,8 @@ class Limiter:
         self._fallback = MemoryStore()  # per process: decides while the store is down (open)
         self._metrics = metrics
         self._live: dict[str, Ticket] = {}  # lease -> ticket: refreshed while in flight
+        # A failed settlement: the lease expires on its own, the charge stays at the estimate.
+        self._settled = count_failure(metrics, "settle", "settle a request's limits")
 
     async def admit(self, principal: Principal, body: Mapping[str, Any], config: Config,
                     session: SessionQuery | None = None) -> Ticket | None:
@@ -128,15 +131,6 @@ class Limiter:
         outcome = ticket.store.settle(ticket.principal, ticket.limits, delta, ticket.lease)
         outcome.add_done_callback(self._settled)
 
-    def _settled(self, outcome: asyncio.Future[Any]) -> None:
-        exc = None if outcome.cancelled() else outcome.exception()
-        if exc is None:
-            return
-        # The lease expires on its own; the token charge stays at the estimate.
-        m = self._metrics
-        m.child(m.store_errors, "settle").inc()
-        log.warning("could not settle a request's limits: %s",
-                    exc.message if isinstance(exc, StoreError) else type(exc).__name__)
 
     async def refresh_forever(self) -> None:
         """Keep in-flight requests' leases alive: one pipeline per worker every TTL/3."""

@@ -13,14 +13,12 @@ available backends with room (strategies.bounded_rendezvous).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import secrets
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import orjson
@@ -35,6 +33,7 @@ from router.routing.table import Backend, Route, RoutingTable
 from router.schema import parse_body
 from router.store import Store, StoreError, is_shared
 from router.store.base import SESSION_UNAVAILABLE, Pin, SessionQuery, SessionState
+from router.tasks import count_failure
 
 log = logging.getLogger("router.sessions")
 
@@ -169,7 +168,7 @@ async def place(store: Store, metrics: Metrics, config: Config, table: RoutingTa
             metrics.child(metrics.session_pins, "hit").inc()
             if not state.touched:  # read with an admission: count this admitted request
                 store.use_pin(user, session_id, ttl_s).add_done_callback(
-                    partial(_used, metrics))
+                    count_failure(metrics, "use_pin", "count a session request"))
             return pinned
         replaces = pin.backend
     choice = route.pick(set())
@@ -232,14 +231,6 @@ def hashed(metrics: Metrics, config: Config, route: Route, user: str, session_id
         outcome = "new" if created else "hit" if home else "repin"
         metrics.child(metrics.session_pins, outcome).inc()
     return backend
-
-
-def _used(metrics: Metrics, outcome: asyncio.Future[Any]) -> None:
-    exc = None if outcome.cancelled() else outcome.exception()
-    if exc is not None:  # this request goes uncounted on its pin
-        metrics.child(metrics.store_errors, "use_pin").inc()
-        log.warning("could not count a session request: %s",
-                    exc.message if isinstance(exc, StoreError) else type(exc).__name__)
 
 
 def inject_json(body: bytes, session_id: str) -> bytes:

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+from router.store.base import StoreError
+
+if TYPE_CHECKING:
+    from router.metrics import Metrics
 
 log = logging.getLogger("router.tasks")
 
@@ -23,3 +28,17 @@ def _done(task: asyncio.Task[Any]) -> None:
     _running.discard(task)
     if not task.cancelled() and task.exception() is not None:
         log.error("background task %s failed", task.get_name(), exc_info=task.exception())
+
+
+def count_failure(metrics: Metrics, op: str, what: str
+                  ) -> Callable[[asyncio.Future[Any]], None]:
+    """A done-callback for a store call nobody waits for (settle, use_pin): a failure counts in
+    router_store_errors_total{op} and logs one warning line (its message, no traceback)."""
+    def done(outcome: asyncio.Future[Any]) -> None:
+        exc = None if outcome.cancelled() else outcome.exception()
+        if exc is not None:
+            metrics.child(metrics.store_errors, op).inc()
+            log.warning("could not %s: %s", what,
+                        exc.message if isinstance(exc, StoreError) else type(exc).__name__)
+
+    return done

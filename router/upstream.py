@@ -29,7 +29,6 @@ class UpstreamResponse(Protocol):
     headers: Mapping[str, str]
 
     def iter_chunks(self) -> AsyncIterator[bytes]: ...
-    async def read(self, limit: int) -> bytes: ...
     def close(self) -> None: ...
 
 
@@ -77,19 +76,6 @@ class _AiohttpResponse:
             raise UpstreamTimeout("upstream went silent mid-response") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError("upstream connection broke mid-response") from exc
-
-    async def read(self, limit: int) -> bytes:
-        declared = self._resp.content_length
-        if declared is not None and declared > limit:
-            raise UpstreamError("upstream response is too large")
-        parts: list[bytes] = []
-        size = 0
-        async for chunk in self.iter_chunks():
-            size += len(chunk)
-            if size > limit:
-                raise UpstreamError("upstream response is too large")
-            parts.append(chunk)
-        return b"".join(parts)
 
     def close(self) -> None:
         # Closing (not releasing) drops the connection: an unfinished body must not be reused,

@@ -24,6 +24,7 @@ from router.upstream import Timeouts, UpstreamResponse, tls_context
 
 MAX_HEAD = 64 * 1024  # status line + headers; larger answers are broken (or hostile)
 MAX_LINE = 8 * 1024  # a chunk-size or trailer line
+PROBE_BODY_MAX = 1 << 20  # a health probe's body is read this far at most
 HIGH_WATER = 64 * 1024  # buffered body bytes above which the socket stops being read
 LOW_WATER = 16 * 1024
 
@@ -393,21 +394,6 @@ class _LeanResponse:
             raise
         self.close()  # the body is complete: the connection goes back to the pool
 
-    async def read(self, limit: int) -> bytes:
-        declared = self.headers.get("Content-Length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            self.close()
-            raise UpstreamError("upstream response is too large")
-        parts: list[bytes] = []
-        size = 0
-        async for chunk in self.iter_chunks():
-            size += len(chunk)
-            if size > limit:
-                self.close()
-                raise UpstreamError("upstream response is too large")
-            parts.append(chunk)
-        return b"".join(parts)
-
     def close(self) -> None:
         # An unfinished body closes the connection: the upstream sees its client leave at once.
         if not self._released:
@@ -493,7 +479,11 @@ class LeanUpstream:
             resp = await self._request("GET", url, headers, b"",
                                        Timeouts(timeout_s, timeout_s, timeout_s), ca_file)
             try:
-                await resp.read(1 << 20)
+                size = 0  # read to its end (the connection goes back to the pool), capped
+                async for chunk in resp.iter_chunks():
+                    size += len(chunk)
+                    if size > PROBE_BODY_MAX:
+                        raise UpstreamError("upstream response is too large")
             finally:
                 resp.close()
             return resp.status

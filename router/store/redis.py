@@ -122,6 +122,10 @@ def limit_keys(principal: str) -> list[str]:
 SESSIONS_LUA = (Path(__file__).parent / "sessions.lua").read_text(encoding="utf-8")
 SESSIONS_SHA = hashlib.sha1(SESSIONS_LUA.encode(), usedforsecurity=False).hexdigest()
 
+Script = tuple[str, str]  # (sha1, source): run by EVALSHA, loaded on NOSCRIPT
+LIMITS: Script = (LIMITS_SHA, LIMITS_LUA)
+SESSIONS: Script = (SESSIONS_SHA, SESSIONS_LUA)
+
 
 def user_tag(user: str) -> str:
     return hashlib.sha256(user.encode()).hexdigest()[:32]
@@ -352,9 +356,9 @@ class RedisStore:
         if batch is not None and batch.bounded:
             # The hot path: no timer, no coroutine per call; the batch's futures fail with
             # StoreError, and the link bounds the wait.
-            limits_reply = batch.call(LIMITS_SHA, LIMITS_LUA, keys, args)
+            limits_reply = batch.call(*LIMITS, keys, args)
             session_reply = None if session is None else \
-                batch.call(SESSIONS_SHA, SESSIONS_LUA, *session_call(session))
+                batch.call(*SESSIONS, *session_call(session))
             try:
                 row = await limits_reply
                 if session_reply is not None:
@@ -365,7 +369,7 @@ class RedisStore:
                         reply.add_done_callback(_quiet)
                 raise
         elif session is None:
-            row = await self._call("admit", self._limits_script(keys, args))
+            row = await self._call("admit", self._script(LIMITS, keys, args))
         else:
             row, srow = await self._call("admit", self._admit_and_session(
                 keys, args, *session_call(session)))
@@ -381,27 +385,24 @@ class RedisStore:
         is loaded and only that one is rerun. On a Cluster (the limits' keys are tagged by the
         principal, the session's by the user; redis-py refuses EVALSHA in cluster pipelines)
         the two calls go out at once, so the wait is still one round trip."""
-        row, srow = await asyncio.gather(self._limits_script(keys, args),
-                                         self._sessions_script(skeys, sargs))
+        row, srow = await asyncio.gather(self._script(LIMITS, keys, args),
+                                         self._script(SESSIONS, skeys, sargs))
         return row, srow
 
     # Sessions: one script (sessions.lua); settings are read with the pin, in its slot.
 
     async def session_state(self, query: SessionQuery) -> SessionState:
         keys, args = session_call(query, "touch")
-        return _state(await self._call("session", self._sessions_script(keys, args)),
+        return _state(await self._call("session", self._script(SESSIONS, keys, args)),
                       touched=True)
 
     def use_pin(self, user: str, session_id: str, ttl_s: float) -> asyncio.Future[Any]:
         keys, args = session_call(SessionQuery(user, session_id, ttl_s), "touch")
-        batch = self._batch
-        if batch is not None and batch.bounded:  # as settle's: no task, no timer
-            return batch.call(SESSIONS_SHA, SESSIONS_LUA, keys, args)
-        return _reported(self._call("use pin", self._sessions_script(keys, args)), "session-use")
+        return self._sent("use pin", SESSIONS, keys, args)
 
     async def claim_pin(self, user: str, session_id: str, backend: str, route: str,
                         ttl_s: float, replaces: str | None, count: bool = True) -> Pin:
-        row = await self._call("claim pin", self._sessions_script(
+        row = await self._call("claim pin", self._script(SESSIONS,
             [pin_key(user, session_id)],
             ["claim", backend, route, int(ttl_s * 1000), replaces or "", int(count)]))
         pin = _pin(row)
@@ -410,7 +411,7 @@ class RedisStore:
         return pin
 
     async def get_pin(self, user: str, session_id: str) -> Pin | None:
-        return _pin(await self._call("get pin", self._sessions_script(
+        return _pin(await self._call("get pin", self._script(SESSIONS,
             [pin_key(user, session_id)], ["get"])))
 
     async def delete_pin(self, user: str, session_id: str) -> bool:
@@ -469,31 +470,18 @@ class RedisStore:
             rows: list[dict[Any, Any]] = await pipe.execute()
         return rows
 
-    async def _sessions_script(self, keys: list[str], args: list[EncodableT]) -> Any:
-        if self._batch is not None:
-            return await self._batch.call(SESSIONS_SHA, SESSIONS_LUA, keys, args)
-        try:
-            return await self._redis.evalsha(SESSIONS_SHA, len(keys), *keys, *args)
-        except NoScriptError:
-            await self._redis.script_load(SESSIONS_LUA)
-            return await self._redis.evalsha(SESSIONS_SHA, len(keys), *keys, *args)
-
     def settle(self, principal: str, limits: Limits, token_delta: int,
                lease: str | None) -> asyncio.Future[Any]:
         args: list[EncodableT] = ["settle", limits.tpm or 0, limits.tokens_per_day or 0,
                                   token_delta, lease or ""]
-        batch = self._batch
-        if batch is not None and batch.bounded:  # as admit's: no task, no timer
-            return batch.call(LIMITS_SHA, LIMITS_LUA, limit_keys(principal), args)
-        return _reported(self._call("settle", self._limits_script(limit_keys(principal), args)),
-                         "limits-settle")
+        return self._sent("settle", LIMITS, limit_keys(principal), args)
 
     async def refresh_leases(self, leases: Mapping[str, Sequence[str]],
                              lease_ttl_s: float) -> None:
         async def op() -> None:
             if self._cluster:  # redis-py refuses EVALSHA in Cluster pipelines: one call each
                 await asyncio.gather(*(
-                    self._limits_script(limit_keys(principal),
+                    self._script(LIMITS, limit_keys(principal),
                                         ["refresh", int(lease_ttl_s * 1000), *ids])
                     for principal, ids in leases.items()))
                 return
@@ -508,15 +496,25 @@ class RedisStore:
         if leases:
             await self._call("refresh leases", op())
 
-    async def _limits_script(self, keys: list[str], args: list[EncodableT]) -> Any:
+    async def _script(self, script: Script, keys: list[str], args: list[EncodableT]) -> Any:
         """EVALSHA; on NOSCRIPT (first use, a restarted or flushed Redis) load it and rerun."""
+        sha, lua = script
         if self._batch is not None:
-            return await self._batch.call(LIMITS_SHA, LIMITS_LUA, keys, args)
+            return await self._batch.call(sha, lua, keys, args)
         try:
-            return await self._redis.evalsha(LIMITS_SHA, len(keys), *keys, *args)
+            return await self._redis.evalsha(sha, len(keys), *keys, *args)
         except NoScriptError:
-            await self._redis.script_load(LIMITS_LUA)
-            return await self._redis.evalsha(LIMITS_SHA, len(keys), *keys, *args)
+            await self._redis.script_load(lua)
+            return await self._redis.evalsha(sha, len(keys), *keys, *args)
+
+    def _sent(self, what: str, script: Script, keys: list[str],
+              args: list[EncodableT]) -> asyncio.Future[Any]:
+        """A call nobody waits for (settle, use_pin): under way when this returns; the future
+        only reports how it ended (StoreError). On the lean link: no task and no timer."""
+        batch = self._batch
+        if batch is not None and batch.bounded:
+            return batch.call(*script, keys, args)
+        return _reported(self._call(what, self._script(script, keys, args)), what)
 
 
 def _quiet(future: asyncio.Future[Any]) -> None:
