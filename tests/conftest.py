@@ -24,6 +24,10 @@ from tests.redis_server import RedisServer, start_redis
 KEY = "sk-test-" + "k" * 40
 KEY_SHA = hashlib.sha256(KEY.encode()).hexdigest()
 OTHER_KEY = "sk-test-" + "o" * 40
+ADMIN_KEY = "sk-test-" + "a" * 40
+# The admin key's entry for `auth.api_keys` (router_config's keys are not admins).
+ADMIN_KEY_ENTRY = {"id": "root", "key_sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(),
+                   "user": "root", "admin": True}
 USER_MSG = [{"role": "user", "content": "hello there"}]
 
 
@@ -139,3 +143,24 @@ def no_blocking_calls_in_the_router() -> Any:
 
     with blockbuster_ctx("router") as bb:
         yield bb
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def sse_events(raw: bytes) -> list[tuple[str | None, str]]:
+    """(event name, data) of each SSE event in a body; comments (keep-alives) left out."""
+    out = []
+    for block in raw.decode().split("\n\n"):
+        if not block or block.startswith(":"):
+            continue
+        name = None
+        data = []
+        for line in block.split("\n"):
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                data.append(line.removeprefix("data: "))
+        out.append((name, "\n".join(data)))
+    return out

@@ -4,7 +4,6 @@ workers no multiprocess directory."""
 
 from __future__ import annotations
 
-import hashlib
 import signal
 import time
 from pathlib import Path
@@ -13,12 +12,10 @@ from router.config.model import StoreConfig
 from router.store import open_store
 from router.store.base import HOUR_S
 from router.store.redis import RedisStore  # (imported before any loop: it reads its scripts)
-from tests.conftest import USER_MSG
+from tests.conftest import ADMIN_KEY, ADMIN_KEY_ENTRY, USER_MSG
 from tests.e2e.conftest import wait_for
 from tests.e2e.test_lifecycle import AUTH, client, e2e_config
 from tests.redis_server import RedisServer
-
-ADMIN_KEY = "sk-test-" + "a" * 40
 
 
 async def test_workers_flush_their_own_usage(fakes, router_process, redis_server: RedisServer):
@@ -28,8 +25,7 @@ async def test_workers_flush_their_own_usage(fakes, router_process, redis_server
     config["usage"] = {"enabled": True, "flush_interval_s": 0.2}
     config["metrics"] = {"enabled": False}
     config["auth"]["api_keys"].append(
-        {"id": "root", "key_sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(),
-         "user": "root", "admin": True})
+        ADMIN_KEY_ENTRY)
     rp = await router_process(config, "--workers", "2")
     await rp.wait_log(f"listening on http://127.0.0.1:{rp.port}", count=2)
     workers = rp.children()

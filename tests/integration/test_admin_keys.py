@@ -15,10 +15,17 @@ from typing import Any
 import yaml
 
 from router.store.redis import RedisStore, record_key
-from tests.conftest import KEY, USER_MSG, RouterUnderTest, router_config
+from tests.conftest import (
+    ADMIN_KEY,
+    ADMIN_KEY_ENTRY,
+    KEY,
+    USER_MSG,
+    RouterUnderTest,
+    bearer,
+    router_config,
+)
 from tests.redis_server import RedisServer, free_port
 
-ADMIN_KEY = "sk-test-" + "a" * 40
 ROUTES = {"fast": {"backends": [{"provider": "mock", "model": "m1"}]},
           "other": {"backends": [{"provider": "mock", "model": "m2"}]}}
 KEYS = "/api/v1/admin/keys"
@@ -28,13 +35,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def config(store_url: str, **store: Any) -> dict[str, Any]:
     cfg = router_config({"mock": {"type": "mock"}}, ROUTES, store={"url": store_url, **store})
     cfg["auth"]["api_keys"].append(
-        {"id": "root", "key_sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(),
-         "user": "root", "admin": True})
+        ADMIN_KEY_ENTRY)
     return cfg
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 async def create(r: RouterUnderTest, body: Any, key: str = ADMIN_KEY) -> tuple[int, Any]:

@@ -14,7 +14,7 @@ import jwt
 import pytest
 
 from router.config import ConfigError
-from tests.conftest import KEY, OTHER_KEY, USER_MSG, router_config
+from tests.conftest import ADMIN_KEY, ADMIN_KEY_ENTRY, KEY, OTHER_KEY, USER_MSG, router_config
 from tests.unit.test_router_jwt import (
     ALGORITHMS,
     SECRET,
@@ -26,7 +26,6 @@ from tests.unit.test_router_jwt import (
     write_pair,
 )
 
-ADMIN_KEY = "sk-test-" + "a" * 40
 LIMITED_KEY = "sk-test-" + "l" * 40
 ROUTES = {"first": {"backends": [{"provider": "mock", "model": "m1"}]},
           "second": {"backends": [{"provider": "mock", "model": "m2"}]}}
@@ -47,8 +46,7 @@ def jwt_section(alg: str, tmp_path: Path, *, private: bool = True,
 def config(jwt_cfg: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
     cfg = router_config({"mock": {"type": "mock"}}, ROUTES, **extra)
     cfg["auth"]["api_keys"] += [
-        {"id": "root", "key_sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(),
-         "user": "root", "admin": True},
+        ADMIN_KEY_ENTRY,
         {"id": "limited", "key_sha256": hashlib.sha256(LIMITED_KEY.encode()).hexdigest(),
          "user": "carol", "limits": {"rpm": 1000, "concurrency": 3}},
     ]

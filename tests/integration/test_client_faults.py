@@ -21,7 +21,7 @@ from aiohttp import web
 
 from router.config.model import LoggingConfig
 from router.log import setup_logging
-from tests.conftest import KEY, USER_MSG, openai_provider, router_config
+from tests.conftest import KEY, USER_MSG, openai_provider, router_config, sse_events
 
 DONE = b"data: [DONE]\n\n"
 KEEPALIVE = b": keep-alive\n\n"
@@ -93,23 +93,6 @@ def _chat_request(body: dict[str, Any], extra_headers: list[tuple[str, str]] = (
              f"Content-Length: {len(payload)}"]
     lines += [f"{k}: {v}" for k, v in extra_headers]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + payload
-
-
-def _events(raw: bytes) -> list[tuple[str | None, str]]:
-    """(event name, data) of each SSE event in a body; comments are skipped."""
-    out = []
-    for block in raw.decode().split("\n\n"):
-        if not block or block.startswith(":"):
-            continue
-        name = None
-        data = []
-        for line in block.split("\n"):
-            if line.startswith("event: "):
-                name = line.removeprefix("event: ")
-            elif line.startswith("data: "):
-                data.append(line.removeprefix("data: "))
-        out.append((name, "\n".join(data)))
-    return out
 
 
 def _strip_keepalives(raw: bytes) -> tuple[bytes, int]:
@@ -284,7 +267,7 @@ async def test_keepalive_comments_fill_upstream_silence(fakes, start_router):
     assert comments >= 1  # 1.5 s of silence, three times: the client heard from us meanwhile
     assert data == want  # the upstream's bytes, untouched and in order
     assert data.endswith(DONE) and data.count(DONE) == 1
-    for name, payload in _events(data)[:-1]:
+    for name, payload in sse_events(data)[:-1]:
         assert name is None
         json.loads(payload)
 
@@ -354,7 +337,7 @@ async def test_trickling_upstream_hits_the_idle_timeout(start_router, trickler):
     data, _ = _strip_keepalives(got)
     assert data.startswith(FIRST_EVENT)
     rest = data[len(FIRST_EVENT):]
-    events = _events(rest)
+    events = sse_events(rest)
     assert len(events) == 1, rest  # no half event, no [DONE]: exactly one error event
     name, payload = events[0]
     assert name == "error"
@@ -395,7 +378,7 @@ async def test_slow_stream_within_idle_timeout_completes(fakes, start_router):
     async with r.chat({"model": "m", "messages": USER_MSG, "stream": True}) as resp:
         assert resp.status == 200
         got = await _read_raw(resp)
-    events = _events(got)
+    events = sse_events(got)
     assert all(name is None for name, _ in events)  # no error event
     assert got.endswith(DONE) and got.count(DONE) == 1
     assert sum(b"tok" in e[1].encode() for e in events) == 4

@@ -17,8 +17,8 @@ from router.config.model import Limits
 from router.errors import Unauthorized
 from router.store import KeyRecord, MemoryStore, StoreError
 from router.store.redis import RedisStore, record_key
-from tests.conftest import USER_MSG
-from tests.integration.test_admin_keys import ADMIN_KEY, bearer, config, create
+from tests.conftest import ADMIN_KEY, USER_MSG, bearer
+from tests.integration.test_admin_keys import config, create
 from tests.redis_server import RedisServer, start_redis
 
 DEFAULTS = Limits(rpm=60)

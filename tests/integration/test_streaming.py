@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from router.providers.sse import error_event
-from tests.conftest import USER_MSG, openai_provider, router_config
+from tests.conftest import USER_MSG, openai_provider, router_config, sse_events
 
 DONE = b"data: [DONE]\n\n"
 
@@ -41,23 +41,6 @@ async def _direct(fake, body: dict[str, Any]) -> bytes:
         except aiohttp.ClientPayloadError:
             pass
     return b"".join(parts)
-
-
-def _events(raw: bytes) -> list[tuple[str | None, str]]:
-    """(event name, data) of each SSE event in a body."""
-    out = []
-    for block in raw.decode().split("\n\n"):
-        if not block:
-            continue
-        name = None
-        data = []
-        for line in block.split("\n"):
-            if line.startswith("event: "):
-                name = line.removeprefix("event: ")
-            elif line.startswith("data: "):
-                data.append(line.removeprefix("data: "))
-        out.append((name, "\n".join(data)))
-    return out
 
 
 async def _until(predicate, within: float = 3.0) -> float:
@@ -199,7 +182,7 @@ async def test_upstream_cut_mid_stream_ends_with_one_error_event(fakes, start_ro
     assert b"tok2" in sent and b"tok3" not in sent
     assert got.startswith(sent)
     tail = got[len(sent):]
-    events = _events(tail)
+    events = sse_events(tail)
     assert len(events) == 1
     name, data = events[0]
     assert name == "error"
@@ -216,7 +199,7 @@ async def test_router_still_serves_after_a_cut_stream(fakes, start_router):
         async with r.chat({"model": "m", "messages": USER_MSG, "stream": True}) as resp:
             assert resp.status == 200
             got = await _read_raw(resp)
-        assert _events(got)[-1][0] == "error"
+        assert sse_events(got)[-1][0] == "error"
 
 
 # An upstream scripted byte by byte, for splits and tears the fake upstream does not make.
@@ -292,8 +275,8 @@ async def test_upstream_torn_inside_an_event_drops_the_partial_event(start_route
     rest = got[len(complete):]
     # The half event never reaches the client: it would be broken JSON to every SSE parser.
     assert rest.startswith(b"event: error\n")
-    assert _events(rest)[-1][0] == "error"
-    assert len([e for e in _events(got) if e[0] == "error"]) == 1
+    assert sse_events(rest)[-1][0] == "error"
+    assert len([e for e in sse_events(got) if e[0] == "error"]) == 1
     assert DONE not in got
 
 
@@ -307,7 +290,7 @@ async def test_stream_ending_without_done_gets_one_error_event(fakes, start_rout
     # Relayed as is (the router does not parse the stream), then exactly one terminator.
     assert got.startswith(b"data: {not json}\n\n")
     assert DONE not in got
-    events = _events(got)
+    events = sse_events(got)
     assert [e[0] for e in events].count("error") == 1
     assert events[-1][0] == "error"
 
@@ -337,7 +320,7 @@ def _tool_router_config(up) -> dict[str, Any]:
 def _join_tool_deltas(raw: bytes) -> tuple[list[dict[str, Any]], str | None]:
     calls: dict[int, dict[str, Any]] = {}
     finish = None
-    for name, data in _events(raw):
+    for name, data in sse_events(raw):
         assert name is None
         if data == "[DONE]":
             continue

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -27,11 +26,10 @@ from router.store.connect import StoreUrl, connect, parse_store_url
 from router.store.redis import limit_keys
 from router.upstream import AiohttpUpstream, UpstreamClient
 from router.upstream_lean import LeanUpstream
-from tests.conftest import KEY, USER_MSG, Fake, router_config
+from tests.conftest import ADMIN_KEY, ADMIN_KEY_ENTRY, KEY, USER_MSG, Fake, router_config
 from tests.fakes.openai_upstream import start_fake
 from tests.tls import Pki, TlsRedisServer, make_pki, start_redis_tls
 
-ADMIN_KEY = "sk-test-" + "a" * 40
 CLIENTS = ["lean", "aiohttp"]
 
 
@@ -80,8 +78,7 @@ def tls_config(store_url: str, **store: Any) -> dict[str, Any]:
                            store={"url": store_url, **store})
     config["auth"]["api_keys"][0]["limits"] = {"rpm": 2}
     config["auth"]["api_keys"].append(
-        {"id": "root", "key_sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(),
-         "user": "root", "admin": True})
+        ADMIN_KEY_ENTRY)
     return config
 
 

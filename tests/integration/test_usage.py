@@ -5,7 +5,6 @@ Cluster. Flushes are explicit (UsageMeter.flush), never waited for."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import shutil
 import time
@@ -21,11 +20,20 @@ from router.store import open_store
 from router.store.base import HOUR_S, UsageCount
 from router.store.redis import usage_key  # (imported before any loop: it reads its scripts)
 from router.usage import report_window
-from tests.conftest import KEY, OTHER_KEY, USER_MSG, RouterUnderTest, openai_provider, router_config
+from tests.conftest import (
+    ADMIN_KEY,
+    ADMIN_KEY_ENTRY,
+    KEY,
+    OTHER_KEY,
+    USER_MSG,
+    RouterUnderTest,
+    bearer,
+    openai_provider,
+    router_config,
+)
 from tests.redis_cluster import Cluster, cli, start_cluster
 from tests.redis_server import RedisServer, start_redis
 
-ADMIN_KEY = "sk-test-" + "a" * 40
 USAGE_PATH = "/api/v1/admin/usage"
 
 
@@ -39,13 +47,8 @@ def config(up: Any, store_url: str, **usage: Any) -> dict[str, Any]:
         # Flushed by the tests themselves; the background flush waits a minute.
         usage={"enabled": True, "flush_interval_s": 60, **usage})
     cfg["auth"]["api_keys"].append(
-        {"id": "root", "key_sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(),
-         "user": "root", "admin": True})
+        ADMIN_KEY_ENTRY)
     return cfg
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 async def report(r: RouterUnderTest, key: str = ADMIN_KEY, **query: str) -> tuple[int, Any]:
