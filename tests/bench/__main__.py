@@ -66,6 +66,8 @@ from pathlib import Path
 
 import yaml
 
+from tests.redis_server import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "sk-bench-" + "b" * 40
 LIMITED_KEY = "sk-bench-" + "l" * 40  # --limits: the key with (unreachable) limits
@@ -108,6 +110,21 @@ class Plan:
     metrics_phase_s: float = 5.0
 
 
+# The optional measurements: (flag, what it measures), for --NAME and --NAME-only.
+EXTRAS = (
+    ("auth", "the per-request cost of each credential type (API key, HS256/RS256/ES256/EdDSA "
+             "router JWT; about 70 s)"),
+    ("limits", "the limiter's cost against a real redis-server (router with vs without "
+               "limits, same run; about 60 s)"),
+    ("sessions", "session pinning vs round robin on two upstreams simulating a prefix cache "
+                 "(about 10 s)"),
+    ("fanout", "fan-out: p99 of none, race and hedge over two upstreams, one with a heavy "
+               "tail (about 30 s)"),
+    ("metrics", "the per-request cost of metrics (and of the usage report): routers with "
+                "metrics off / on / on + usage, same run; about 100 s"),
+)
+
+
 def _parse(argv: Sequence[str]) -> Plan:
     parser = argparse.ArgumentParser(prog="router bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,32 +139,9 @@ def _parse(argv: Sequence[str]) -> Plan:
                         help="streams held open for the RSS figure (default 1000)")
     parser.add_argument("--profile", action="store_true",
                         help="also sample the router with py-spy under the c=64 load")
-    parser.add_argument("--auth", action="store_true",
-                        help="also measure the per-request cost of each credential type "
-                             "(API key, HS256/RS256/ES256/EdDSA router JWT; about 70 s)")
-    parser.add_argument("--auth-only", action="store_true",
-                        help="measure only the credential costs")
-    parser.add_argument("--limits", action="store_true",
-                        help="also measure the limiter's cost against a real redis-server "
-                             "(router with vs without limits, same run; about 60 s)")
-    parser.add_argument("--limits-only", action="store_true",
-                        help="measure only the limiter's cost")
-    parser.add_argument("--sessions", action="store_true",
-                        help="also measure session pinning vs round robin on two upstreams "
-                             "simulating a prefix cache (about 10 s)")
-    parser.add_argument("--sessions-only", action="store_true",
-                        help="measure only session pinning vs round robin")
-    parser.add_argument("--fanout", action="store_true",
-                        help="also measure fan-out: p99 of none, race and hedge over two "
-                             "upstreams, one with a heavy tail (about 30 s)")
-    parser.add_argument("--fanout-only", action="store_true",
-                        help="measure only fan-out")
-    parser.add_argument("--metrics", action="store_true",
-                        help="also measure the per-request cost of metrics (and of the usage "
-                             "report): routers with metrics off / on / on + usage, same run; "
-                             "about 100 s")
-    parser.add_argument("--metrics-only", action="store_true",
-                        help="measure only the cost of metrics")
+    for name, what in EXTRAS:  # --NAME runs it with the rest, --NAME-only alone
+        parser.add_argument(f"--{name}", action="store_true", help=f"also measure {what}")
+        parser.add_argument(f"--{name}-only", action="store_true", help=f"measure only {what}")
     argv = list(argv)
     if argv[:1] == ["--"]:  # `router bench -- --quick`: argparse's REMAINDER keeps the `--`
         argv = argv[1:]
@@ -271,14 +265,6 @@ def _start_upstream(procs: Processes, machine: Machine, *extra: str
     return proc, int(line.split()[1])
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _router_config(upstream_port: int, router_port: int, store_url: str | None = None
                    ) -> dict[str, object]:
     """`store_url`: the limits bench, with a second key holding BENCH_LIMITS."""
@@ -323,7 +309,7 @@ def _start_router(procs: Processes, machine: Machine, tmp: Path, upstream_port: 
                   ) -> tuple[subprocess.Popen[bytes], int, Path]:
     """`more_upstreams`: the sessions bench, one route of `upstream_port` and these.
     `sections`: top-level config sections to add (the metrics bench)."""
-    port = _free_port()
+    port = free_port()
     config = tmp / f"{name}.yaml"
     data = {**_router_config(upstream_port, port, store_url), **(sections or {})}
     if more_upstreams:
@@ -703,7 +689,7 @@ def _http(port: int, method: str, path: str, token: str, timeout: float = 2.0
 def _start_auth_router(procs: Processes, machine: Machine, tmp: Path, alg: str) -> AuthRouter:
     from tests.bench.auth_router import BYPASS
 
-    port = _free_port()
+    port = free_port()
     config = {
         "server": {"host": "127.0.0.1", "port": port, "reload_poll_s": 0,
                    "shutdown_grace_s": 1},
@@ -862,7 +848,7 @@ def _start_redis(procs: Processes, machine: Machine, tmp: Path) -> int:
         raise RuntimeError("redis-server is not installed (as root: `apt-get install "
                            "redis-server`)")
     for _ in range(3):
-        port = _free_port()
+        port = free_port()
         proc = procs.start(machine.on(LOAD_CPU, [
             binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
             "no", "--dir", str(tmp), "--logfile", str(tmp / "redis.log"), "--daemonize", "no"]),

@@ -257,29 +257,36 @@ def _stamp(times: list[float]) -> None:
     times.append(now())
 
 
+async def _timed(host: str, port: int, conn: _Connection, request: bytes
+                 ) -> tuple[_Connection, tuple[float, float] | None]:
+    """One request on `conn`: (the connection to use next, (time to the first body byte,
+    total) or None when it failed). A broken or closed connection is replaced."""
+    first: list[float] = []
+    t0 = now()
+    try:
+        status = await asyncio.wait_for(
+            conn.send(request, on_data=functools.partial(_stamp, first)), 30)
+    except (ResponseFailed, OSError, TimeoutError):
+        conn.close()
+        return await connect(host, port), None
+    timing = (first[0] - t0, now() - t0) if status == 200 and first else None
+    if conn.closed:
+        conn = await connect(host, port)
+    return conn, timing
+
+
 async def ttfb(host: str, port: int, request: bytes, count: int) -> dict[str, object]:
     conn = await connect(host, port)
     firsts: list[float] = []
     totals: list[float] = []
     errors = 0
     for i in range(count + 10):  # the first 10 warm up
-        first: list[float] = []
-        t0 = now()
-        try:
-            status = await asyncio.wait_for(
-                conn.send(request, on_data=functools.partial(_stamp, first)), 30)
-        except (ResponseFailed, OSError, TimeoutError):
-            errors += 1
-            conn.close()
-            conn = await connect(host, port)
-            continue
-        if status != 200 or not first:
+        conn, timing = await _timed(host, port, conn, request)
+        if timing is None:
             errors += 1
         elif i >= 10:
-            firsts.append(first[0] - t0)
-            totals.append(now() - t0)
-        if conn.closed:
-            conn = await connect(host, port)
+            firsts.append(timing[0])
+            totals.append(timing[1])
     conn.close()
     return {"ttfb_ms": summary(firsts), "total_ms": summary(totals), "errors": errors}
 
@@ -352,23 +359,12 @@ async def sessions(host: str, port: int, key: str | None, model: str, count: int
         for turn in range(turns):
             request = build_request(host, port, "/v1/chat/completions",
                                     session_body(model, tag, number, turn, pin), key)
-            first: list[float] = []
-            t0 = now()
-            try:
-                status = await asyncio.wait_for(
-                    conn.send(request, on_data=functools.partial(_stamp, first)), 30)
-            except (ResponseFailed, OSError, TimeoutError):
-                errors += 1
-                conn.close()
-                conn = await connect(host, port)
-                continue
-            if status != 200 or not first:
+            conn, timing = await _timed(host, port, conn, request)
+            if timing is None:
                 errors += 1
             else:
-                firsts.append(first[0] - t0)
-                by_turn[turn].append(first[0] - t0)
-            if conn.closed:
-                conn = await connect(host, port)
+                firsts.append(timing[0])
+                by_turn[turn].append(timing[0])
         conn.close()
 
     await asyncio.gather(*(one(n) for n in range(count)))
