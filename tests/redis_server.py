@@ -56,10 +56,11 @@ def ping(port: int, timeout_s: float = 0.5) -> bool:
         return False
 
 
-def start_redis(workdir: Path, port: int | None = None) -> RedisServer:
+def start_redis(workdir: Path, port: int | None = None, *extra: str) -> RedisServer:
     """Start redis-server and wait until it answers PING (a taken free port: try another).
 
-    `port`: restart a server on the port it had (its clients reconnect to the same URL)."""
+    `port`: restart a server on the port it had (its clients reconnect to the same URL);
+    `extra`: more server options (e.g. "--enable-debug-command", "yes")."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not installed (make test installs it)")
@@ -69,7 +70,7 @@ def start_redis(workdir: Path, port: int | None = None) -> RedisServer:
         proc = subprocess.Popen(
             [binary, "--port", str(listen), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(workdir), "--logfile",
-             str(workdir / "redis.log"), "--daemonize", "no"],
+             str(workdir / "redis.log"), "--daemonize", "no", *extra],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         server = RedisServer(proc, listen, workdir)

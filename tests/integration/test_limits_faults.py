@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ from redis.asyncio import Redis
 
 from router.store.redis import limit_keys
 from tests.conftest import KEY, USER_MSG, openai_provider, router_config
-from tests.redis_server import RedisServer, free_port, ping
+from tests.redis_server import RedisServer, start_redis
 
 STORE_TIMEOUT_MS = 50
 DECISION_MARGIN_S = 0.45  # on top of the store timeout: a loaded 2-core box
@@ -36,35 +35,12 @@ TICK_S = 0.01
 MAX_TICK_GAP_S = 0.16
 
 
-def start_debug_redis(workdir: Path) -> RedisServer:
-    """Like tests/redis_server.start_redis, with the DEBUG command enabled (off by default
-    since Redis 7)."""
-    binary = shutil.which("redis-server")
-    assert binary is not None
-    workdir.mkdir(parents=True, exist_ok=True)
-    for _ in range(3):
-        port = free_port()
-        proc = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(workdir), "--logfile",
-             str(workdir / "redis.log"), "--daemonize", "no",
-             "--enable-debug-command", "yes"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        server = RedisServer(proc, port, workdir)
-        deadline = time.monotonic() + 10
-        while proc.poll() is None and time.monotonic() < deadline:
-            if ping(port):
-                return server
-            time.sleep(0.01)
-        server.stop()
-    raise RuntimeError("redis-server (debug enabled) did not start:\n" + server.log()[-2000:])
-
-
 @pytest.fixture
 def debug_redis(tmp_path: Path) -> Iterator[RedisServer]:
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (make test installs it)")
-    server = start_debug_redis(tmp_path / "redis-debug")
+    # DEBUG is off by default since Redis 7.
+    server = start_redis(tmp_path / "redis-debug", None, "--enable-debug-command", "yes")
     yield server
     server.stop()
 
