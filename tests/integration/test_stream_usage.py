@@ -13,8 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import router.handlers
 from router.routing.dispatch import Opened
-from tests.conftest import KEY, USER_MSG, openai_provider, router_config
-from tests.integration.test_streaming import _direct, _events, _read_raw, _scripted, _until
+from tests.conftest import KEY, USER_MSG, openai_provider, router_config, sse_events
+from tests.integration.test_streaming import _direct, _read_raw, _scripted, _until
 
 DONE = b"data: [DONE]\n\n"
 PROMPT = len(USER_MSG[0]["content"]) // 4 + 1  # what the fake and the mock report
@@ -56,7 +56,7 @@ async def _router(fakes, start_router, model: str = "chunks:5"):
 
 def _usage_only(raw: bytes) -> list[bytes]:
     """The usage-only events (`"choices": []`) of a body, as sent."""
-    return [b"data: " + data.encode() + b"\n\n" for name, data in _events(raw)
+    return [b"data: " + data.encode() + b"\n\n" for name, data in sse_events(raw)
             if data.startswith("{") and json.loads(data).get("choices") == []]
 
 
@@ -140,7 +140,7 @@ async def test_stream_cut_before_the_usage_chunk_has_no_tokens_but_bytes(fakes, 
     _, r = await _router(fakes, start_router, "chunks:10+cut:3")
     async with r.chat({"model": "m", "messages": USER_MSG, "stream": True}) as resp:
         got = await _read_raw(resp)
-    assert _events(got)[-1][0] == "error"
+    assert sse_events(got)[-1][0] == "error"
     await _until(lambda: len(relayed) == 1 and len(access()) == 1)
     opened = relayed[0]
     assert opened.tokens is None
