@@ -29,7 +29,7 @@ from router.routing.fanout import fan_out
 from router.routing.prober import publish_backend_up
 from router.routing.table import Route
 from router.runtime import Runtime
-from router.schema import parse_chat_request
+from router.schema import SESSION_ID, parse_chat_request
 from router.state import (
     FACTS,
     LIMITER,
@@ -176,8 +176,17 @@ async def put_settings(request: web.Request) -> web.Response:
     return _json(settings.view(runtime.table.default_route))
 
 
-async def get_session(request: web.Request) -> web.Response:
+def _session_id(request: web.Request) -> str:
+    """The path's session id; one that no request could have created is absent without asking
+    the store."""
     session_id = request.match_info["id"]
+    if not SESSION_ID.fullmatch(session_id):
+        raise NotFound("no such session", code="session_not_found")
+    return session_id
+
+
+async def get_session(request: web.Request) -> web.Response:
+    session_id = _session_id(request)
     pin = await request.app[STORE].get_pin(request[PRINCIPAL].user, session_id)
     if pin is None:  # another user's session is just as absent
         raise NotFound("no such session", code="session_not_found")
@@ -185,8 +194,7 @@ async def get_session(request: web.Request) -> web.Response:
 
 
 async def delete_session(request: web.Request) -> web.Response:
-    if not await request.app[STORE].delete_pin(request[PRINCIPAL].user,
-                                               request.match_info["id"]):
+    if not await request.app[STORE].delete_pin(request[PRINCIPAL].user, _session_id(request)):
         raise NotFound("no such session", code="session_not_found")
     return web.Response(status=204)
 

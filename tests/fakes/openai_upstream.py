@@ -30,6 +30,7 @@ class Seen:
     t_received: float
     headers: dict[str, str]
     body: dict[str, Any]
+    raw: bytes = b""  # the body's bytes as they arrived
     t_disconnected: float | None = None
     t_finished: float | None = None
 
@@ -154,13 +155,14 @@ def _abort(request: web.Request) -> None:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     rec = request.app[RECORDER]
     t_received = time.monotonic()
+    raw = await request.read()
     try:
-        body = orjson.loads(await request.read())
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return await _send(request, 400, orjson.dumps(_error_body("bad JSON", "invalid_request")))
     if not isinstance(body, dict):
         body = {}
-    seen = Seen(t_received=t_received, headers=dict(request.headers), body=body)
+    seen = Seen(t_received=t_received, headers=dict(request.headers), body=body, raw=raw)
     rec.seen.append(seen)
     rec.inflight += 1
     rec.max_inflight = max(rec.max_inflight, rec.inflight)
