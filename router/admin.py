@@ -33,7 +33,7 @@ from router.store import KeyRecord, Store, open_store
 T = TypeVar("T")
 
 MAX_BODY_BYTES = 64 * 1024
-KEY_ID = re.compile(r"^key_[0-9a-f]{16}$")
+KEY_ID = re.compile(r"key_[0-9a-f]{16}")
 
 
 class NewKey(BaseModel):
@@ -149,7 +149,7 @@ async def list_keys(request: web.Request) -> web.Response:
 async def revoke_key(request: web.Request) -> web.Response:
     _require_admin(request)
     key_id = request.match_info["id"]
-    if not KEY_ID.match(key_id) or not await request.app[STORE].revoke_key(key_id):
+    if not KEY_ID.fullmatch(key_id) or not await request.app[STORE].revoke_key(key_id):
         raise NotFound(f"no API key with id {key_id[:64]!r}", code="key_not_found")
     _changed(request)
     return web.Response(status=204)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from collections.abc import Awaitable, Callable
 
@@ -30,7 +29,7 @@ from router.limits import Limiter
 from router.metrics import Metrics
 from router.relay import ActiveStreams
 from router.runtime import RuntimeRef
-from router.schema import openapi_document
+from router.schema import SAFE_ID, openapi_document
 from router.sessions import SettingsCache
 from router.state import (
     FACTS,
@@ -63,8 +62,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Everything else requires a credential: forgetting to protect a new route is impossible.
 # (And `metrics.path`, /metrics by default: build_app adds it.)
 UNAUTHENTICATED = frozenset({"/healthz", "/readyz", "/openapi.json"})
-
-_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
 @web.middleware
@@ -107,7 +104,7 @@ async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse
 def name_request(request: web.Request) -> None:
     """The client's x-request-id when it is sane, else a new one; echoed and sent upstream."""
     given = request.headers.get("x-request-id")
-    request[REQUEST_ID] = given if given and _REQUEST_ID_OK.match(given) else os.urandom(12).hex()
+    request[REQUEST_ID] = given if given and SAFE_ID.fullmatch(given) else os.urandom(12).hex()
 
 
 async def authenticate(request: web.Request) -> None:

@@ -29,7 +29,7 @@ from router.routing.fanout import fan_out
 from router.routing.prober import publish_backend_up
 from router.routing.table import Route
 from router.runtime import Runtime
-from router.schema import SESSION_ID, parse_chat_request
+from router.schema import SAFE_ID, parse_chat_request
 from router.state import (
     FACTS,
     LIMITER,
@@ -180,7 +180,7 @@ def _session_id(request: web.Request) -> str:
     """The path's session id; one that no request could have created is absent without asking
     the store."""
     session_id = request.match_info["id"]
-    if not SESSION_ID.fullmatch(session_id):
+    if not SAFE_ID.fullmatch(session_id):
         raise NotFound("no such session", code="session_not_found")
     return session_id
 

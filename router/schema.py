@@ -18,8 +18,9 @@ from router.errors import ValidationFailed
 from router.locs import input_path
 
 M = TypeVar("M", bound=BaseModel)
-SESSION_ID_PATTERN = r"^[A-Za-z0-9._:\-]{1,128}$"
-SESSION_ID = re.compile(SESSION_ID_PATTERN.strip("^$"))  # for fullmatch
+SAFE_ID_PATTERN = r"^[A-Za-z0-9._:\-]{1,128}$"
+# Values that become headers or parts of store keys (session ids, request ids).
+SAFE_ID = re.compile(SAFE_ID_PATTERN.strip("^$"))  # for fullmatch
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 Number = Annotated[float, Field(allow_inf_nan=False)]
 
@@ -63,7 +64,7 @@ class ChatCompletionRequest(_Open):
     tools: list[Tool] | None = Field(None, max_length=512)
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     # It becomes a header and part of a store key: the x-request-id rule, checked before either.
-    session_id: str | None = Field(None, pattern=SESSION_ID_PATTERN)
+    session_id: str | None = Field(None, pattern=SAFE_ID_PATTERN)
 
 
 # How deep a body may nest (its own object is level 1). The router writes every body it forwards
