@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from router import usage
 from router.auth.api_keys import digest, new_key
-from router.config.model import Limits, StoreConfig
+from router.config.model import Limits, StoreConfig, UserName
 from router.errors import Forbidden, NotFound, ValidationFailed
 from router.handlers import read_body
 from router.schema import parse_body
@@ -41,7 +41,7 @@ class NewKey(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    user: str = Field(min_length=1, max_length=256)
+    user: Annotated[UserName, Field(max_length=256)]  # not `jwt:...`/`oidc:...`: reserved
     limits: Limits | None = None  # null: auth.default_limits
     models: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
         default_factory=lambda: ["*"], min_length=1, max_length=1024)

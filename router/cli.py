@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _issue_token(args: argparse.Namespace) -> int:
     from router.auth import Principal, RouterTokens
+    from router.auth.principal import jwt_identity
 
     config = load_config(args.config)
     if config.auth.jwt is None:
@@ -77,9 +78,10 @@ def _issue_token(args: argparse.Namespace) -> int:
         print("router token issue: auth.jwt has no private_key_file to sign with",
               file=sys.stderr)
         return 1
-    principal = Principal(id=f"jwt:{args.sub}", kind="router_jwt", user=args.sub,
+    # The token's subject is its own namespace (`jwt:<sub>`), never an API key's user.
+    principal = Principal(id=jwt_identity(args.sub), kind="router_jwt", user=args.sub,
                           limits=config.auth.default_limits, models=None, admin=args.admin,
-                          scopes=frozenset(args.scope.split()))
+                          scopes=frozenset(args.scope.split()), origin="router_jwt")
     token, _ = tokens.issue(principal, args.ttl)
     print(token)
     return 0

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from router.auth import Authenticator, KeyCache, ManagedKeys, RouterTokens, StaticKeys
 from router.auth.oidc import OidcClient, OidcVerifier
 from router.config import Config, ConfigError, Problem
+from router.config.model import OAuth2Config
 from router.providers import Provider, build_provider
 from router.routing.health import BackendState
 from router.routing.table import RoutingTable
@@ -44,9 +45,9 @@ def build_runtime(config: Config, client: UpstreamClient,
     if auth.oauth2 is None:
         oidc = None
     else:
-        if oidc is None or oidc.config != auth.oauth2:
+        if oidc is None or not same_provider(oidc.config, auth.oauth2):
             oidc = OidcClient(auth.oauth2)
-        idp = OidcVerifier(oidc, auth.default_limits, auth.admin_claim)
+        idp = OidcVerifier(oidc, auth.default_limits, auth.admin_claim, auth.oauth2.users)
     return Runtime(
         config=config,
         table=RoutingTable(config, providers, states),
@@ -55,6 +56,12 @@ def build_runtime(config: Config, client: UpstreamClient,
                            else ManagedKeys(key_cache, auth.default_limits)),
         oidc=oidc,
     )
+
+
+def same_provider(old: OAuth2Config, new: OAuth2Config) -> bool:
+    """Whether a reload may keep the IdP client (its keys, its caches): the subject mapping is
+    applied per runtime, so changing it alone keeps them."""
+    return old.model_copy(update={"users": {}}) == new.model_copy(update={"users": {}})
 
 
 class RuntimeRef:

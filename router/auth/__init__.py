@@ -2,6 +2,12 @@
 
 `sk-...` -> API key; a JWT whose `iss` is ours -> router JWT; a JWT whose `iss` is the IdP's ->
 the IdP's JWKS; anything else -> the IdP's introspection/userinfo (when configured).
+
+A router JWT minted from an API key lives only while that key does: a managed key's id is
+checked in the worker's key cache (revocation reaches it within a second), a YAML key's in the
+running config (a reload that removes the key ends its tokens). One minted from an IdP token
+cannot be revoked here: it ends at its `exp`, no later than the IdP token's and at most
+`auth.jwt.ttl_s` after it was minted.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from typing import Protocol
 
 import orjson
 
-from router.auth.api_keys import KeyCache, ManagedKeys, StaticKeys, digest
+from router.auth.api_keys import KeyCache, ManagedKeys, StaticKeys, digest, revoked_source
 from router.auth.principal import Principal
 from router.auth.router_jwt import RouterTokens
 from router.errors import Unauthorized
@@ -64,7 +70,15 @@ class Authenticator:
         if token.count(".") == 2:
             issuer = peek_issuer(token)
             if self.router_tokens is not None and issuer == self.router_tokens.issuer:
-                return self.router_tokens.verify(token)
+                principal = self.router_tokens.verify(token)
+                if principal.origin == "managed_key":
+                    if self.managed is None:
+                        raise revoked_source()
+                    await self.managed.check_minted(principal.id)
+                elif principal.origin == "config_key" and not self.api_keys.has_id(principal.id):
+                    raise Unauthorized("the API key this token was minted from is no longer "
+                                       "configured", reason="revoked_source")
+                return principal
             if self.idp is not None and issuer == self.idp.issuer:
                 return await self.idp.verify_jwt(token)
             raise Unauthorized("token issuer is not trusted")

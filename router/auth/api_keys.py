@@ -3,6 +3,8 @@
 Static keys come from the YAML file; managed keys from the store, through a per-worker cache so
 the hot path makes no store round trip. Each worker polls the store's key version every
 `poll_s` and drops its cache when it moves: a revocation reaches every replica within a second.
+Router JWTs minted from a key are checked against the same cache, by the key's id, so they end
+with the key.
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ def invalid_key() -> Unauthorized:
     return Unauthorized("invalid API key", code="invalid_api_key", reason="unknown_key")
 
 
+def revoked_source() -> Unauthorized:
+    return Unauthorized("the API key this token was minted from was revoked",
+                        reason="revoked_source")
+
+
 class StaticKeys:
     """Keys from the YAML file (`auth.api_keys`), plus the optional loopback-only dev key."""
 
@@ -52,11 +59,18 @@ class StaticKeys:
             self._by_digest[key.key_sha256] = Principal(
                 id=key.id, kind="api_key", user=key.user,
                 limits=key.limits or default_limits, models=models, admin=key.admin,
+                origin="config_key",
             )
         if dev_key is not None:
             self._by_digest[digest(dev_key)] = Principal(
                 id="dev", kind="api_key", user="dev", limits=default_limits, models=None,
+                origin="config_key",
             )
+        self._ids = frozenset(p.id for p in self._by_digest.values())
+
+    def has_id(self, key_id: str) -> bool:
+        """Whether this config still has the key `key_id` (tokens minted from it live on)."""
+        return key_id in self._ids
 
     def get(self, key_digest: str) -> Principal | None:
         return self._by_digest.get(key_digest)
@@ -74,7 +88,7 @@ def key_principal(record: KeyRecord, default_limits: Limits) -> Principal:
         id=record.id, kind="api_key", user=record.user,
         limits=record.limits or default_limits,
         models=None if "*" in record.models else frozenset(record.models),
-        admin=record.admin,
+        admin=record.admin, origin="managed_key", expires_at=record.expires_at,
     )
 
 
@@ -107,7 +121,8 @@ class KeyCache:
         self._clock = clock
         self._wall = wall
         self._entries: dict[str, _Entry] = {}
-        self._misses: OrderedDict[str, float] = OrderedDict()  # digest -> until (clock)
+        self._misses: OrderedDict[str, float] = OrderedDict()  # digest or id -> until (clock)
+        self._ids: dict[str, float | None] = {}  # live key id -> its expires_at
         self._used: dict[str, float] = {}  # key id -> last use (wall), flushed in batches
         self._generation = 0  # bumped by every drop, so a lookup racing a drop is not cached
         self._version: str | None = None
@@ -130,6 +145,45 @@ class KeyCache:
             entry.defaults = default_limits
         return entry.principal
 
+    async def check_minted(self, key_id: str) -> None:
+        """A router JWT minted from managed key `key_id` is good while the key is. The ids
+        share the keys' cache and its version polling: a revocation ends both together, and
+        a warm token costs a dict lookup."""
+        if key_id in self._ids and (self._trust_stale or self._fresh()):
+            expires_at = self._ids[key_id]
+        else:
+            expires_at = await self._lookup_id(key_id)
+        if expires_at is not None and self._wall() >= expires_at:
+            raise Unauthorized("the API key this token was minted from has expired",
+                               code="expired_api_key", reason="expired")
+
+    async def _lookup_id(self, key_id: str) -> float | None:
+        until = self._misses.get(key_id)
+        if until is not None:
+            if until > self._clock():
+                raise revoked_source()
+            del self._misses[key_id]
+        generation = self._generation
+        record = await self.store.key_by_id(key_id)  # StoreError: 503, fail closed
+        cache = generation == self._generation
+        if record is None:
+            if cache:
+                self._miss(key_id)
+            raise revoked_source()
+        if cache:
+            self._remember_id(record)
+        return record.expires_at
+
+    def _remember_id(self, record: KeyRecord) -> None:
+        if len(self._ids) >= self.MAX_ENTRIES:
+            del self._ids[next(iter(self._ids))]
+        self._ids[record.id] = record.expires_at
+
+    def _miss(self, name: str) -> None:
+        self._misses[name] = self._clock() + self.NEGATIVE_TTL_S
+        if len(self._misses) > self.MAX_MISSES:
+            self._misses.popitem(last=False)
+
     def _fresh(self) -> bool:
         return self._clock() - self._confirmed <= self.STALE_AFTER_S
 
@@ -144,9 +198,7 @@ class KeyCache:
         cache = generation == self._generation
         if record is None:
             if cache:
-                self._misses[key_digest] = self._clock() + self.NEGATIVE_TTL_S
-                if len(self._misses) > self.MAX_MISSES:
-                    self._misses.popitem(last=False)
+                self._miss(key_digest)
             raise invalid_key()
         entry = _Entry(record, key_principal(record, default_limits),
                        default_limits if record.limits is None else None)
@@ -154,11 +206,13 @@ class KeyCache:
             if len(self._entries) >= self.MAX_ENTRIES:
                 del self._entries[next(iter(self._entries))]
             self._entries[key_digest] = entry
+            self._remember_id(record)  # a token minted now finds its key warm
         return entry
 
     def changed(self) -> None:
         """Keys were created or revoked: forget everything cached."""
         self._entries.clear()
+        self._ids.clear()
         self._misses.clear()
         self._generation += 1
 
@@ -211,3 +265,6 @@ class ManagedKeys:
 
     async def verify(self, token: str, key_digest: str) -> Principal:
         return await self.cache.verify(token, key_digest, self._default_limits)
+
+    async def check_minted(self, key_id: str) -> None:
+        await self.cache.check_minted(key_id)

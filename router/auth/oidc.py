@@ -4,7 +4,10 @@ JWTs are checked against the provider's JWKS; opaque tokens through RFC 7662 int
 the provider's userinfo endpoint. Discovery and the JWKS are fetched with aiohttp, at start-up and
 on a timer, in the background: a warm JWT verify makes no network call. `OidcClient` holds the
 network side and the caches and lives across reloads while `auth.oauth2` is unchanged;
-`OidcVerifier` binds it to one config's limits and admin claim.
+`OidcVerifier` binds it to one config's limits, admin claim and subject mapping.
+
+A subject is `oidc:<issuer>#<sub>` (its limits and usage always, its sessions and settings
+unless `auth.oauth2.users` maps it to a router user): never the API-key user of the same name.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +25,7 @@ import aiohttp
 import jwt
 import orjson
 
-from router.auth.principal import Principal
+from router.auth.principal import Principal, idp_identity
 from router.auth.router_jwt import jwt_failure, jwt_reason
 from router.config.model import AdminClaim, Limits, OAuth2Config
 from router.errors import Forbidden, IdpUnavailable, RouterError, Unauthorized
@@ -361,9 +364,10 @@ class OidcVerifier:
     """The `IdpVerifier` of one runtime: an `OidcClient`'s claims -> a Principal."""
 
     def __init__(self, client: OidcClient, default_limits: Limits,
-                 admin_claim: AdminClaim | None) -> None:
+                 admin_claim: AdminClaim | None, users: Mapping[str, str]) -> None:
         self.client = client
         self.issuer = client.config.issuer
+        self._users = users
         self.accepts_opaque = (client.config.introspection is not None
                                or client.config.userinfo)
         self._required = frozenset(client.config.required_scopes)
@@ -388,8 +392,12 @@ class OidcVerifier:
                             code="insufficient_scope",
                             headers={"WWW-Authenticate": f'Bearer realm="router", '
                                      f'error="insufficient_scope", scope="{wanted}"'})
-        return Principal(id=f"oidc:{sub}", kind="oauth2", user=sub, limits=self._limits,
-                         models=None, admin=self._is_admin(claims), scopes=scopes)
+        identity = idp_identity(self.issuer, sub)
+        exp = claims.get("exp")
+        return Principal(id=identity, kind="oauth2", user=self._users.get(sub, identity),
+                         limits=self._limits, models=None, admin=self._is_admin(claims),
+                         scopes=scopes, origin="oauth2",
+                         expires_at=float(exp) if isinstance(exp, int | float) else None)
 
     def _is_admin(self, claims: Claims) -> bool:
         if self._admin_claim is None:

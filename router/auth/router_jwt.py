@@ -2,10 +2,16 @@
 
 The algorithm comes from the config, never from a token's header; `iss`, `aud`, `exp`, `iat` and
 `sub` are required, `nbf` is honoured, with the configured leeway.
+
+A token minted by the exchange names its origin (`via`: config_key, managed_key or oauth2) and
+the principal it came from (`pid`, `sub`): it is that principal, and the Authenticator checks
+that its key still exists. A token without `via` was issued directly (`router token issue`):
+its subject is a namespace of its own, `jwt:<sub>`.
 """
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from typing import Any
@@ -17,7 +23,13 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_public_key,
 )
 
-from router.auth.principal import Principal
+from router.auth.principal import (
+    MANAGED_KEY_ID,
+    MINTED_ORIGINS,
+    Origin,
+    Principal,
+    jwt_identity,
+)
 from router.config.model import JwtConfig, Limits
 from router.errors import Unauthorized
 
@@ -60,13 +72,17 @@ class RouterTokens:
         return self._signing_key is not None
 
     def issue(self, principal: Principal, ttl_s: int | None = None) -> tuple[str, int]:
-        """A token for `principal`: same user, scopes, limits, models and admin flag."""
+        """A token for `principal`: same user, scopes, limits, models and admin flag; it ends
+        no later than the credential it stands for. A router_jwt principal (the CLI's) gets a
+        token of its own namespace, others one that is them (`via`)."""
         if self._signing_key is None:
             raise RuntimeError("no private key configured: this router can verify, not issue")
         if ttl_s is not None and ttl_s < 1:
             raise ValueError("a token's lifetime must be at least 1 s")
         ttl = min(ttl_s or self._config.ttl_s, self._config.ttl_s)
         now = int(time.time())
+        if principal.expires_at is not None:
+            ttl = max(0, min(ttl, math.floor(principal.expires_at) - now))
         claims: dict[str, Any] = {
             "iss": self._config.issuer,
             "aud": self._config.audience,
@@ -78,6 +94,8 @@ class RouterTokens:
             "pid": principal.id,
             "lim": principal.limits.model_dump(exclude_none=True),
         }
+        if principal.origin in MINTED_ORIGINS:
+            claims["via"] = principal.origin
         if principal.scopes:
             claims["scope"] = " ".join(sorted(principal.scopes))
         if principal.models is not None:
@@ -117,6 +135,22 @@ class RouterTokens:
     def _principal(self, claims: dict[str, Any]) -> Principal:
         sub = claims["sub"]
         pid = claims.get("pid")
+        via = claims.get("via")
+        if not isinstance(sub, str) or not (pid is None or isinstance(pid, str)):
+            raise Unauthorized("token carries an invalid subject")
+        origin: Origin
+        if via is None:
+            # Issued directly. A token without `via` whose pid is a managed key's id was
+            # minted by an earlier version from that key: it still dies with the key.
+            if pid is not None and MANAGED_KEY_ID.match(pid):
+                principal_id, user, origin = pid, sub, "managed_key"
+            else:
+                principal_id = user = jwt_identity(sub)
+                origin = "router_jwt"
+        elif via in MINTED_ORIGINS and pid:
+            principal_id, user, origin = pid, sub, via
+        else:
+            raise Unauthorized("token names an unknown origin")
         limits = self._default_limits
         lim = claims.get("lim")
         if isinstance(lim, dict):
@@ -126,16 +160,15 @@ class RouterTokens:
                 raise Unauthorized("token carries invalid limits") from None
         models = claims.get("mdl")
         scope = claims.get("scope")
-        if not isinstance(sub, str) or not (pid is None or isinstance(pid, str)):
-            raise Unauthorized("token carries an invalid subject")
         return Principal(
-            id=pid or f"jwt:{sub}",
+            id=principal_id,
             kind="router_jwt",
-            user=sub,
+            user=user,
             limits=limits,
             models=frozenset(str(m) for m in models) if isinstance(models, list) else None,
             admin=claims.get("adm") is True,
             scopes=frozenset(scope.split()) if isinstance(scope, str) else frozenset(),
+            origin=origin,
         )
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -104,10 +106,34 @@ class SessionsConfig(Frozen):
     hash_load_factor: float = Field(1.25, ge=1.0, le=100.0)
 
 
+# Identities of router JWTs issued directly and of identity-provider subjects start with these
+# (router/auth/principal.py); an API key's user or id may not, so that no configured name can
+# pose as another kind's identity.
+RESERVED_PREFIXES = ("jwt:", "oidc:")
+# The ids managed keys get; a YAML key may not take one.
+MANAGED_KEY_ID = re.compile(r"^key_[0-9a-f]{16}$")
+
+
+def _plain_name(value: str) -> str:
+    if value.startswith(RESERVED_PREFIXES):
+        raise ValueError(f"may not start with {' or '.join(map(repr, RESERVED_PREFIXES))} "
+                         "(reserved for router JWT and identity provider subjects)")
+    return value
+
+
+def _config_key_id(value: str) -> str:
+    if MANAGED_KEY_ID.match(value):
+        raise ValueError("'key_' and 16 hex digits is the shape of a managed key's id")
+    return _plain_name(value)
+
+
+UserName = Annotated[str, Field(min_length=1), AfterValidator(_plain_name)]
+
+
 class ApiKeyConfig(Frozen):
-    id: str = Field(min_length=1, max_length=64)
+    id: Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_config_key_id)]
     key_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    user: str = Field(min_length=1)
+    user: UserName
     limits: Limits | None = None
     models: tuple[str, ...] = ("*",)
     admin: bool = False
@@ -170,7 +196,9 @@ class IntrospectionConfig(Frozen):
 class OAuth2Config(Frozen):
     """An external OpenID Connect provider whose access tokens the router accepts."""
 
-    issuer: str = Field(pattern=r"^https?://[^\s]+$")
+    # No fragment (OpenID Connect forbids one): a subject's identity, `oidc:<issuer>#<sub>`,
+    # reads back unambiguously.
+    issuer: str = Field(pattern=r"^https?://[^\s#]+$")
     audience: str | None = None
     required_scopes: tuple[str, ...] = ()
     algorithms: tuple[Literal["RS256", "RS384", "RS512", "ES256", "ES384", "PS256", "EdDSA"],
@@ -182,6 +210,10 @@ class OAuth2Config(Frozen):
     cache_ttl_s: float = Field(300.0, ge=0)
     timeout_s: float = Field(5.0, gt=0)
     leeway_s: float = Field(30.0, ge=0, le=60)
+    # Subject (`sub`) -> router user: that subject shares the user's sessions and automation
+    # settings, as the user's API keys do. Unmapped subjects are `oidc:<issuer>#<sub>`.
+    users: dict[Annotated[str, Field(min_length=1, max_length=256)], UserName] = Field(
+        default_factory=dict)
 
 
 class AdminClaim(Frozen):

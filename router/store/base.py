@@ -142,6 +142,10 @@ class Store(Protocol):
         """The live record whose key hashes to `digest`, or None (unknown or revoked)."""
         ...
 
+    async def key_by_id(self, key_id: str) -> KeyRecord | None:
+        """The live record of key `key_id`, or None (unknown or revoked)."""
+        ...
+
     async def list_keys(self) -> list[KeyRecord]: ...
 
     async def revoke_key(self, key_id: str) -> bool:

@@ -55,6 +55,9 @@ class MemoryStore:
         key_id = self._by_digest.get(digest)
         return None if key_id is None else self._keys.get(key_id)
 
+    async def key_by_id(self, key_id: str) -> KeyRecord | None:
+        return self._keys.get(key_id)
+
     async def list_keys(self) -> list[KeyRecord]:
         return sorted(self._keys.values(), key=lambda r: (r.created_at, r.id))
 

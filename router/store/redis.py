@@ -291,6 +291,18 @@ class RedisStore:
 
         return await self._call("key lookup", op())
 
+    async def key_by_id(self, key_id: str) -> KeyRecord | None:
+        async def op() -> KeyRecord | None:
+            # Live while its index names it: revoke_key deletes the index first.
+            fields = await self._redis.hgetall(record_key(key_id))
+            record = _record({_text(k): _text(v) for k, v in fields.items()})
+            if record is None or record.id != key_id:
+                return None
+            indexed = await self._redis.get(digest_key(record.digest))
+            return record if indexed is not None and _text(indexed) == key_id else None
+
+        return await self._call("key lookup", op())
+
     async def list_keys(self) -> list[KeyRecord]:
         ids = sorted(map(_text, await self._call("list keys", self._redis.smembers(IDS))))
         records: list[KeyRecord] = []

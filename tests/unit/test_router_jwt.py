@@ -22,12 +22,13 @@ from pydantic import ValidationError
 from router.auth import Authenticator, StaticKeys, bearer_token, peek_issuer
 from router.auth.principal import Principal
 from router.auth.router_jwt import RouterTokens, jwt_failure
-from router.config.model import JwtConfig, Limits
+from router.config.model import ApiKeyConfig, JwtConfig, Limits
 from router.errors import Unauthorized
 
 SECRET = "s" * 32
 ALGORITHMS = ["HS256", "RS256", "ES256", "EdDSA"]
 LIMITS = Limits(rpm=7, concurrency=2)
+MINTING_KEY = ApiKeyConfig(id="key-1", key_sha256="0" * 64, user="alice")
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -91,7 +92,8 @@ class Signer:
             self.config = JwtConfig(algorithm=alg, private_key_file=str(priv),  # type: ignore[arg-type]
                                     public_key_file=str(pub), **extra)
         self.tokens = RouterTokens(self.config, LIMITS)
-        self.auth = Authenticator(StaticKeys([], LIMITS), self.tokens)
+        # The YAML key that test_issued_token_round_trips_the_principal's token stands for.
+        self.auth = Authenticator(StaticKeys([MINTING_KEY], LIMITS), self.tokens)
 
     def sign(self, payload: dict[str, Any], headers: dict[str, Any] | None = None) -> str:
         return jwt.encode(payload, self.key, algorithm=self.alg, headers=headers)
@@ -141,7 +143,8 @@ async def test_issued_token_round_trips_the_principal(signer: Signer):
 
 
 async def test_unrestricted_non_admin_principal_stays_so(hs: Signer):
-    who = Principal(id="k", kind="oauth2", user="bob", limits=Limits(), models=None)
+    who = Principal(id="k", kind="oauth2", user="bob", limits=Limits(), models=None,
+                    origin="oauth2")
     token, _ = hs.tokens.issue(who)
     got = await hs.check(token)
     assert got.models is None and got.admin is False and got.scopes == frozenset()
@@ -166,7 +169,7 @@ def test_verify_only_config_cannot_issue(alg: str, tmp_path: Path):
     assert not tokens.can_issue
     with pytest.raises(RuntimeError):
         tokens.issue(Principal(id="k", kind="api_key", user="u", limits=Limits(), models=None))
-    assert tokens.verify(jwt.encode(claims(), key, algorithm=alg)).user == "alice"
+    assert tokens.verify(jwt.encode(claims(), key, algorithm=alg)).user == "jwt:alice"
 
 
 def test_config_refuses_short_secret_and_missing_public_key():
@@ -189,14 +192,14 @@ def test_a_key_of_the_wrong_type_is_refused_at_load(tmp_path: Path):
 
 async def test_exp_within_the_leeway_is_accepted_past_it_refused(signer: Signer):
     now = int(time.time())
-    assert (await signer.check(signer.sign(claims(exp=now - 28)))).user == "alice"
+    assert (await signer.check(signer.sign(claims(exp=now - 28)))).user == "jwt:alice"
     exc = await refused(signer, signer.sign(claims(exp=now - 31)), "expired")
     assert exc.status == 401
 
 
 async def test_nbf_in_the_future(hs: Signer):
     now = int(time.time())
-    assert (await hs.check(hs.sign(claims(nbf=now + 28)))).user == "alice"
+    assert (await hs.check(hs.sign(claims(nbf=now + 28)))).user == "jwt:alice"
     await refused(hs, hs.sign(claims(nbf=now + 31)), "not yet valid")
 
 
