@@ -105,6 +105,42 @@ async def test_create_use_list_revoke_across_two_routers(start_router: Any,
     assert await revoke(b, "not-an-id") == 404
 
 
+JWT_SECRET = "router-jwt-secret-" + "x" * 32
+
+
+async def exchange(r: RouterUnderTest, key: str) -> str:
+    async with r.http.post(f"{r.url}/api/v1/auth/token", headers=bearer(key)) as resp:
+        body = await resp.json()
+        assert resp.status == 200, body
+    token: str = body["access_token"]
+    return token
+
+
+async def test_a_token_minted_from_a_revoked_key_dies_on_every_router_within_a_second(
+        start_router: Any, redis_server: RedisServer) -> None:
+    cfg = config(redis_server.url)
+    cfg["auth"]["jwt"] = {"secret": JWT_SECRET, "ttl_s": 3600}
+    a = await start_router(cfg)
+    b = await start_router(cfg)
+    (_, doomed), (_, kept) = [await create(a, {"user": name}) for name in ("dora", "dan")]
+    token_a, token_b = await exchange(a, doomed["key"]), await exchange(b, doomed["key"])
+    other = await exchange(b, kept["key"])
+    for router in (a, b):  # every token verified once: warm in every router's caches
+        for token in (token_a, token_b, other):
+            status, body = await chat_status(router, token)
+            assert status == 200, body
+
+    assert await revoke(a, doomed["id"]) == 204
+    status, body = await chat_status(a, token_b)  # the revoking router forgets at once
+    assert status == 401 and "revoked" in body["error"]["message"], body
+    for token in (token_a, token_b):
+        assert await wait_status(b, token, 401, within_s=1.0) <= 1.0
+        assert (await chat_status(a, token))[0] == 401
+    for router in (a, b):  # a token of another key is untouched
+        assert (await chat_status(router, other))[0] == 200
+        assert (await chat_status(router, kept["key"]))[0] == 200
+
+
 async def test_only_admins_manage_keys(start_router: Any, redis_server: RedisServer) -> None:
     r = await start_router(config(redis_server.url))
     _, plain = await create(r, {"user": "eve"})

@@ -320,6 +320,44 @@ async def test_a_router_jwt_cannot_buy_another(start_router, tmp_path):
     assert body["error"]["code"] == "token_exchange_refused"
 
 
+async def test_a_token_minted_from_a_yaml_key_ends_when_a_reload_removes_the_key(
+        start_router, tmp_path):
+    section, _ = jwt_section("HS256", tmp_path, ttl_s=3600)
+    cfg = config(section)
+    r = await start_router(cfg)
+    _, _, doomed = await exchange(r, LIMITED_KEY)
+    _, _, kept = await exchange(r, KEY)
+    for answer in (doomed, kept):
+        assert await chat_status(r, answer["access_token"]) == 200  # verified and cached
+    cfg["auth"]["api_keys"] = [k for k in cfg["auth"]["api_keys"] if k["id"] != "limited"]
+    r.write_config(cfg)
+    assert await r.worker.watcher.reload("test")
+    await expect_401(r, doomed["access_token"], "no longer configured")
+    assert await chat_status(r, kept["access_token"]) == 200
+
+
+async def settings_of(r: Any, token: str) -> Any:
+    async with r.http.get(f"{r.url}/api/v1/automation/settings",
+                          headers={"Authorization": f"Bearer {token}"}) as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
+
+
+async def test_a_directly_issued_token_is_not_the_api_key_user_of_its_sub(start_router, tmp_path):
+    r, key = await start_jwt_router(start_router, tmp_path)
+    async with r.http.put(f"{r.url}/api/v1/automation/settings", json={"session_ttl_s": 900},
+                          headers={"Authorization": f"Bearer {KEY}"}) as resp:
+        assert resp.status == 200
+    assert (await settings_of(r, KEY))["session_ttl_s"] == 900  # alice, by her API key
+    _, _, minted = await exchange(r, KEY)  # is alice
+    assert (await settings_of(r, minted["access_token"]))["session_ttl_s"] == 900
+    direct = jwt.encode(claims(sub="alice"), key, algorithm="HS256")  # `router token issue`
+    assert (await settings_of(r, direct))["session_ttl_s"] != 900
+    # Nor does a hand-made token become a key's principal by naming its id without `via`.
+    posing = jwt.encode(claims(sub="alice", pid="test"), key, algorithm="HS256")
+    assert (await settings_of(r, posing))["session_ttl_s"] != 900
+
+
 async def test_exchange_needs_a_valid_credential(start_router, tmp_path):
     r, _ = await start_jwt_router(start_router, tmp_path)
     status, headers, _ = await exchange(r, "sk-test-unknown" + "u" * 30)

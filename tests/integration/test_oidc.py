@@ -30,16 +30,26 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from router.auth.oidc import OidcClient
 from router.config.model import OAuth2Config
 from router.errors import IdpUnavailable, Unauthorized
-from tests.conftest import USER_MSG, RouterUnderTest, router_config
+from router.state import USAGE
+from tests.conftest import (
+    ADMIN_KEY,
+    ADMIN_KEY_ENTRY,
+    OTHER_KEY,
+    USER_MSG,
+    RouterUnderTest,
+    router_config,
+)
 from tests.fakes.idp import AUDIENCE, CLIENT_ID, CLIENT_SECRET, FakeIdp, start_idp
 
 SECRET = "router-jwt-secret-" + "x" * 32
 ROUTES = {"m": {"backends": [{"provider": "mock", "model": "m1"}]}}
+SETTINGS = "/api/v1/automation/settings"
 
 
 def oidc_config(issuer: str, *, auth: dict[str, Any] | None = None,
-                **oauth2: Any) -> dict[str, Any]:
-    cfg = router_config({"mock": {"type": "mock", "chunks": 1}}, ROUTES)
+                usage: dict[str, Any] | None = None, **oauth2: Any) -> dict[str, Any]:
+    cfg = router_config({"mock": {"type": "mock", "chunks": 1}}, ROUTES,
+                        **({} if usage is None else {"usage": usage}))
     cfg["auth"]["oauth2"] = {"issuer": issuer, "audience": AUDIENCE,
                              "required_scopes": ["chat"], **oauth2}
     cfg["auth"]["jwt"] = {"secret": SECRET}
@@ -115,8 +125,8 @@ async def test_exchanged_for_a_router_jwt_with_the_same_user_and_scopes(idp, sta
     r = await start_router(oidc_config(idp.issuer))
     routed = await exchange(r, idp.token(sub="dana", scope="openid chat extra"))
     claims = claims_of(routed)
-    assert claims["iss"] == "router" and claims["sub"] == "dana"
-    assert claims["pid"] == "oidc:dana"
+    assert claims["iss"] == "router" and claims["sub"] == f"oidc:{idp.issuer}#dana"
+    assert claims["pid"] == f"oidc:{idp.issuer}#dana" and claims["via"] == "oauth2"
     assert claims["scope"] == "chat extra openid"
     assert "adm" not in claims
     await ok(r, routed)
@@ -359,6 +369,77 @@ async def test_reload_keeps_the_client_while_oauth2_is_unchanged(idp, start_rout
     assert idp.calls["discovery"] == 2
 
 
+async def test_a_mapping_change_keeps_the_client(idp, start_router):
+    cfg = oidc_config(idp.issuer)
+    r = await start_router(cfg)
+    client = r.worker.ref.current.oidc
+    cfg["auth"]["oauth2"]["users"] = {"bob": "bob"}
+    r.write_config(cfg)
+    assert await r.worker.watcher.reload("test")
+    assert r.worker.ref.current.oidc is client
+
+
+# --- identities: an IdP subject is not the API-key user of the same name -------------------
+
+async def api(r: RouterUnderTest, method: str, path: str, token: str,
+              json: Any = None) -> tuple[int, Any]:
+    async with r.http.request(method, r.url + path, json=json,
+                              headers={"Authorization": f"Bearer {token}"}) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+async def with_session(r: RouterUnderTest, token: str, session: str) -> None:
+    body = {"model": "m", "messages": USER_MSG, "session_id": session}
+    async with r.chat(body, key=token) as resp:
+        assert resp.status == 200, await resp.text()
+
+
+async def test_an_idp_subject_is_not_the_api_key_user_with_the_same_name(idp, start_router):
+    cfg = oidc_config(idp.issuer, usage={"enabled": True, "flush_interval_s": 60})
+    cfg["auth"]["api_keys"].append(ADMIN_KEY_ENTRY)
+    r = await start_router(cfg)
+    # bob by API key (OTHER_KEY): settings of his own and a session
+    assert (await api(r, "PUT", SETTINGS, OTHER_KEY, {"session_ttl_s": 900}))[0] == 200
+    await with_session(r, OTHER_KEY, "s1")
+    # `sub: bob` at the IdP, directly and through a router JWT minted from it
+    token = idp.token(sub="bob")
+    routed = await exchange(r, token)
+    assert claims_of(routed)["sub"] == f"oidc:{idp.issuer}#bob"
+    for who in (token, routed):
+        assert (await api(r, "GET", "/api/v1/sessions/s1", who))[0] == 404
+        assert (await api(r, "DELETE", "/api/v1/sessions/s1", who))[0] == 404
+        assert (await api(r, "GET", SETTINGS, who))[1]["session_ttl_s"] != 900
+    assert (await api(r, "PUT", SETTINGS, token, {"session_ttl_s": 1200}))[0] == 200
+    assert (await api(r, "GET", SETTINGS, routed))[1]["session_ttl_s"] == 1200
+    assert (await api(r, "GET", SETTINGS, OTHER_KEY))[1]["session_ttl_s"] == 900
+    assert (await api(r, "GET", "/api/v1/sessions/s1", OTHER_KEY))[0] == 200
+    # The usage report tells them apart.
+    await ok(r, token)
+    await r.worker.app[USAGE].flush()
+    status, doc = await api(r, "GET", "/api/v1/admin/usage", ADMIN_KEY)
+    assert status == 200, doc
+    users = {row["principal"]: row["user"] for row in doc["principals"]}
+    assert users == {"narrow": "bob",
+                     f"oidc:{idp.issuer}#bob": f"oidc:{idp.issuer}#bob"}
+
+
+async def test_a_mapped_subject_is_that_router_user(idp, start_router):
+    r = await start_router(oidc_config(idp.issuer, users={"00u-bob-42": "bob"}))
+    assert (await api(r, "PUT", SETTINGS, OTHER_KEY, {"session_ttl_s": 900}))[0] == 200
+    await with_session(r, OTHER_KEY, "s1")
+    mapped = idp.token(sub="00u-bob-42")
+    routed = await exchange(r, mapped)
+    assert claims_of(routed)["sub"] == "bob"
+    assert claims_of(routed)["pid"] == f"oidc:{idp.issuer}#00u-bob-42"  # its own limits
+    for who in (mapped, routed):
+        assert (await api(r, "GET", SETTINGS, who))[1]["session_ttl_s"] == 900
+        assert (await api(r, "GET", "/api/v1/sessions/s1", who))[0] == 200
+    unmapped = idp.token(sub="bob")  # the mapping is by subject only
+    assert (await api(r, "GET", "/api/v1/sessions/s1", unmapped))[0] == 404
+    assert (await api(r, "DELETE", "/api/v1/sessions/s1", mapped))[0] == 204
+    assert (await api(r, "GET", "/api/v1/sessions/s1", OTHER_KEY))[0] == 404
+
+
 # --- opaque access tokens ------------------------------------------------------------------
 
 def introspecting(idp: FakeIdp, secret: str = CLIENT_SECRET, **oauth2: Any) -> dict[str, Any]:
@@ -371,7 +452,7 @@ async def test_introspection_active_token_is_cached(idp, start_router):
     r = await start_router(introspecting(idp))
     token = idp.opaque(sub="carol", groups=["x"])
     routed = await exchange(r, token)
-    assert claims_of(routed)["pid"] == "oidc:carol"
+    assert claims_of(routed)["pid"] == f"oidc:{idp.issuer}#carol"
     await ok(r, token)
     await ok(r, token)
     assert idp.calls["introspect"] == 1
@@ -440,7 +521,7 @@ async def test_concurrent_requests_with_one_new_opaque_token_share_one_call(idp,
 async def test_userinfo_verifies_opaque_tokens_without_introspection(idp, start_router):
     r = await start_router(oidc_config(idp.issuer, required_scopes=["openid"]))
     token = idp.opaque(sub="erin")
-    assert claims_of(await exchange(r, token))["pid"] == "oidc:erin"
+    assert claims_of(await exchange(r, token))["pid"] == f"oidc:{idp.issuer}#erin"
     await ok(r, token)
     assert idp.calls["userinfo"] == 1
     await refused(r, "opq_unknown_" + "q" * 20, "rejected")
@@ -524,7 +605,7 @@ async def test_oidc_provider_mock_login_then_router_and_router_jwt(oidc_provider
 
     routed = await exchange(r, access)
     claims = claims_of(routed)
-    assert claims["sub"] == "alice@example.com" and claims["pid"] == "oidc:alice@example.com"
+    assert claims["sub"] == claims["pid"] == f"oidc:{issuer}#alice@example.com"
     assert "openid" in claims["scope"].split()
     await ok(r, routed)
 
