@@ -41,7 +41,9 @@ class NewKey(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    user: Annotated[UserName, Field(max_length=256)]  # not `jwt:...`/`oidc:...`: reserved
+    # Not `jwt:...` or `oidc:...`: the identities of other credential kinds.
+    user: Annotated[UserName, Field(max_length=256, json_schema_extra={
+        "not": {"pattern": "^(jwt|oidc):"}})]
     limits: Limits | None = None  # null: auth.default_limits
     models: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
         default_factory=lambda: ["*"], min_length=1, max_length=1024)

@@ -14,7 +14,7 @@ import jwt
 import pytest
 import yaml
 
-from tests.conftest import USER_MSG, router_config
+from tests.conftest import KEY, USER_MSG, router_config
 from tests.unit.test_router_jwt import ALGORITHMS, SECRET, write_pair
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,9 +87,32 @@ async def test_issued_token_is_accepted_by_a_router_with_the_same_config(
     raw = jwt.decode(token, options={"verify_signature": False})
     assert raw["sub"] == "svc-batch" and raw["iss"] == "router" and raw["aud"] == "router"
     assert raw["exp"] - raw["iat"] == 3600 and "adm" not in raw
+    assert "via" not in raw  # issued directly: minted from no credential
     r = await start_router(cfg)
     async with r.chat({"model": "first", "messages": USER_MSG}, key=token) as resp:
         assert resp.status == 200, await resp.text()
+
+
+async def settings_ttl(r: Any, token: str, put: int | None = None) -> int:
+    url, auth = f"{r.url}/api/v1/automation/settings", {"Authorization": f"Bearer {token}"}
+    if put is not None:
+        async with r.http.put(url, json={"session_ttl_s": put}, headers=auth) as resp:
+            assert resp.status == 200, await resp.text()
+    async with r.http.get(url, headers=auth) as resp:
+        assert resp.status == 200, await resp.text()
+        ttl: int = (await resp.json())["session_ttl_s"]
+        return ttl
+
+
+async def test_a_token_for_sub_alice_is_not_the_api_key_user_alice(tmp_path, start_router):
+    cfg = config(jwt_section("HS256", tmp_path))
+    code, out, err = await run_cli("--config", str(write(tmp_path, cfg)), "--sub", "alice")
+    assert code == 0, err
+    r = await start_router(cfg)
+    assert await settings_ttl(r, KEY, put=900) == 900  # alice's API key (router_config's)
+    assert await settings_ttl(r, out.strip()) != 900
+    assert await settings_ttl(r, out.strip(), put=1200) == 1200
+    assert await settings_ttl(r, KEY) == 900
 
 
 async def test_scope_admin_and_ttl(tmp_path, start_router):

@@ -164,6 +164,8 @@ BAD_BODIES: list[tuple[bytes, list[Any]]] = [
     (b"{}", ["body", "user"]),
     (b'{"user": ""}', ["body", "user"]),
     (b'{"user": 7}', ["body", "user"]),
+    (b'{"user": "jwt:bob"}', ["body", "user"]),  # the namespace of directly issued tokens
+    (b'{"user": "oidc:https://idp.example.com#bob"}', ["body", "user"]),
     (b'{"user": "u", "limits": {"rpm": 0}}', ["body", "limits", "rpm"]),
     (b'{"user": "u", "limits": {"rpm": "5"}}', ["body", "limits", "rpm"]),
     (b'{"user": "u", "limits": {"rps": 5}}', ["body", "limits", "rps"]),

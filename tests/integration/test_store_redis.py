@@ -62,6 +62,8 @@ async def test_records_round_trip(redis_server: RedisServer) -> None:
         assert v1 != v0
         assert await store.key_by_digest(rec.digest) == rec
         assert await store.key_by_digest(digest(key + "x")) is None
+        assert await store.key_by_id(rec.id) == rec
+        assert await store.key_by_id("key_ffffffffffffffff") is None
         await store.touch_keys({rec.id: 1234.5, "key_ffffffffffffffff": 1.0})
         (listed,) = await store.list_keys()
         assert listed.last_used_at == 1234.5 and listed.limits == Limits(rpm=5, tpm=100)
@@ -69,6 +71,7 @@ async def test_records_round_trip(redis_server: RedisServer) -> None:
         assert await store.revoke_key(rec.id)
         assert await store.keys_version() not in (v0, v1)
         assert await store.key_by_digest(rec.digest) is None
+        assert await store.key_by_id(rec.id) is None
         assert not await store.revoke_key(rec.id)
         await store.touch_keys({rec.id: 99.0})  # a late last-use write must not resurrect it
         assert await store.list_keys() == []
@@ -79,7 +82,14 @@ async def test_records_round_trip(redis_server: RedisServer) -> None:
         await store.create_key(damaged)
         await store._redis.hdel(record_key(damaged.id), "models")
         assert await store.key_by_digest(damaged.digest) is None
+        assert await store.key_by_id(damaged.id) is None
         assert await store.list_keys() == []
+        # A revoke cut short after the index went: the key's tokens end with the key.
+        half = record(new_key())
+        await store.create_key(half)
+        await store._redis.delete(f"router:keydigest:{half.digest}")
+        assert await store.key_by_id(half.id) is None
+        assert await store.revoke_key(half.id)
         assert await store.revoke_key(damaged.id)
     finally:
         await store.close()

@@ -123,6 +123,7 @@ def test_full_config_values_and_interpolation():
     assert config.auth.api_keys[0].limits.rpm == 60
     assert config.auth.api_keys[1].models == ("fast",)
     assert config.auth.dev_api_key == "sk-dev-0123456789abcdef"
+    assert config.auth.oauth2 is not None and config.auth.oauth2.users == {"00u1a2b3c": "bob"}
     assert "sk-up" not in repr(config)  # upstream keys stay out of reprs and logs
 
 

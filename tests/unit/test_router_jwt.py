@@ -19,11 +19,20 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from pydantic import ValidationError
 
-from router.auth import Authenticator, StaticKeys, bearer_token, peek_issuer
+from router.auth import (
+    Authenticator,
+    KeyCache,
+    ManagedKeys,
+    StaticKeys,
+    bearer_token,
+    peek_issuer,
+)
+from router.auth.api_keys import key_principal
 from router.auth.principal import Principal
 from router.auth.router_jwt import RouterTokens, jwt_failure
 from router.config.model import ApiKeyConfig, JwtConfig, Limits
 from router.errors import Unauthorized
+from router.store import KeyRecord, MemoryStore
 
 SECRET = "s" * 32
 ALGORITHMS = ["HS256", "RS256", "ES256", "EdDSA"]
@@ -186,6 +195,71 @@ def test_a_key_of_the_wrong_type_is_refused_at_load(tmp_path: Path):
     with pytest.raises((ValueError, TypeError)):
         RouterTokens(JwtConfig(algorithm="RS256", private_key_file=str(priv),
                                public_key_file=str(pub)), Limits())
+
+
+# -- where a token comes from: its identity, and the credential it dies with ---------------------
+
+async def test_a_directly_issued_token_is_its_own_namespace(hs: Signer):
+    got = await hs.check(hs.sign(claims(sub="alice")))
+    assert (got.id, got.user, got.origin) == ("jwt:alice", "jwt:alice", "router_jwt")
+    # Naming a YAML key's id does not make a token that key's principal.
+    got = await hs.check(hs.sign(claims(sub="alice", pid="key-1")))
+    assert (got.id, got.user) == ("jwt:alice", "jwt:alice")
+
+
+async def test_an_unknown_origin_or_one_without_a_principal_is_refused(hs: Signer):
+    await refused(hs, hs.sign(claims(via="carrier-pigeon", pid="key-1")), "unknown origin")
+    await refused(hs, hs.sign(claims(via="config_key")), "unknown origin")
+    await refused(hs, hs.sign(claims(via="config_key", pid="gone")), "no longer configured")
+
+
+class CountingStore(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lookups = 0
+
+    async def key_by_id(self, key_id: str) -> KeyRecord | None:
+        self.lookups += 1
+        return await super().key_by_id(key_id)
+
+
+async def test_a_token_minted_from_a_managed_key_lives_while_the_key_does(tmp_path: Path):
+    store = CountingStore()
+    cache = KeyCache(store)
+    auth = Authenticator(StaticKeys([], LIMITS), Signer("HS256", tmp_path).tokens,
+                         managed=ManagedKeys(cache, LIMITS))
+    assert auth.router_tokens is not None
+    record = KeyRecord(id="key_0123456789abcdef", digest="0" * 64, user="dora", limits=None,
+                       models=("*",), admin=False, created_at=time.time(),
+                       expires_at=time.time() + 120)
+    await store.create_key(record)
+    token, ttl = auth.router_tokens.issue(key_principal(record, LIMITS))
+    assert 118 <= ttl <= 120  # no longer than the key
+    for _ in range(3):
+        got = await auth.authenticate([f"Bearer {token}"])
+        assert (got.id, got.user, got.origin) == (record.id, "dora", "managed_key")
+    assert store.lookups == 1  # warm: no store call
+    await store.revoke_key(record.id)
+    cache.changed()  # what the version poll does when the store's key version moves
+    with pytest.raises(Unauthorized, match="revoked"):
+        await auth.authenticate([f"Bearer {token}"])
+    # A token an earlier version minted (no `via`, the key's id in `pid`) dies with it too.
+    legacy = jwt.encode(claims(sub="dora", pid=record.id), SECRET, algorithm="HS256")
+    with pytest.raises(Unauthorized, match="revoked"):
+        await auth.authenticate([f"Bearer {legacy}"])
+    # Without a key store to ask, such a token cannot be vouched for.
+    with pytest.raises(Unauthorized, match="revoked"):
+        await Authenticator(StaticKeys([], LIMITS), auth.router_tokens).authenticate(
+            [f"Bearer {token}"])
+
+
+def test_a_token_minted_from_an_idp_token_ends_no_later_than_it(hs: Signer):
+    who = Principal(id="oidc:https://idp#bob", kind="oauth2", user="oidc:https://idp#bob",
+                    limits=Limits(), models=None, origin="oauth2", expires_at=time.time() + 90)
+    token, ttl = hs.tokens.issue(who)
+    assert 88 <= ttl <= 90
+    raw = jwt.decode(token, options={"verify_signature": False})
+    assert raw["via"] == "oauth2" and raw["sub"] == raw["pid"] == "oidc:https://idp#bob"
 
 
 # -- time claims ----------------------------------------------------------------------------------
