@@ -394,8 +394,12 @@ async def with_session(r: RouterUnderTest, token: str, session: str) -> None:
         assert resp.status == 200, await resp.text()
 
 
-async def test_an_idp_subject_is_not_the_api_key_user_with_the_same_name(idp, start_router):
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_an_idp_subject_is_not_the_api_key_user_with_the_same_name(idp, start_router,
+                                                                          store, request):
     cfg = oidc_config(idp.issuer, usage={"enabled": True, "flush_interval_s": 60})
+    if store == "redis":
+        cfg["store"] = {"url": request.getfixturevalue("redis_server").url, "timeout_ms": 500}
     cfg["auth"]["api_keys"].append(ADMIN_KEY_ENTRY)
     r = await start_router(cfg)
     # bob by API key (OTHER_KEY): settings of his own and a session
@@ -404,11 +408,11 @@ async def test_an_idp_subject_is_not_the_api_key_user_with_the_same_name(idp, st
     # `sub: bob` at the IdP, directly and through a router JWT minted from it
     token = idp.token(sub="bob")
     routed = await exchange(r, token)
-    assert claims_of(routed)["sub"] == f"oidc:{idp.issuer}#bob"
     for who in (token, routed):
         assert (await api(r, "GET", "/api/v1/sessions/s1", who))[0] == 404
         assert (await api(r, "DELETE", "/api/v1/sessions/s1", who))[0] == 404
         assert (await api(r, "GET", SETTINGS, who))[1]["session_ttl_s"] != 900
+    assert claims_of(routed)["sub"] == f"oidc:{idp.issuer}#bob"
     assert (await api(r, "PUT", SETTINGS, token, {"session_ttl_s": 1200}))[0] == 200
     assert (await api(r, "GET", SETTINGS, routed))[1]["session_ttl_s"] == 1200
     assert (await api(r, "GET", SETTINGS, OTHER_KEY))[1]["session_ttl_s"] == 900
