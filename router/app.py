@@ -104,7 +104,11 @@ async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse
 def name_request(request: web.Request) -> None:
     """The client's x-request-id when it is sane, else a new one; echoed and sent upstream."""
     given = request.headers.get("x-request-id")
-    request[REQUEST_ID] = given if given and SAFE_ID.fullmatch(given) else os.urandom(12).hex()
+    request[REQUEST_ID] = given if given and SAFE_ID.fullmatch(given) else new_request_id()
+
+
+def new_request_id() -> str:
+    return os.urandom(12).hex()
 
 
 async def authenticate(request: web.Request) -> None:
