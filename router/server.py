@@ -137,12 +137,23 @@ async def _run_worker(path: str, config: Config, overrides: Overrides, *,
         raise
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    delayed = False  # SIGTERM (an orchestrator) gets the drain delay; SIGINT (a terminal) not
+
+    def on_stop(sig: signal.Signals) -> None:
+        nonlocal delayed
+        if stop.is_set():  # a second signal: no more waiting for the load balancer
+            worker.hurry.set()
+            return
+        delayed = sig == signal.SIGTERM
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_stop, sig)
     loop.add_signal_handler(signal.SIGHUP, lambda: spawn(worker.watcher.reload("SIGHUP"),
                                                           "reload"))
     await stop.wait()
-    await worker.stop()
+    await worker.stop(drain_delay_s=worker.ref.current.config.server.drain_delay_s
+                      if delayed else 0.0)
 
 
 class Worker:
@@ -182,6 +193,7 @@ class Worker:
         )
         self.site: web.TCPSite | None = None
         self.port = 0
+        self.hurry = asyncio.Event()  # set: cut the drain delay short
 
     async def start(self) -> int:
         server = self.ref.current.config.server
@@ -208,9 +220,12 @@ class Worker:
                                      "config-watcher"))
         return self.port
 
-    async def stop(self) -> None:
+    async def stop(self, drain_delay_s: float = 0.0) -> None:
+        """Drain and release everything. For `drain_delay_s` first, /readyz answers 503 while
+        requests (on new connections too) are still served, unless `hurry` is set."""
         if self.site is not None:
-            await _drain(self.app, self.site, self.ref.current.config.server.shutdown_grace_s)
+            await _drain(self.app, self.site, self.ref.current.config.server.shutdown_grace_s,
+                         drain_delay_s, self.hurry)
         for task in self._tasks:
             task.cancel()
         await self.runner.cleanup()
@@ -223,10 +238,16 @@ class Worker:
         log.info("stopped")
 
 
-async def _drain(app: web.Application, site: web.TCPSite, grace_s: float) -> None:
-    """Stop accepting, let in-flight requests finish within the grace, then end the rest."""
+async def _drain(app: web.Application, site: web.TCPSite, grace_s: float, delay_s: float,
+                 hurry: asyncio.Event) -> None:
+    """Say so on /readyz for `delay_s` while still serving, stop accepting, let in-flight
+    requests finish within the grace, then end the rest."""
     status = app[STATUS]
     status.draining = True
+    if delay_s > 0 and not hurry.is_set():
+        log.info("draining: /readyz answers 503; the listener closes in %.1f s", delay_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(hurry.wait(), delay_s)
     await site.stop()
     log.info("draining %d in-flight requests (grace %.0f s)", status.inflight, grace_s)
     deadline = time.monotonic() + grace_s
