@@ -302,6 +302,15 @@ class _Protocol(web.RequestHandler):
         resp.force_close()
         return resp
 
+    async def finish_response(self, request: web.BaseRequest, resp: web.StreamResponse,
+                              start_time: float | None) -> tuple[web.StreamResponse, bool]:
+        sent = await super().finish_response(request, resp, start_time)
+        if resp.status == 408 and not request.content.is_eof():
+            # The client stalled mid-body: close now rather than linger (up to 10 s)
+            # waiting for the rest of a body nobody will read.
+            self.force_close()
+        return sent
+
 
 class _Server(web.Server):
     """aiohttp's low-level server, making `_Protocol` connections."""
