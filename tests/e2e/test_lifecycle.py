@@ -248,6 +248,19 @@ async def test_sigterm_answers_readyz_503_while_serving_before_the_listener_clos
     assert "Traceback" not in rp.log()
 
 
+async def test_a_second_sigterm_cuts_the_drain_delay_short(fakes, router_process):
+    up = await fakes("up")
+    rp = await router_process(e2e_config(up, {"m": "gpt-x"}, drain_delay_s=60))
+    rp.send(signal.SIGTERM)
+    async with client() as http:
+        async def draining() -> bool:
+            async with http.get(rp.url + "/readyz") as r:
+                return r.status == 503
+        await wait_for(draining, 5, "/readyz 503")
+    rp.send(signal.SIGTERM)
+    assert await rp.wait_exit(10) == 0
+
+
 async def test_stream_longer_than_the_grace_ends_with_one_error_event(fakes, router_process):
     up = await fakes("up")
     grace = 1
