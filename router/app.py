@@ -26,6 +26,7 @@ from router.errors import (
     Unauthorized,
 )
 from router.limits import Limiter
+from router.log import redact, redact_message, redact_path
 from router.metrics import Metrics
 from router.relay import ActiveStreams
 from router.runtime import RuntimeRef
@@ -82,7 +83,9 @@ async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse
         try:
             await authenticate(request)
             resp = await handler(request)
-        except Exception as exc:
+        except Exception as caught:
+            exc = _from_http(request, caught) if isinstance(caught, web.HTTPException) \
+                else caught
             resp = error_response(request, exc)
             facts.error = exc.code if isinstance(exc, RouterError) else "internal_error"
         return resp
@@ -104,7 +107,11 @@ async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse
 def name_request(request: web.Request) -> None:
     """The client's x-request-id when it is sane, else a new one; echoed and sent upstream."""
     given = request.headers.get("x-request-id")
-    request[REQUEST_ID] = given if given and SAFE_ID.fullmatch(given) else os.urandom(12).hex()
+    request[REQUEST_ID] = given if given and SAFE_ID.fullmatch(given) else new_request_id()
+
+
+def new_request_id() -> str:
+    return os.urandom(12).hex()
 
 
 async def authenticate(request: web.Request) -> None:
@@ -123,18 +130,21 @@ def error_response(request: web.Request, exc: Exception) -> web.Response:
         m = request.app[METRICS]
         m.child(m.auth_failures, exc.credential, exc.reason).inc()
     if isinstance(exc, RouterError):
-        log.log(exc.log_level, "%s %s -> %d %s", request.method, request.path[:200], exc.status,
-                exc.message)
+        log.log(exc.log_level, "%s %s -> %d %s", redact(request.method),
+                redact_path(request.path), exc.status, redact_message(exc.message))
         return exc.to_response()
-    log.error("unhandled error on %s %s", request.method, request.path[:200], exc_info=exc)
+    log.error("unhandled error on %s %s", redact(request.method), redact_path(request.path),
+              exc_info=exc)
     return InternalError("internal error").to_response()
 
 
 def _from_http(request: web.Request, exc: web.HTTPException) -> RouterError:
     if exc.status == 404:
-        return NotFound(f"no such endpoint: {request.method} {request.path[:200]}")
+        return NotFound(f"no such endpoint: {request.method} {request.path[:200]!r}")
     if exc.status == 405:
-        return MethodNotAllowed(f"method {request.method} is not allowed here")
+        allow = exc.headers.get("Allow")
+        return MethodNotAllowed(f"method {request.method} is not allowed here",
+                                headers={"Allow": allow} if allow else None)
     if exc.status == 413:
         return PayloadTooLarge("request body is too large")
     return HttpError(exc.status, exc.reason)
@@ -142,12 +152,13 @@ def _from_http(request: web.Request, exc: web.HTTPException) -> RouterError:
 
 def log_access(request: web.Request, facts: Facts, status: int, started: float) -> None:
     """One line per request: who, what, where it went, how it went. Never a secret or a
-    message's content (the path is logged without its query string)."""
+    message's content (the path is logged without its query string, each of its segments
+    through `redact`)."""
     principal = request.get(PRINCIPAL)
     access.info("request", extra={"access": {
         "request_id": request[REQUEST_ID],
-        "method": request.method,
-        "path": request.path,
+        "method": redact(request.method),
+        "path": redact_path(request.path),
         "status": status,
         "principal": principal.id if principal else None,
         "route": facts.route,

@@ -109,10 +109,18 @@ class MethodNotAllowed(RouterError):
 
 
 class RequestTimeout(RouterError):
+    """The body did not arrive in time: the answer closes the connection (what is left of the
+    body would be read as the next request)."""
+
     status = 408
     type = "invalid_request_error"
     code = "request_timeout"
     log_level = logging.INFO
+
+    def to_response(self) -> web.Response:
+        resp = super().to_response()
+        resp.force_close()
+        return resp
 
 
 class PayloadTooLarge(RouterError):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -10,6 +12,33 @@ from typing import Any
 import orjson
 
 from router.config.model import LoggingConfig
+
+# A client string at most this long is logged as it is: no credential is that short.
+REDACT_KEEP = 12
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+def redact(value: str) -> str:
+    """A string the client chose (a model name, a path segment, ...) as a log line may carry
+    it: as it is when short and printable, else its first 4 characters, its length and a
+    digest (to match lines about the same value), never more than about 30 characters. A
+    credential pasted into the wrong field never reaches the logs whole."""
+    if len(value) <= REDACT_KEEP and value.isprintable():
+        return value
+    prefix = "".join(c if c.isprintable() else "?" for c in value[:4])
+    digest = hashlib.sha256(value.encode("utf-8", "replace")).hexdigest()[:8]
+    return f"{prefix}…[{len(value)} chars {digest}]"
+
+
+def redact_path(path: str) -> str:
+    """A request path for the logs: each segment through `redact`, at most 200 characters."""
+    return "/".join(redact(segment) for segment in path.split("/"))[:200]
+
+
+def redact_message(message: str) -> str:
+    """An error message for the logs: every quoted value in it (messages quote what the client
+    sent, as `repr` does) through `redact`, at most 300 characters."""
+    return _QUOTED.sub(lambda m: m[0][0] + redact(m[0][1:-1]) + m[0][0], message)[:300]
 
 
 class JsonFormatter(logging.Formatter):

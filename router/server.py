@@ -17,16 +17,29 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import (
+    BadHttpMethod,
+    BadStatusLine,
+    ContentLengthError,
+    HttpProcessingError,
+    InvalidHeader,
+    InvalidURLError,
+    LineTooLong,
+    PayloadEncodingError,
+    TransferEncodingError,
+)
 from prometheus_client import multiprocess
 
-from router.app import build_app
+from router.app import build_app, new_request_id
 from router.auth import KeyCache
 from router.config import Config, ConfigError, load_config
+from router.errors import BadRequest, InternalError, RouterError
 from router.log import setup_logging
 from router.metrics import DisabledMetrics, Metrics
 from router.routing.health import BackendState
@@ -124,12 +137,23 @@ async def _run_worker(path: str, config: Config, overrides: Overrides, *,
         raise
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    delayed = False  # SIGTERM (an orchestrator) gets the drain delay; SIGINT (a terminal) not
+
+    def on_stop(sig: signal.Signals) -> None:
+        nonlocal delayed
+        if stop.is_set():  # a second signal: no more waiting for the load balancer
+            worker.hurry.set()
+            return
+        delayed = sig == signal.SIGTERM
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_stop, sig)
     loop.add_signal_handler(signal.SIGHUP, lambda: spawn(worker.watcher.reload("SIGHUP"),
                                                           "reload"))
     await stop.wait()
-    await worker.stop()
+    await worker.stop(drain_delay_s=worker.ref.current.config.server.drain_delay_s
+                      if delayed else 0.0)
 
 
 class Worker:
@@ -156,7 +180,7 @@ class Worker:
         self._reuse_port = reuse_port
         self._tasks: list[asyncio.Task[None]] = []
         server = config.server
-        self.runner = web.AppRunner(
+        self.runner = _Runner(
             self.app,
             handle_signals=False,
             handler_cancellation=True,  # a client that leaves cancels its upstream at once
@@ -169,6 +193,7 @@ class Worker:
         )
         self.site: web.TCPSite | None = None
         self.port = 0
+        self.hurry = asyncio.Event()  # set: cut the drain delay short
 
     async def start(self) -> int:
         server = self.ref.current.config.server
@@ -195,9 +220,12 @@ class Worker:
                                      "config-watcher"))
         return self.port
 
-    async def stop(self) -> None:
+    async def stop(self, drain_delay_s: float = 0.0) -> None:
+        """Drain and release everything. For `drain_delay_s` first, /readyz answers 503 while
+        requests (on new connections too) are still served, unless `hurry` is set."""
         if self.site is not None:
-            await _drain(self.app, self.site, self.ref.current.config.server.shutdown_grace_s)
+            await _drain(self.app, self.site, self.ref.current.config.server.shutdown_grace_s,
+                         drain_delay_s, self.hurry)
         for task in self._tasks:
             task.cancel()
         await self.runner.cleanup()
@@ -210,10 +238,16 @@ class Worker:
         log.info("stopped")
 
 
-async def _drain(app: web.Application, site: web.TCPSite, grace_s: float) -> None:
-    """Stop accepting, let in-flight requests finish within the grace, then end the rest."""
+async def _drain(app: web.Application, site: web.TCPSite, grace_s: float, delay_s: float,
+                 hurry: asyncio.Event) -> None:
+    """Say so on /readyz for `delay_s` while still serving, stop accepting, let in-flight
+    requests finish within the grace, then end the rest."""
     status = app[STATUS]
     status.draining = True
+    if delay_s > 0 and not hurry.is_set():
+        log.info("draining: /readyz answers 503; the listener closes in %.1f s", delay_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(hurry.wait(), delay_s)
     await site.stop()
     log.info("draining %d in-flight requests (grace %.0f s)", status.inflight, grace_s)
     deadline = time.monotonic() + grace_s
@@ -226,6 +260,86 @@ async def _drain(app: web.Application, site: web.TCPSite, grace_s: float) -> Non
         end = time.monotonic() + 2.0
         while len(streams) and time.monotonic() < end:  # noqa: ASYNC110
             await asyncio.sleep(0.02)
+
+
+# What a client is told about a request the HTTP parser refused: a fixed sentence per kind,
+# never the parser's own message (it quotes the offending bytes, which may be a credential).
+_PARSER_REFUSALS: tuple[tuple[type[HttpProcessingError], str], ...] = (
+    (LineTooLong, "a request line or header is longer than 8190 bytes"),
+    (InvalidHeader, "malformed request header"),
+    (BadHttpMethod, "malformed request method"),
+    (BadStatusLine, "malformed request line"),
+    (InvalidURLError, "malformed request target"),
+    (TransferEncodingError, "malformed chunked request body"),
+    (ContentLengthError, "request body does not match its Content-Length"),
+    (PayloadEncodingError, "malformed request body encoding"),
+)
+
+
+class _Protocol(web.RequestHandler):
+    """aiohttp's connection handler, answering what it refuses itself (a malformed or oversized
+    request head, a broken chunked body) in the router's error shape: JSON, an x-request-id,
+    no echo of the request, and the connection closed."""
+
+    __slots__ = ()
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if request.writer.output_size > 0:  # a response has begun: only closing is left
+            raise ConnectionError("the response has begun; no error response can follow")
+        error: RouterError
+        if isinstance(exc, HttpProcessingError):
+            text = next((t for kind, t in _PARSER_REFUSALS if isinstance(exc, kind)),
+                        "malformed HTTP request")
+            log.info("bad HTTP request from %s: %s", request.remote, type(exc).__name__)
+            error = BadRequest(text)
+        else:  # an exception outside the request pipeline: a bug, worth its traceback
+            log.error("unhandled error outside the request pipeline", exc_info=exc)
+            error = InternalError("internal error")
+        resp = error.to_response()
+        resp.headers["x-request-id"] = new_request_id()
+        resp.force_close()
+        return resp
+
+    async def finish_response(self, request: web.BaseRequest, resp: web.StreamResponse,
+                              start_time: float | None) -> tuple[web.StreamResponse, bool]:
+        sent = await super().finish_response(request, resp, start_time)
+        if resp.status == 408 and not request.content.is_eof():
+            # The client stalled mid-body: close now rather than linger (up to 10 s)
+            # waiting for the rest of a body nobody will read.
+            self.force_close()
+        return sent
+
+
+class _Server(web.Server):
+    """aiohttp's low-level server, making `_Protocol` connections."""
+
+    def __init__(self, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+                 **kwargs: Any) -> None:
+        protocol_kwargs = {k: v for k, v in kwargs.items()
+                           if k not in ("request_factory", "handler_cancellation", "loop")}
+        super().__init__(handler, **kwargs)
+        self._protocol_kwargs = protocol_kwargs
+        self._protocol_loop = asyncio.get_running_loop()
+
+    def __call__(self) -> web.RequestHandler:
+        return _Protocol(self, loop=self._protocol_loop, **self._protocol_kwargs)
+
+
+class _Runner(web.AppRunner):
+    """An AppRunner whose server makes `_Protocol` connections. The app is started as usual;
+    its server's handler and request factory are reused, with this runner's settings."""
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        self._server_kwargs = {k: v for k, v in kwargs.items()
+                               if k not in ("handle_signals", "shutdown_timeout")}
+        super().__init__(app, **kwargs)
+
+    async def _make_server(self) -> web.Server:
+        stock = await super()._make_server()  # runs the app's start-up hooks
+        return _Server(stock.request_handler, request_factory=stock.request_factory,
+                       **self._server_kwargs)
 
 
 class _Watcher:

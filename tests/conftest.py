@@ -60,7 +60,8 @@ def router_config(providers: dict[str, Any], routes: dict[str, Any],
                   **extra: Any) -> dict[str, Any]:
     """A test config: loopback, port 0, one test key, probes and file watching off."""
     config: dict[str, Any] = {
-        "server": {"host": "127.0.0.1", "port": 0, "shutdown_grace_s": 5, "reload_poll_s": 0},
+        "server": {"host": "127.0.0.1", "port": 0, "shutdown_grace_s": 5, "reload_poll_s": 0,
+                   "drain_delay_s": 0},
         "auth": {"api_keys": [
             {"id": "test", "key_sha256": KEY_SHA, "user": "alice"},
             {"id": "narrow", "key_sha256": hashlib.sha256(OTHER_KEY.encode()).hexdigest(),

@@ -43,6 +43,10 @@ class ServerConfig(Frozen):
     port: int = Field(8080, ge=0, le=65535)
     workers: int = Field(1, ge=1, le=64)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    # SIGTERM: /readyz answers 503 for drain_delay_s while requests are still served (a load
+    # balancer sees it and stops sending), then the listener closes and in-flight work gets
+    # shutdown_grace_s.
+    drain_delay_s: float = Field(5.0, ge=0, le=3600)
     shutdown_grace_s: float = Field(30.0, ge=0, le=3600)
     # Closes idle keep-alive connections, and connections that have not sent a whole request
     # head by then (slowloris).

@@ -279,7 +279,7 @@ def _router_config(upstream_port: int, router_port: int, store_url: str | None =
         extra["store"] = {"url": store_url}  # timeout_ms and on_failure: the defaults
     return {
         "server": {"host": "127.0.0.1", "port": router_port, "reload_poll_s": 0,
-                   "shutdown_grace_s": 1},
+                   "shutdown_grace_s": 1, "drain_delay_s": 0},
         "auth": {"api_keys": keys},
         **extra,
         # Connections are opened on demand: a cap above any --streams count costs nothing.
@@ -692,7 +692,7 @@ def _start_auth_router(procs: Processes, machine: Machine, tmp: Path, alg: str) 
     port = free_port()
     config = {
         "server": {"host": "127.0.0.1", "port": port, "reload_poll_s": 0,
-                   "shutdown_grace_s": 1},
+                   "shutdown_grace_s": 1, "drain_delay_s": 0},
         "auth": {"api_keys": [{"id": "bench", "user": "bench",
                                "key_sha256": hashlib.sha256(KEY.encode()).hexdigest()}],
                  "jwt": _auth_jwt_section(alg, tmp)},

@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import openai
 import orjson
+import pytest
 import yaml
 
 from tests.conftest import KEY, USER_MSG, openai_provider, router_config
@@ -207,6 +208,57 @@ async def test_sigterm_drains_in_flight_work_then_exits_0(fakes, router_process)
     log = rp.log()
     assert "draining" in log and "Traceback" not in log
     assert "grace over" not in log
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_sigterm_answers_readyz_503_while_serving_before_the_listener_closes(
+        fakes, router_process, workers):
+    up = await fakes("up")
+    delay, grace = 2.0, 3
+    rp = await router_process(e2e_config(up, {"m": "gpt-x"}, drain_delay_s=delay,
+                                         shutdown_grace_s=grace), "--workers", str(workers))
+    if workers > 1:
+        await rp.wait_log("listening on", count=workers)
+    fresh = aiohttp.TCPConnector(force_close=True)  # a new connection for every request
+    seen: list[tuple[float, str]] = []  # (seconds after SIGTERM, readyz status or "refused")
+    served_while_draining = 0
+    async with client(connector=fresh) as http:
+        rp.send(signal.SIGTERM)
+        signalled = time.monotonic()
+        while time.monotonic() - signalled < delay + grace + 5:
+            try:
+                async with http.get(rp.url + "/readyz") as resp:
+                    await resp.read()
+                    seen.append((time.monotonic() - signalled, str(resp.status)))
+                if resp.status == 503 and await chat_status(http, rp.url, "m") == 200:
+                    served_while_draining += 1
+            except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+                # Refused; or reset: a connection the kernel queued as the listener closed.
+                seen.append((time.monotonic() - signalled, "refused"))
+                break
+            await asyncio.sleep(0.05)
+    statuses = [s for _, s in seen]
+    assert statuses[-1] == "refused", seen
+    assert "503" in statuses, seen  # a load balancer could see it ...
+    assert statuses.index("503") < statuses.index("refused")  # ... before connections fail
+    assert set(statuses[statuses.index("503"):-1]) == {"503"}, seen
+    assert served_while_draining >= 3  # new requests were still served meanwhile
+    assert seen[-1][0] >= delay - 0.5, seen  # the listener stayed open for the delay
+    assert await rp.wait_exit(delay + grace + 5 - (time.monotonic() - signalled)) == 0
+    assert "Traceback" not in rp.log()
+
+
+async def test_a_second_sigterm_cuts_the_drain_delay_short(fakes, router_process):
+    up = await fakes("up")
+    rp = await router_process(e2e_config(up, {"m": "gpt-x"}, drain_delay_s=60))
+    rp.send(signal.SIGTERM)
+    async with client() as http:
+        async def draining() -> bool:
+            async with http.get(rp.url + "/readyz") as r:
+                return r.status == 503
+        await wait_for(draining, 5, "/readyz 503")
+    rp.send(signal.SIGTERM)
+    assert await rp.wait_exit(10) == 0
 
 
 async def test_stream_longer_than_the_grace_ends_with_one_error_event(fakes, router_process):

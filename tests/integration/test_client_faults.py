@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ import pytest
 from aiohttp import web
 
 from router.config.model import LoggingConfig
-from router.log import setup_logging
+from router.log import JsonFormatter, TextFormatter, setup_logging
 from tests.conftest import KEY, USER_MSG, openai_provider, router_config, sse_events
 
 DONE = b"data: [DONE]\n\n"
@@ -410,3 +411,131 @@ async def test_clients_leaving_mid_stream_do_not_eject_the_backend(fakes, start_
             served.append(resp.headers["x-router-backend"])
     assert left_from in served  # still in rotation: the upstream did nothing wrong
     assert sorted(set(served)) == ["a", "b"]
+
+
+# -- 2b. aiohttp's own refusals keep the error contract ------------------------------------------
+
+CANARY = "sk-CANARY-" + "c" * 24
+
+
+def _split_answer(answer: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return _status(answer), headers, body
+
+
+def _bad_head(case: str) -> bytes:
+    """A request the HTTP parser refuses; each carries the canary somewhere in its head."""
+    body = {"model": "m", "messages": USER_MSG}
+    if case == "bad-request-line":
+        return f"GET /v1/models?key={CANARY} HTTP/1.1 trailing\r\nHost: x\r\n\r\n".encode()
+    if case == "header-without-colon":
+        return _chat_request(body, [("X-Fine", "1")]).replace(
+            b"X-Fine: 1", f"X-Secret {CANARY}".encode())
+    if case == "9kb-header-line":
+        return _chat_request(body, [("X-Long", CANARY + "v" * 9 * 1024)])
+    if case == "129-headers":
+        return _chat_request(body, [("X-Secret", CANARY)]
+                             + [(f"X-H{i}", "1") for i in range(124)])
+    if case == "control-char-in-value":
+        return _chat_request(body, [("X-Secret", CANARY + "\x01")])
+    assert case == "invalid-chunked"
+    head = ("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {KEY}\r\nX-Secret: {CANARY}\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+    return head.encode() + f"zz{CANARY}\r\n{{}}\r\n0\r\n\r\n".encode()
+
+
+@pytest.mark.parametrize("case", ["bad-request-line", "header-without-colon", "9kb-header-line",
+                                  "129-headers", "control-char-in-value", "invalid-chunked"])
+async def test_refused_request_heads_get_the_json_error_shape(fakes, start_router,
+                                                              router_logging, case):
+    up, r = await _single(fakes, start_router, "gpt-x")
+    data = _bad_head(case)
+    start = time.monotonic()
+    answer = await _raw_exchange(_port(r), data)  # returns once the router closes
+    assert time.monotonic() - start < 5.0
+    status, headers, body = _split_answer(answer)
+    assert 400 <= status < 500
+    assert headers["content-type"].startswith("application/json"), answer[:300]
+    assert re.fullmatch(r"[A-Za-z0-9._:\-]{1,128}", headers["x-request-id"])
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "code"}
+    assert error["type"] == "invalid_request_error"
+    # Nothing of what the client sent comes back: neither the secret nor the request line.
+    request_line = data.split(b"\r\n", 1)[0]
+    assert CANARY.encode() not in answer and CANARY[:10].encode() not in answer
+    for fragment in request_line.split(b" ") + request_line.split(b"?"):
+        if len(fragment) > 8:
+            assert fragment not in answer, fragment
+    assert up.seen == []
+    _assert_no_traceback(router_logging)
+    for rec in router_logging.records:
+        assert CANARY[:10] not in rec.getMessage(), rec.getMessage()
+    await _chat_ok(r)
+
+
+# -- 2c. a body too slow closes; logs carry no client string verbatim; 405 names what is allowed -
+
+async def test_body_too_slow_is_408_and_the_connection_closes(fakes, start_router):
+    up, r = await _single(fakes, start_router, "gpt-x", server={"body_timeout_s": 0.5})
+    head = _chat_request({"model": "m", "messages": USER_MSG}).split(b"\r\n\r\n")[0]
+    head = re.sub(rb"Content-Length: \d+", b"Content-Length: 100", head)
+    reader, writer = await asyncio.open_connection("127.0.0.1", _port(r))
+    try:
+        writer.write(head + b"\r\n\r\n" + b'{"model": ')  # 10 of the 100 bytes, then nothing
+        await writer.drain()
+        start = time.monotonic()
+        answer = await asyncio.wait_for(_read_to_eof(reader), 5.0)
+        closed_after = time.monotonic() - start
+    finally:
+        writer.close()
+    status, headers, body = _split_answer(answer)
+    assert status == 408
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+    assert headers.get("connection", "").lower() == "close"
+    assert closed_after < 2.0  # closed right after the answer, not after a lingering read
+    assert up.seen == []
+
+
+async def test_logs_carry_client_strings_bounded_and_redacted(fakes, start_router,
+                                                             router_logging):
+    _, r = await _single(fakes, start_router, "gpt-x")
+    auth = {"Authorization": f"Bearer {KEY}"}
+    expected = []
+    async with r.chat({"model": CANARY, "messages": USER_MSG}) as resp:
+        expected.append((resp.status, 404))
+    async with r.chat({"model": "m", "messages": USER_MSG},
+                      headers={"Content-Encoding": CANARY}) as resp:
+        expected.append((resp.status, 415))
+    # (An unknown method is refused by the HTTP parser itself.)
+    for method, path, want in (("GET", f"/api/v1/sessions/{CANARY}", 404),
+                               ("GET", f"/v1/{CANARY}/x", 404),
+                               (CANARY.upper(), "/v1/models", 400)):
+        async with r.http.request(method, r.url + path, headers=auth) as resp:
+            await resp.read()
+            expected.append((resp.status, want))
+    assert [got for got, _ in expected] == [want for _, want in expected]
+    records = router_logging.records
+    text = "\n".join([JsonFormatter().format(rec) for rec in records]
+                     + [TextFormatter().format(rec) for rec in records])
+    assert text.count("router.access") >= 4  # every request was logged ...
+    assert "CANARY" not in text.upper()  # ... none with the client's string verbatim
+    assert "sk-C" in text  # but in a bounded form that still says what it was
+    assert max(len(line) for line in text.splitlines()) < 1000
+
+
+async def test_405_names_the_allowed_methods(fakes, start_router):
+    _, r = await _single(fakes, start_router, "gpt-x")
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for method, path, allowed in (("GET", "/v1/chat/completions", {"POST"}),
+                                  ("DELETE", "/api/v1/automation/settings", {"GET", "PUT"})):
+        async with r.http.request(method, r.url + path, headers=auth) as resp:
+            assert resp.status == 405
+            assert (await resp.json())["error"]["code"] == "method_not_allowed"
+            assert {m.strip() for m in resp.headers["Allow"].split(",")} == allowed
+            assert "x-request-id" in resp.headers
