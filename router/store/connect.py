@@ -1,7 +1,12 @@
 """The redis-py client for a `store.url`: one pool per worker, the store's timeout on every
-socket and pool wait, no driver retries (a failure costs one attempt, never a retry loop), and
-no CLIENT SETINFO (`driver_info=None`: one round trip less per connection, and no package
-metadata read from disk, which would block the event loop).
+socket and pool wait, no driver retries (a failure costs one attempt, never a retry loop: the
+store retries what may safely run twice, once), no CLIENT SETINFO (`driver_info=None`: one round
+trip less per connection, and no package metadata read from disk, which would block the event
+loop), and RESP2 (`protocol=2`). redis-py 8 speaks RESP3 by default and then turns on its
+"maintenance notifications", which also turns off the pool's check on checkout: a connection
+that Redis closed (a restart) was handed out once more, and its command failed. With RESP2 a
+connection the server closed is reopened before use, at no round trip (the socket's end of
+file is already known), and a new connection costs no HELLO.
 
     redis://[[user]:password@]host:port[/db]          one Redis (rediss:// for TLS)
     redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db][?sentinel_password=P]
@@ -217,6 +222,7 @@ def connect(url: str, *, timeout_s: float, max_connections: int = 64) -> Client:
         "socket_connect_timeout": timeout_s,
         "retry": Retry(NoBackoff(), 0),
         "driver_info": None,
+        "protocol": 2,  # see above: dead pooled connections are checked for on checkout
     }
     parsed = parse_store_url(url)
     if parsed.kind == "redis":

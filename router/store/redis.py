@@ -2,7 +2,9 @@
 connection pool per worker.
 
 Every operation runs under `store.timeout_ms` and surfaces as StoreError; redis-py's own
-retries are off, so a dead Redis costs one refused connect, never a retry loop.
+retries are off. An operation that may safely run twice (reads, settings, key records) gets one
+more try when its connection turns out dead (a restarted Redis), a key lookup also when it timed
+out: a dead Redis costs at most two refused connects, never a retry loop.
 
 Layout (a managed key's record is hash-tagged by its id, so a per-key script on Redis Cluster,
 such as the limiter's, can read it from the same slot):
@@ -27,14 +29,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, FieldT
 
 from router.config.model import Limits
@@ -251,14 +255,30 @@ class RedisStore:
         try:
             async with asyncio.timeout(self._timeout_s):
                 return await op
-        except TimeoutError:
-            raise StoreError(f"the store did not answer in time ({what})") from None
+        except (TimeoutError, RedisError, OSError) as exc:
+            raise _failure(what, exc) from _cause(exc)
+
+    async def _idempotent(self, what: str, make: Callable[[], Awaitable[T]], *,
+                          after_timeout: bool = False) -> T:
+        """An operation that may safely run twice. When its connection turns out dead (Redis
+        restarted, or something on the way reset it, before the pool could tell) it runs once
+        more, on another connection; with `after_timeout`, also when the first try timed out.
+        Each try is bounded by the store timeout: at most two tries, never a loop."""
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                return await make()
+        except (TimeoutError, RedisTimeoutError) as exc:
+            if not after_timeout:
+                raise _failure(what, exc) from _cause(exc)
+        except (RedisConnectionError, ConnectionError):
+            pass  # redis-py closed that connection: the next try opens or takes another
         except (RedisError, OSError) as exc:
-            raise StoreError(f"the store failed ({what}: {type(exc).__name__})") from exc
+            raise _failure(what, exc) from exc
+        return await self._call(what, make())
 
     async def ping(self) -> bool:
         try:
-            return bool(await self._call("ping", self._redis.ping()))
+            return bool(await self._idempotent("ping", self._redis.ping))
         except StoreError:
             return False
 
@@ -278,7 +298,8 @@ class RedisStore:
             await self._redis.set(digest_key(record.digest), record.id)
             await self._redis.incr(VERSION)
 
-        await self._call("create key", op())
+        # Every step may run twice: the version only has to move.
+        await self._idempotent("create key", op)
 
     async def key_by_digest(self, digest: str) -> KeyRecord | None:
         async def op() -> KeyRecord | None:
@@ -289,7 +310,8 @@ class RedisStore:
             record = _record({_text(k): _text(v) for k, v in fields.items()})
             return record if record is not None and record.digest == digest else None
 
-        return await self._call("key lookup", op())
+        # A burst of first uses on a cold pool may time out once: one more try, then 503.
+        return await self._idempotent("key lookup", op, after_timeout=True)
 
     async def key_by_id(self, key_id: str) -> KeyRecord | None:
         async def op() -> KeyRecord | None:
@@ -304,11 +326,12 @@ class RedisStore:
         return await self._call("key lookup", op())
 
     async def list_keys(self) -> list[KeyRecord]:
-        ids = sorted(map(_text, await self._call("list keys", self._redis.smembers(IDS))))
+        ids = sorted(map(_text, await self._idempotent("list keys",
+                                                        partial(self._redis.smembers, IDS))))
         records: list[KeyRecord] = []
         for start in range(0, len(ids), BATCH):
             batch = ids[start:start + BATCH]
-            rows = await self._call("list keys", self._hgetall_many(batch))
+            rows = await self._idempotent("list keys", partial(self._hgetall_many, batch))
             records += [r for r in map(_record, rows) if r is not None]
         return sorted(records, key=lambda r: (r.created_at, r.id))
 
@@ -333,12 +356,14 @@ class RedisStore:
                                             "1" if changed else "0")
             return changed or forgot == 1
 
-        return await self._call("revoke key", op())
+        # Run again, it ends in the same state (only its answer could say "no such key").
+        return await self._idempotent("revoke key", op)
 
     async def touch_keys(self, used: Mapping[str, float]) -> None:
         items = list(used.items())
         for start in range(0, len(items), BATCH):
-            await self._call("touch keys", self._touch(items[start:start + BATCH]))
+            await self._idempotent("touch keys",
+                                   partial(self._touch, items[start:start + BATCH]))
 
     async def _touch(self, items: list[tuple[str, float]]) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -353,7 +378,7 @@ class RedisStore:
                                                     secrets.token_hex(8))
             return f"{epoch}:{version or 0}"
 
-        return await self._call("keys version", op())
+        return await self._idempotent("keys version", op)
 
     # Limits: one script (limits.lua), loaded once per Redis (SCRIPT LOAD) and run by EVALSHA.
 
@@ -423,19 +448,20 @@ class RedisStore:
         return pin
 
     async def get_pin(self, user: str, session_id: str) -> Pin | None:
-        return _pin(await self._call("get pin", self._script(SESSIONS,
+        return _pin(await self._idempotent("get pin", partial(self._script, SESSIONS,
             [pin_key(user, session_id)], ["get"])))
 
     async def delete_pin(self, user: str, session_id: str) -> bool:
-        return bool(await self._call("delete pin",
-                                     self._redis.delete(pin_key(user, session_id))))
+        return bool(await self._idempotent("delete pin",
+                                           partial(self._redis.delete, pin_key(user, session_id))))
 
     async def get_settings(self, user: str) -> dict[str, object] | None:
-        return _settings(await self._call("get settings", self._redis.get(settings_key(user))))
+        return _settings(await self._idempotent("get settings",
+                                                partial(self._redis.get, settings_key(user))))
 
     async def put_settings(self, user: str, settings: Mapping[str, object]) -> None:
-        await self._call("put settings", self._redis.set(
-            settings_key(user), orjson.dumps(dict(settings))))
+        await self._idempotent("put settings", partial(
+            self._redis.set, settings_key(user), orjson.dumps(dict(settings))))
 
     # Usage: one script call per hour bucket touched (a flush usually touches one), one after
     # the other (a fresh Cluster client fails concurrent first calls).
@@ -468,7 +494,8 @@ class RedisStore:
         hours = list(range(first_hour, end_hour))
         totals: dict[str, UsageCount] = {}
         for start in range(0, len(hours), BATCH):
-            rows = await self._call("usage report", self._usage_rows(hours[start:start + BATCH]))
+            rows = await self._idempotent("usage report",
+                                          partial(self._usage_rows, hours[start:start + BATCH]))
             for row in rows:  # oldest first: the latest user name wins
                 for count in _usage_counts(row):
                     held = totals.get(count.principal)
@@ -506,7 +533,7 @@ class RedisStore:
                 await pipe.execute()
 
         if leases:
-            await self._call("refresh leases", op())
+            await self._idempotent("refresh leases", op)
 
     async def _script(self, script: Script, keys: list[str], args: list[EncodableT]) -> Any:
         """EVALSHA; on NOSCRIPT (first use, a restarted or flushed Redis) load it and rerun."""
@@ -527,6 +554,17 @@ class RedisStore:
         if batch is not None and batch.bounded:
             return batch.call(*script, keys, args)
         return _reported(self._call(what, self._script(script, keys, args)), what)
+
+
+def _failure(what: str, exc: BaseException) -> StoreError:
+    if isinstance(exc, TimeoutError):  # the store timeout (asyncio's)
+        return StoreError(f"the store did not answer in time ({what})")
+    return StoreError(f"the store failed ({what}: {type(exc).__name__})")
+
+
+def _cause(exc: BaseException) -> BaseException | None:
+    """The driver's error, kept as the cause (for the log); asyncio's timeout says nothing."""
+    return None if isinstance(exc, TimeoutError) else exc
 
 
 def _quiet(future: asyncio.Future[Any]) -> None:
