@@ -108,7 +108,7 @@ def report_window(query: Mapping[str, str], now: float) -> tuple[int, int]:
     bounds: dict[str, float] = {}
     for name, default in (("to", now), ("from", None)):
         raw = query.get(name)
-        if raw is None:
+        if not raw:  # absent or empty (`?to=`): the default
             if default is not None:
                 bounds[name] = default
             continue

@@ -135,7 +135,6 @@ BAD_BODIES: list[tuple[bytes, list[Any]]] = [
     (b'{"user": "u", "models": ["fast", "nope"]}', ["body", "models", 1]),
     (b'{"user": "u", "models": ["*", "fast"]}', ["body", "models", 0]),
     (b'{"user": "u", "expires_at": "tomorrow"}', ["body", "expires_at"]),
-    (b'{"user": "u", "expires_at": "2001-01-01T00:00:00Z"}', ["body", "expires_at"]),
     (b'{"user": "u", "admin": "yes"}', ["body", "admin"]),
     (b'{"user": "u", "key": "sk-mine"}', ["body", "key"]),
 ]

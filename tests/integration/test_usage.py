@@ -202,7 +202,7 @@ async def test_admin_only_and_bad_parameters(fakes: Any, start_router: Any) -> N
     async with r.http.get(f"{r.url}/openapi.json") as resp:
         op = (await resp.json())["paths"][USAGE_PATH]["get"]
     assert [p["name"] for p in op["parameters"]] == ["from", "to"]
-    assert set(op["responses"]) == {"200", "403", "422", "503"}
+    assert set(op["responses"]) == {"200", "401", "403", "422", "503"}
 
 
 def test_report_window_aligns_to_hours() -> None:

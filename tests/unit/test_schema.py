@@ -61,8 +61,8 @@ def test_the_request_dict_is_returned_untouched_with_extras():
 @pytest.mark.parametrize(("field", "ok", "bad"), [
     ("temperature", [0, 0.0, 1.5, 2], [-0.001, 2.001, True, "1"]),
     ("top_p", [0, 0.5, 1], [-0.1, 1.01, False]),
-    ("n", [1, 128], [0, 129, 1.0, True, "1"]),
-    ("max_tokens", [1, 2**31 - 1], [0, -1, 2**31, 3.0, True]),
+    ("n", [1, 128, 1.0, 54.0], [0, 129, 128.5, 1.5, True, "1", 0.0]),
+    ("max_tokens", [1, 2**31 - 1, 3.0], [0, -1, 2**31, 3.5, True, 1e300, float(2**31)]),
     ("presence_penalty", [-2, 0, 2], [-2.01, 2.01, "0"]),
     ("frequency_penalty", [-2, 2.0], [-3, 3, [0]]),
     ("stream", [True, False], [0, 1, "false", [True]]),

@@ -1,0 +1,130 @@
+"""The served OpenAPI document against the router's behaviour: schemathesis generates schema-valid
+and schema-violating requests for every operation (with an admin key, so protected operations are
+reachable) and runs all its checks on each answer: no 5xx, every status and body documented,
+valid input accepted, invalid input refused.
+
+Bounded and repeatable: a fixed number of examples per operation, derandomized, no example
+database; about a minute on two loaded cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import orjson
+import pytest
+import requests
+import schemathesis
+import yaml
+from hypothesis import HealthCheck, assume, settings
+from schemathesis.specs.openapi.checks import unsupported_method
+
+from router import admin, sessions
+from router.schema import openapi_document, with_routes
+from tests.conftest import ADMIN_KEY, ADMIN_KEY_ENTRY
+from tests.e2e.conftest import ROOT, free_port
+
+ROUTES = ("chat", "other")
+EXAMPLES_PER_OPERATION = 150
+
+# Findings that belong to fixes made elsewhere, excluded by name until they land (remove an
+# entry once its fix is merged; never add one for a mismatch of the document itself):
+# - unsupported_method: a 405 must carry `Allow` (TRACE /healthz answers 405 without it).
+KNOWN_ELSEWHERE = [unsupported_method]
+
+SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def known_elsewhere(case: schemathesis.Case) -> bool:
+    """Requests whose 5xx is being fixed elsewhere, left out of the run until then:
+    a `session_id` outside [A-Za-z0-9._:-]{1,128} reaches a response header (500)."""
+    body = case.body
+    return (isinstance(body, dict) and isinstance(body.get("session_id"), str)
+            and not SESSION_ID.fullmatch(body["session_id"]))
+
+
+def not_yet_declared(case: schemathesis.Case) -> bool:
+    """Mismatches of the document still open, left out until fixed (remove with the fix):
+    - the usage report's instants: the window rules (`to` after `from`, at most 366 days) span
+      two parameters, which JSON Schema cannot state, and a date-time before 1970 is refused;
+    - `limits` of a new key (the config's Limits model, strict) refuses whole-number floats."""
+    if case.operation.path == "/api/v1/admin/usage":
+        return bool(case.query and (case.query.get("from") or case.query.get("to")))
+    body = case.body
+    limits = body.get("limits") if isinstance(body, dict) else None
+    return isinstance(limits, dict) and any(isinstance(v, float) for v in limits.values())
+
+
+DOCUMENT = with_routes(openapi_document(admin.NewKey, sessions.AutomationSettings), ROUTES)
+CONFIG = schemathesis.Config.from_dict({
+    # Unknown query parameters are ignored, as HTTP servers do, and OpenAPI has no way to say so.
+    "generation": {"allow-extra-parameters": False},
+    # 413 is a rejection too: a schema-violating body past the endpoint's cap (e.g. 1,025
+    # model names of 256 characters) is refused before it is parsed.
+    "checks": {"negative_data_rejection": {"expected-statuses": [
+        "400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429"]}},
+})
+schema = schemathesis.openapi.from_dict(DOCUMENT, config=CONFIG)
+
+
+@pytest.fixture(scope="module")
+def live_router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`router serve` with the in-memory store, two mock routes and one admin key."""
+    tmp = tmp_path_factory.mktemp("conformance")
+    config = {
+        "server": {"host": "127.0.0.1", "port": 0, "shutdown_grace_s": 2, "reload_poll_s": 0},
+        "store": {"url": "memory://"},
+        "auth": {"api_keys": [ADMIN_KEY_ENTRY]},
+        "providers": {"mock": {"type": "mock", "chunks": 3}},
+        "routes": {name: {"backends": [{"provider": "mock", "model": "m"}]} for name in ROUTES},
+        "default_route": ROUTES[0],
+        "health": {"enabled": False},
+        "logging": {"level": "warning", "format": "text"},
+    }
+    path = tmp / "router.yaml"
+    path.write_text(yaml.safe_dump(config))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with (tmp / "router.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "router", "serve", "--config", str(path), "--port", str(port)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=ROOT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(url + "/readyz", timeout=1).status_code == 200:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("router did not start:\n"
+                                     + (tmp / "router.log").read_text()[-3000:])
+            time.sleep(0.05)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_the_served_document_is_the_one_under_test(live_router: str) -> None:
+    served = requests.get(live_router + "/openapi.json", timeout=5)
+    assert served.status_code == 200
+    assert orjson.loads(served.content) == orjson.loads(orjson.dumps(DOCUMENT))
+
+
+@schema.parametrize()
+@settings(max_examples=EXAMPLES_PER_OPERATION, derandomize=True, database=None, deadline=None,
+          suppress_health_check=list(HealthCheck))
+def test_every_operation_matches_its_document(case: schemathesis.Case, live_router: str) -> None:
+    assume(not known_elsewhere(case) and not not_yet_declared(case))
+    case.call_and_validate(base_url=live_router, headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                           excluded_checks=KNOWN_ELSEWHERE, timeout=10)
