@@ -31,7 +31,7 @@ from tests.conftest import ADMIN_KEY, ADMIN_KEY_ENTRY
 from tests.e2e.conftest import ROOT, free_port
 
 ROUTES = ("chat", "other")
-EXAMPLES_PER_OPERATION = 150
+EXAMPLES_PER_OPERATION = 250
 
 # Findings that belong to fixes made elsewhere, excluded by name until they land (remove an
 # entry once its fix is merged; never add one for a mismatch of the document itself):
