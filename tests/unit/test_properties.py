@@ -17,7 +17,7 @@ from router.schema import ChatCompletionRequest, parse_chat_request
 BOUNDED = settings(max_examples=300, derandomize=True, database=None, deadline=None,
                    suppress_health_check=[HealthCheck.too_slow])
 
-FIELDS = sorted(ChatCompletionRequest.model_fields) + ["stream_options", "seed", "user"]
+FIELDS = [*sorted(ChatCompletionRequest.model_fields), "stream_options", "seed", "user"]
 MESSAGE_FIELDS = ["role", "content", "name", "tool_calls", "tool_call_id"]
 
 # Any JSON value (integers within 64 bits: larger ones are a separate rule of the parser).
