@@ -26,7 +26,7 @@ from router.auth.api_keys import digest, new_key
 from router.config.model import Limits, StoreConfig
 from router.errors import Forbidden, NotFound, ValidationFailed
 from router.handlers import read_body
-from router.schema import parse_body
+from router.schema import WHOLE, parse_body
 from router.state import PRINCIPAL, RUNTIME_NOW, STORE
 from router.store import KeyRecord, Store, open_store
 
@@ -36,13 +36,27 @@ MAX_BODY_BYTES = 64 * 1024
 KEY_ID = re.compile(r"^key_[0-9a-f]{16}$")
 
 
+# A limit is a count: at most 2**53, which every JSON reader and the store hold exactly.
+Count = Annotated[int, Field(gt=0, le=2**53), WHOLE]
+
+
+class KeyLimits(Limits):
+    """A new key's limits: the config's, each an integer (100.0 counts, 100.5 does not) of at
+    most 2**53."""
+
+    rpm: Count | None = None
+    tpm: Count | None = None
+    concurrency: Count | None = None
+    tokens_per_day: Count | None = None
+
+
 class NewKey(BaseModel):
     """The body of POST /api/v1/admin/keys (and the flags of `router keys create`)."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     user: str = Field(min_length=1, max_length=256)
-    limits: Limits | None = None  # null: auth.default_limits
+    limits: KeyLimits | None = None  # null: auth.default_limits
     models: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
         default_factory=lambda: ["*"], min_length=1, max_length=1024)
     # ISO 8601; without a zone: UTC. One already past makes a key that never authenticates

@@ -21,17 +21,17 @@ Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 Number = Annotated[float, Field(allow_inf_nan=False)]
 
 
-def _whole(value: Any) -> Any:
+def whole(value: Any) -> Any:
     """54.0 -> 54: JSON Schema counts a whole-number float as an integer, and so do we (the
     client's own value is what goes upstream; this only decides whether it is valid)."""
-    if type(value) is float and value.is_integer():
+    if type(value) is float and value.is_integer() and abs(value) <= 2**53:  # exact in a float
         return int(value)
     return value
 
 
 # On an integer field: a JSON integer, or a float with no fractional part (never a bool or a
 # string). Its bounds go in the same Annotated, so the generated schema keeps them.
-WHOLE = BeforeValidator(_whole)
+WHOLE = BeforeValidator(whole)
 
 
 class _Open(BaseModel):

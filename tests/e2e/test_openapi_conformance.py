@@ -25,17 +25,19 @@ import yaml
 from hypothesis import HealthCheck, assume, settings
 from schemathesis.specs.openapi.checks import unsupported_method
 
-from router import admin, sessions
+from router import admin, sessions, usage
+from router.errors import ValidationFailed
 from router.schema import openapi_document, with_routes
 from tests.conftest import ADMIN_KEY, ADMIN_KEY_ENTRY
 from tests.e2e.conftest import ROOT, free_port
 
 ROUTES = ("chat", "other")
-EXAMPLES_PER_OPERATION = 250
+EXAMPLES_PER_OPERATION = 350
 
-# Findings that belong to fixes made elsewhere, excluded by name until they land (remove an
-# entry once its fix is merged; never add one for a mismatch of the document itself):
-# - unsupported_method: a 405 must carry `Allow` (TRACE /healthz answers 405 without it).
+# Findings whose fixes are being made elsewhere, left out by name until they land (remove each
+# with its fix; never add one for a mismatch of the document itself). Two entries in all:
+# - the unsupported_method check: a 405 must carry `Allow` (TRACE /healthz answers without it);
+# - known_elsewhere() below: a `session_id` with control characters answers 500.
 KNOWN_ELSEWHERE = [unsupported_method]
 
 SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -49,16 +51,20 @@ def known_elsewhere(case: schemathesis.Case) -> bool:
             and not SESSION_ID.fullmatch(body["session_id"]))
 
 
-def not_yet_declared(case: schemathesis.Case) -> bool:
-    """Mismatches of the document still open, left out until fixed (remove with the fix):
-    - the usage report's instants: the window rules (`to` after `from`, at most 366 days) span
-      two parameters, which JSON Schema cannot state, and a date-time before 1970 is refused;
-    - `limits` of a new key (the config's Limits model, strict) refuses whole-number floats."""
-    if case.operation.path == "/api/v1/admin/usage":
-        return bool(case.query and (case.query.get("from") or case.query.get("to")))
-    body = case.body
-    limits = body.get("limits") if isinstance(body, dict) else None
-    return isinstance(limits, dict) and any(isinstance(v, float) for v in limits.values())
+def beyond_json_schema(case: schemathesis.Case) -> bool:
+    """A usage report whose two instants are each valid but break the window rule (`to` after
+    `from`, at most 366 days apart): a rule across two parameters, which JSON Schema cannot
+    state (the document says it in words). Anything else about the instants is checked."""
+    if case.operation.path != "/api/v1/admin/usage" or not case.query:
+        return False
+    query = {name: str(value) for name, value in case.query.items() if value is not None}
+    if any(query.get(name) and usage.instant(query[name]) is None for name in ("from", "to")):
+        return False
+    try:
+        usage.report_window(query, time.time())
+    except ValidationFailed:
+        return True
+    return False
 
 
 DOCUMENT = with_routes(openapi_document(admin.NewKey, sessions.AutomationSettings), ROUTES)
@@ -125,6 +131,6 @@ def test_the_served_document_is_the_one_under_test(live_router: str) -> None:
 @settings(max_examples=EXAMPLES_PER_OPERATION, derandomize=True, database=None, deadline=None,
           suppress_health_check=list(HealthCheck))
 def test_every_operation_matches_its_document(case: schemathesis.Case, live_router: str) -> None:
-    assume(not known_elsewhere(case) and not not_yet_declared(case))
+    assume(not known_elsewhere(case) and not beyond_json_schema(case))
     case.call_and_validate(base_url=live_router, headers={"Authorization": f"Bearer {ADMIN_KEY}"},
                            excluded_checks=KNOWN_ELSEWHERE, timeout=10)
