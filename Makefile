@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench install system-deps clean
+.PHONY: run test lint bench soak install system-deps clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,11 @@ system-deps:
 
 test: $(STAMP) system-deps lint
 	$(BIN)/python -m pytest -q
+
+# Ten minutes of mixed traffic with a Redis restart; `make test` runs the same test for 30 s.
+SOAK_S ?= 600
+soak: $(STAMP) system-deps
+	SOAK_S=$(SOAK_S) $(BIN)/python -m pytest tests/e2e/test_soak.py -q -s
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench

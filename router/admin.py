@@ -26,7 +26,7 @@ from router.auth.api_keys import digest, new_key
 from router.config.model import Limits, StoreConfig, UserName
 from router.errors import Forbidden, NotFound, ValidationFailed
 from router.handlers import read_body
-from router.schema import parse_body
+from router.schema import WHOLE, parse_body
 from router.state import PRINCIPAL, RUNTIME_NOW, STORE
 from router.store import KeyRecord, Store, open_store
 
@@ -34,6 +34,20 @@ T = TypeVar("T")
 
 MAX_BODY_BYTES = 64 * 1024
 KEY_ID = re.compile(r"key_[0-9a-f]{16}")
+
+
+# A limit is a count: at most 2**53, which every JSON reader and the store hold exactly.
+Count = Annotated[int, Field(gt=0, le=2**53), WHOLE]
+
+
+class KeyLimits(Limits):
+    """A new key's limits: the config's, each an integer (100.0 counts, 100.5 does not) of at
+    most 2**53."""
+
+    rpm: Count | None = None
+    tpm: Count | None = None
+    concurrency: Count | None = None
+    tokens_per_day: Count | None = None
 
 
 class NewKey(BaseModel):
@@ -44,14 +58,16 @@ class NewKey(BaseModel):
     # Not `jwt:...` or `oidc:...`: the identities of other credential kinds.
     user: Annotated[UserName, Field(max_length=256, json_schema_extra={
         "not": {"pattern": "^(jwt|oidc):"}})]
-    limits: Limits | None = None  # null: auth.default_limits
+    limits: KeyLimits | None = None  # null: auth.default_limits
     models: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
         default_factory=lambda: ["*"], min_length=1, max_length=1024)
-    expires_at: datetime | None = None  # ISO 8601; without a zone: UTC
+    # ISO 8601; without a zone: UTC. One already past makes a key that never authenticates
+    # (accepted as written: what is a valid instant does not depend on the clock).
+    expires_at: datetime | None = None
     admin: bool = False
 
 
-def parse_new_key(raw: bytes, routes: Collection[str], now: float) -> NewKey:
+def parse_new_key(raw: bytes, routes: Collection[str]) -> NewKey:
     """Body bytes -> NewKey, or ValidationFailed in the seed's 422 shape."""
     spec = parse_body(raw, NewKey)
     problems: list[dict[str, Any]] = []
@@ -62,9 +78,6 @@ def parse_new_key(raw: bytes, routes: Collection[str], now: float) -> NewKey:
                        else f"unknown route {name[:100]!r}")
                 problems.append({"loc": ["body", "models", i], "msg": msg,
                                  "type": "value_error"})
-    if spec.expires_at is not None and _epoch(spec.expires_at) <= now:
-        problems.append({"loc": ["body", "expires_at"], "msg": "expires_at is in the past",
-                         "type": "value_error"})
     if problems:
         raise ValidationFailed(problems)
     return spec
@@ -135,7 +148,7 @@ async def create_key(request: web.Request) -> web.Response:
     runtime = request[RUNTIME_NOW]
     raw = await read_body(request, MAX_BODY_BYTES, runtime.config.server.body_timeout_s)
     now = time.time()
-    spec = parse_new_key(raw, runtime.table.routes, now)
+    spec = parse_new_key(raw, runtime.table.routes)
     key, record = new_record(spec, now)
     await request.app[STORE].create_key(record)
     _changed(request)

@@ -12,7 +12,6 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 
-import orjson
 from aiohttp import web
 
 from router import admin, handlers, sessions
@@ -30,7 +29,7 @@ from router.log import redact, redact_message, redact_path
 from router.metrics import Metrics
 from router.relay import ActiveStreams
 from router.runtime import RuntimeRef
-from router.schema import SAFE_ID, openapi_document
+from router.schema import SAFE_ID, OpenApiDocument, openapi_document
 from router.sessions import SettingsCache
 from router.state import (
     FACTS,
@@ -200,7 +199,7 @@ def build_app(ref: RuntimeRef, upstream: UpstreamClient, store: Store,
     metrics_doc = doc["paths"].pop("/metrics")
     if metrics.enabled:
         doc["paths"][metrics_path] = metrics_doc
-    app[OPENAPI] = orjson.dumps(doc)
+    app[OPENAPI] = OpenApiDocument(doc)
     app.on_response_prepare.append(_stamp_request_id)
     for prefix in ("/api/v1", "/v1"):
         app.router.add_post(f"{prefix}/chat/completions", handlers.chat_completions)

@@ -112,7 +112,7 @@ def _keys(args: argparse.Namespace) -> int:
                       "models": [m.strip() for m in args.models.split(",") if m.strip()],
                       "limits": limits or None}
             now = time.time()
-            spec = admin.parse_new_key(orjson.dumps(fields), config.routes, now)
+            spec = admin.parse_new_key(orjson.dumps(fields), config.routes)
             key, record = admin.new_record(spec, now)
             asyncio.run(admin.with_store(config.store, lambda s: s.create_key(record)))
             print(key)

@@ -249,7 +249,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.Response(body=request.app[OPENAPI], content_type="application/json")
+    routes = request[RUNTIME_NOW].table.routes
+    return web.Response(body=request.app[OPENAPI].render(routes), content_type="application/json")
 
 
 def _json(payload: Any, status: int = 200) -> web.Response:

@@ -77,6 +77,8 @@ class Limiter:
             return None
         prompt = prompt_estimate(body)
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        if isinstance(max_tokens, float) and max_tokens.is_integer() and max_tokens < 2**31:
+            max_tokens = int(max_tokens)  # 1000.0 is as much an integer as 1000
         completion = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 \
             else config.limits.default_max_tokens
         lease = os.urandom(8).hex() if limits.concurrency else None

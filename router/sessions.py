@@ -19,7 +19,7 @@ import secrets
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
@@ -30,7 +30,7 @@ from router.errors import RouterError, ValidationFailed
 from router.metrics import Metrics
 from router.routing.strategies import bounded_rendezvous
 from router.routing.table import Backend, Route, RoutingTable
-from router.schema import parse_body
+from router.schema import WHOLE, parse_body
 from router.store import Store, StoreError, is_shared
 from router.store.base import SESSION_UNAVAILABLE, Pin, SessionQuery, SessionState
 from router.tasks import count_failure
@@ -56,7 +56,7 @@ class AutomationSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     auto_create_session: bool | None = None
-    session_ttl_s: int | None = Field(None, ge=MIN_TTL_S, le=MAX_TTL_S)
+    session_ttl_s: Annotated[int, Field(ge=MIN_TTL_S, le=MAX_TTL_S), WHOLE] | None = None
     default_model: str | None = Field(None, min_length=1, max_length=256)
 
 

@@ -11,6 +11,7 @@ from router.limits import Limiter
 from router.metrics import UNKNOWN, Metrics
 from router.relay import ActiveStreams
 from router.runtime import Runtime, RuntimeRef
+from router.schema import OpenApiDocument
 from router.sessions import SettingsCache
 from router.store import Store
 from router.upstream import UpstreamClient
@@ -31,7 +32,7 @@ STORE = web.AppKey("store", Store)
 METRICS = web.AppKey("metrics", Metrics)
 LIMITER = web.AppKey("limiter", Limiter)
 SETTINGS_CACHE = web.AppKey("settings_cache", SettingsCache)
-OPENAPI = web.AppKey("openapi", bytes)  # the document, serialised once
+OPENAPI = web.AppKey("openapi", OpenApiDocument)  # rendered once per set of routes
 USAGE = web.AppKey("usage", UsageMeter)
 OPEN_PATHS = web.AppKey("open_paths", frozenset)  # served without a credential
 

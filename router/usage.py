@@ -30,7 +30,7 @@ log = logging.getLogger("router.usage")
 MAX_WINDOW_S = 366 * 86400  # a report reads one bucket per hour: at most a year and a day
 DEFAULT_WINDOW_S = 86400
 LAST_INSTANT = 253_402_297_200  # 9999-12-31T23:00:00Z: the report's `to` still has a year
-_EPOCH = re.compile(r"^\d{1,12}(\.\d{0,9})?$")
+_EPOCH = re.compile(r"^\d{1,11}(\.\d{0,9})?$")  # up to year 5138: below LAST_INSTANT
 
 
 class UsageMeter:
@@ -108,11 +108,11 @@ def report_window(query: Mapping[str, str], now: float) -> tuple[int, int]:
     bounds: dict[str, float] = {}
     for name, default in (("to", now), ("from", None)):
         raw = query.get(name)
-        if raw is None:
+        if not raw:  # absent or empty (`?to=`): the default
             if default is not None:
                 bounds[name] = default
             continue
-        parsed = _instant(raw)
+        parsed = instant(raw)
         if parsed is None:
             problems.append({"loc": ["query", name], "msg": "expected an ISO 8601 time (e.g. "
                              "2026-01-31T00:00:00Z) or unix seconds", "type": "value_error"})
@@ -132,7 +132,7 @@ def report_window(query: Mapping[str, str], now: float) -> tuple[int, int]:
     return int(start // HOUR_S), math.ceil(end / HOUR_S)
 
 
-def _instant(raw: str) -> float | None:
+def instant(raw: str) -> float | None:
     raw = raw.strip()
     if _EPOCH.match(raw):
         ts = float(raw)
@@ -141,8 +141,13 @@ def _instant(raw: str) -> float | None:
             at = datetime.fromisoformat(raw)
         except ValueError:
             return None
-        ts = (at if at.tzinfo is not None else at.replace(tzinfo=UTC)).timestamp()
-    return ts if 0 <= ts <= LAST_INSTANT else None
+        try:
+            ts = (at if at.tzinfo is not None else at.replace(tzinfo=UTC)).timestamp()
+        except (OverflowError, ValueError):  # year 1 or 9999 moved past the calendar by its zone
+            ts = 0.0 if at.year < 1970 else LAST_INSTANT
+    # Usage began in 1970 and the last hour kept is LAST_INSTANT: any valid time outside is
+    # the same bound.
+    return min(max(ts, 0.0), LAST_INSTANT)
 
 
 def report(first_hour: int, end_hour: int, counts: list[UsageCount]) -> dict[str, Any]:

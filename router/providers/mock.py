@@ -44,7 +44,7 @@ class MockProvider:
     def _reply(self, body: dict[str, Any]) -> dict[str, Any]:
         pieces = self._pieces()
         tool_calls = _tool_calls(body)
-        n = body.get("n") or 1
+        n = int(body.get("n") or 1)  # validated: an integer, or a float such as 2.0
         message: dict[str, Any] = {"role": "assistant", "content": None if tool_calls
                                    else "".join(pieces)}
         if tool_calls:

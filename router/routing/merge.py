@@ -72,7 +72,7 @@ async def ask_all(route: Route, body: dict[str, Any], *, stream: bool, request_i
         raise unavailable(route)
     # The route's order, whatever order the strategy picked them in: indices are stable.
     backends = [b for b in route.backends if b.name in tried]
-    n = body.get("n") or 1
+    n = int(body.get("n") or 1)  # validated: an integer, or a float such as 2.0
     group = Backend(",".join(b.name for b in backends), backends[0].provider, "", 1.0, None,
                     BackendState())
     started = time.monotonic()

@@ -169,11 +169,14 @@ BAD_BODIES: list[tuple[bytes, list[Any]]] = [
     (b'{"user": "u", "limits": {"rpm": 0}}', ["body", "limits", "rpm"]),
     (b'{"user": "u", "limits": {"rpm": "5"}}', ["body", "limits", "rpm"]),
     (b'{"user": "u", "limits": {"rps": 5}}', ["body", "limits", "rps"]),
+    (b'{"user": "u", "limits": {"rpm": 5.5}}', ["body", "limits", "rpm"]),
+    (b'{"user": "u", "limits": {"concurrency": 55372011245727924030013440}}',
+     ["body", "limits", "concurrency"]),
+    (b'{"user": "u", "limits": {"tpm": 5.5e25}}', ["body", "limits", "tpm"]),
     (b'{"user": "u", "models": []}', ["body", "models"]),
     (b'{"user": "u", "models": ["fast", "nope"]}', ["body", "models", 1]),
     (b'{"user": "u", "models": ["*", "fast"]}', ["body", "models", 0]),
     (b'{"user": "u", "expires_at": "tomorrow"}', ["body", "expires_at"]),
-    (b'{"user": "u", "expires_at": "2001-01-01T00:00:00Z"}', ["body", "expires_at"]),
     (b'{"user": "u", "admin": "yes"}', ["body", "admin"]),
     (b'{"user": "u", "key": "sk-mine"}', ["body", "key"]),
 ]
@@ -202,7 +205,15 @@ async def test_models_expiry_and_default_limits(start_router: Any,
     status, body = await chat_status(r, narrow["key"], "other")
     assert status == 403 and body["error"]["code"] == "model_not_allowed"
 
-    # A key whose expiry has passed (written straight to the store: the API refuses the past).
+    # An expiry already past is accepted as written: the key exists and never authenticates.
+    status, past = await create(r, {"user": "hal", "expires_at": "2001-01-01T00:00:00Z",
+                                    "limits": {"rpm": 5.0}})
+    assert status == 201 and past["expires_at"] == "2001-01-01T00:00:00Z"
+    assert past["limits"]["rpm"] == 5  # a whole-number float is an integer
+    status, body = await chat_status(r, past["key"])
+    assert status == 401 and "expired" in body["error"]["message"]
+
+    # A key whose expiry passes after it was made (written straight to the store).
     _, short = await create(r, {"user": "gus", "expires_at": "2999-01-01T00:00:00Z"})
     store = RedisStore(redis_server.url, timeout_s=1.0)
     await store._redis.hset(record_key(short["id"]), "expires_at", repr(time.time() - 1))

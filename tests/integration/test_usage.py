@@ -19,7 +19,7 @@ from router.state import STORE, USAGE
 from router.store import open_store
 from router.store.base import HOUR_S, UsageCount
 from router.store.redis import usage_key  # (imported before any loop: it reads its scripts)
-from router.usage import report_window
+from router.usage import LAST_INSTANT, report_window
 from tests.conftest import (
     ADMIN_KEY,
     ADMIN_KEY_ENTRY,
@@ -202,7 +202,7 @@ async def test_admin_only_and_bad_parameters(fakes: Any, start_router: Any) -> N
     async with r.http.get(f"{r.url}/openapi.json") as resp:
         op = (await resp.json())["paths"][USAGE_PATH]["get"]
     assert [p["name"] for p in op["parameters"]] == ["from", "to"]
-    assert set(op["responses"]) == {"200", "403", "422", "503"}
+    assert set(op["responses"]) == {"200", "401", "403", "422", "503"}
 
 
 def test_report_window_aligns_to_hours() -> None:
@@ -213,6 +213,19 @@ def test_report_window_aligns_to_hours() -> None:
                          now) == (990, 996)
     assert report_window({"from": "1970-01-01T01:30:00+01:00", "to": "1970-01-01T02:00:00Z"},
                          now) == (0, 2)
+
+
+def test_every_instant_the_document_allows_is_a_bound() -> None:
+    """Empty means absent; a valid time before 1970 (or past the last hour kept) is that bound,
+    whatever its zone, as the OpenAPI document's `date-time` promises."""
+    now = 1_000 * HOUR_S + 1800
+    assert report_window({"to": "", "from": ""}, now) == (1_000 - 24, 1_001)
+    assert report_window({"from": "1969-12-31T00:00:00Z", "to": "1970-01-01T02:00:00Z"},
+                         now) == (0, 2)
+    assert report_window({"from": "0001-01-01T00:00:00+01:00", "to": "3600"}, now) == (0, 1)
+    last = LAST_INSTANT // HOUR_S
+    for to in ("9999-12-31T23:59:59Z", "9999-12-31T23:59:59-23:59"):
+        assert report_window({"from": "9999-12-31T00:00:00Z", "to": to}, now) == (last - 23, last)
 
 
 async def test_store_down_is_a_clear_503(fakes: Any, start_router: Any, tmp_path: Path) -> None:

@@ -408,3 +408,31 @@ async def test_body_that_trickles_past_body_timeout_is_408(fakes, start_router):
     writer.close()
     assert head.startswith(b"HTTP/1.1 408")
     assert up.seen == []
+
+
+async def test_whole_number_floats_in_integer_fields_are_accepted_and_forwarded_as_sent(
+        fakes: Any, start_router: Any) -> None:
+    """JSON Schema counts 2.0 as an integer: accepted, sent upstream byte for byte as the client
+    wrote it, and read as 2 by the router itself (fan-out's choices, the in-process mock)."""
+    up = await fakes("up")
+    r = await start_router(router_config(
+        {"up": openai_provider(up), "mock": {"type": "mock", "chunks": 2}},
+        {"m": {"backends": [{"provider": "up", "model": "gpt-x"}]},
+         "both": {"fanout": "all", "backends": [{"provider": "up", "model": "gpt-x"},
+                                                {"provider": "mock", "model": "mk"}]},
+         "local": {"backends": [{"provider": "mock", "model": "mk"}]}},
+        auth={"default_limits": {"tpm": 1_000_000}}))
+    raw = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": 2.0, ' \
+          b'"max_tokens": 16.0}'
+    status, _, body = await post_raw(r, raw)
+    assert status == 200, body
+    assert up.seen[-1].body["n"] == 2.0 and isinstance(up.seen[-1].body["n"], float)
+    assert up.seen[-1].body["max_tokens"] == 16.0
+    assert len(orjson.loads(body)["choices"]) == 2
+    for model in ("local", "both"):
+        for stream in (False, True):
+            payload = orjson.dumps(body_with(model=model, n=2.0, stream=stream))
+            status, _, body = await post_raw(r, payload)
+            assert status == 200, (model, stream, body[:300])
+    status, _, body = await post_raw(r, orjson.dumps(body_with(n=1.5)))
+    assert detail_of(status, body)[0]["loc"] == ["body", "n"]

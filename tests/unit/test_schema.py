@@ -61,8 +61,8 @@ def test_the_request_dict_is_returned_untouched_with_extras():
 @pytest.mark.parametrize(("field", "ok", "bad"), [
     ("temperature", [0, 0.0, 1.5, 2], [-0.001, 2.001, True, "1"]),
     ("top_p", [0, 0.5, 1], [-0.1, 1.01, False]),
-    ("n", [1, 128], [0, 129, 1.0, True, "1"]),
-    ("max_tokens", [1, 2**31 - 1], [0, -1, 2**31, 3.0, True]),
+    ("n", [1, 128, 1.0, 54.0], [0, 129, 128.5, 1.5, True, "1", 0.0]),
+    ("max_tokens", [1, 2**31 - 1, 3.0], [0, -1, 2**31, 3.5, True, 1e300, float(2**31)]),
     ("presence_penalty", [-2, 0, 2], [-2.01, 2.01, "0"]),
     ("frequency_penalty", [-2, 2.0], [-3, 3, [0]]),
     ("stream", [True, False], [0, 1, "false", [True]]),
@@ -183,3 +183,30 @@ def test_openapi_document_is_valid_openapi_and_lists_every_endpoint():
             "/api/v1/auth/token", "/api/v1/admin/keys", "/api/v1/admin/keys/{id}",
             "/healthz", "/readyz", "/metrics"} <= set(doc["paths"])
     assert doc["components"]["schemas"]["NewKey"]["required"] == ["user"]
+
+
+def test_the_served_document_names_the_routes_and_every_auth_answer():
+    from openapi_spec_validator import validate
+
+    from router.admin import NewKey
+    from router.schema import OpenApiDocument
+    from router.sessions import AutomationSettings
+
+    served = OpenApiDocument(openapi_document(NewKey, AutomationSettings))
+    doc = orjson.loads(served.render(["b", "a"]))
+    validate(doc)
+    schemas = doc["components"]["schemas"]
+    assert schemas["AutomationSettings"]["properties"]["default_model"]["anyOf"][0]["enum"] == \
+        ["a", "b"]
+    models = schemas["NewKey"]["properties"]["models"]["anyOf"]
+    assert models[0] == {"const": ["*"]} and models[1]["items"]["enum"] == ["a", "b"]
+    assert orjson.loads(served.render(["c"]))["components"]["schemas"]["AutomationSettings"][
+        "properties"]["default_model"]["anyOf"][0]["enum"] == ["c"]  # follows a reload
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            if op.get("security"):
+                assert {"401", "403", "503"} <= set(op["responses"]), (method, path)
+    chat = doc["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert "429" in chat
+    assert chat["200"]["content"]["text/event-stream"]["schema"] == {
+        "$ref": "#/components/schemas/ServerSentEvent"}
