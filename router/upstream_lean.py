@@ -11,6 +11,7 @@ connect failure -> UpstreamUnavailable, timeouts -> UpstreamTimeout, anything el
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
@@ -24,12 +25,28 @@ from router.upstream import Timeouts, UpstreamResponse, tls_context
 
 MAX_HEAD = 64 * 1024  # status line + headers; larger answers are broken (or hostile)
 MAX_LINE = 8 * 1024  # a chunk-size or trailer line
+MAX_HEADERS = 128  # header (or trailer) fields in one answer, as aiohttp's client allows
 PROBE_BODY_MAX = 1 << 20  # a health probe's body is read this far at most
 HIGH_WATER = 64 * 1024  # buffered body bytes above which the socket stops being read
 LOW_WATER = 16 * 1024
 
 _IDLE, _HEAD, _LEN, _EOF, _CSIZE, _CDATA, _CEND, _TRAILER, _DONE = range(9)
 _Key = tuple[str, str, int, str | None]  # scheme, host, port, CA file (https)
+
+# What RFC 9112 allows and nothing more: anything else is a broken (or smuggling) upstream.
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: [^\x00-\x08\x0a-\x1f\x7f]*)?")
+_TOKEN = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_CTL = bytes(range(0x20)).replace(b"\t", b"") + b"\x7f"  # never in a field value (HTAB is)
+_HEX = b"0123456789abcdefABCDEF"
+_MAX_SIZE_DIGITS = 16  # a chunk size fits in 64 bits
+
+
+def _field(line: bytes) -> tuple[str, str]:
+    """One header or trailer line, `token ":" OWS value OWS` (control bytes already refused)."""
+    name, sep, value = line.partition(b":")
+    if not sep or not name or name.translate(None, _TOKEN):
+        raise UpstreamError("upstream sent a malformed header")
+    return name.decode("ascii"), value.strip(b" \t").decode("latin-1")
 
 
 def _expire(fut: asyncio.Future[Any]) -> None:
@@ -54,6 +71,7 @@ class _Conn(asyncio.Protocol):
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
         self._left = 0
+        self._trailers = 0
         self.exc: UpstreamError | None = None
         self.got_bytes = False
         self.keep_alive = False
@@ -70,7 +88,17 @@ class _Conn(asyncio.Protocol):
             self.close_transport()
             return
         self.got_bytes = True
-        if self._buf:
+        if self._buf:  # a line (or the head) is still open
+            head = self._state == _HEAD
+            if self._state != _CEND and (b"\r\n\r\n" if head else b"\r\n") not in \
+                    self._buf[-3:] + data:
+                # Still open: keep it without re-scanning the whole buffer (a trickling
+                # upstream must not cost quadratic time).
+                self._buf += data
+                if len(self._buf) > (MAX_HEAD if head else MAX_LINE):
+                    self._fail(UpstreamError("upstream response head is too large" if head
+                                             else "upstream sent an over-long chunk line"))
+                return
             self._buf += data
             data = bytes(self._buf)
             self._buf.clear()
@@ -123,6 +151,16 @@ class _Conn(asyncio.Protocol):
                 if pos < n:
                     self.keep_alive = False  # extra bytes after the body
                 return
+            if st == _CEND:  # exactly CRLF after a chunk's data, known as soon as it arrives
+                crlf = data[pos:pos + 2]
+                if crlf == b"\r\n":
+                    pos += 2
+                    self._state = _CSIZE
+                    continue
+                if crlf != b"\r":
+                    raise UpstreamError("upstream sent a malformed chunk")
+                self._buf += crlf
+                return
             sep = b"\r\n\r\n" if st == _HEAD else b"\r\n"
             end = data.find(sep, pos)
             cap = MAX_HEAD if st == _HEAD else MAX_LINE
@@ -136,51 +174,57 @@ class _Conn(asyncio.Protocol):
             if st == _HEAD:
                 self._on_head(line)
             elif st == _CSIZE:
-                try:
-                    size = int(line.split(b";", 1)[0].strip(), 16)
-                except ValueError:
-                    raise UpstreamError("upstream sent a malformed chunk") from None
-                if size < 0:
-                    raise UpstreamError("upstream sent a malformed chunk")
-                self._left = size
-                self._state = _CDATA if size else _TRAILER
-            elif st == _CEND:
-                if line:
-                    raise UpstreamError("upstream sent a malformed chunk")
-                self._state = _CSIZE
-            elif not line:  # _TRAILER: an empty line ends the body
+                size = line.split(b";", 1)[0].rstrip(b" \t")  # extensions are ignored
+                if not size or len(size) > _MAX_SIZE_DIGITS or size.translate(None, _HEX):
+                    raise UpstreamError("upstream sent a malformed chunk size")
+                self._left = int(size, 16)
+                self._state = _CDATA if self._left else _TRAILER
+            elif line:  # _TRAILER: checked like a header, then dropped
+                if len(line.translate(None, _CTL)) != len(line):
+                    raise UpstreamError("upstream sent a control character in a trailer")
+                _field(line)
+                self._trailers += 1
+                if self._trailers > MAX_HEADERS:
+                    raise UpstreamError("upstream sent too many trailers")
+            else:  # the empty line after the trailers ends the body
                 self._finish_body()
 
     def _on_head(self, head: bytes) -> None:
         lines = head.split(b"\r\n")
-        parts = lines[0].split(None, 2)
-        try:
-            if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-                raise ValueError
-            status = int(parts[1])
-        except ValueError:
-            raise UpstreamError("upstream sent a malformed status line") from None
-        if 100 <= status < 200:
-            return  # 1xx: an interim answer; the real one follows
+        status_line = _STATUS_LINE.fullmatch(lines[0])
+        if status_line is None:
+            raise UpstreamError("upstream sent a malformed status line")
+        # A CR, LF or other control byte anywhere but in the line ends is a broken head.
+        if len(head) - len(head.translate(None, _CTL)) != 2 * (len(lines) - 1):
+            raise UpstreamError("upstream sent a control character in its head")
+        status = int(status_line[2])
+        if status < 200:
+            if status == 101:  # never asked for
+                raise UpstreamError("upstream switched protocols")
+            return  # an interim answer (100, 103): the real one follows
+        if len(lines) > MAX_HEADERS + 1:
+            raise UpstreamError("upstream sent too many headers")
         headers: CIMultiDict[str] = CIMultiDict()
         for raw in lines[1:]:
-            name, sep, value = raw.partition(b":")
-            if not sep or not name:
-                raise UpstreamError("upstream sent a malformed header")
-            headers.add(name.decode("latin-1"), value.strip().decode("latin-1"))
-        self.keep_alive = (parts[0] == b"HTTP/1.1"
+            name, value = _field(raw)
+            headers.add(name, value)
+        self.keep_alive = (status_line[1] == b"1"
                            and "close" not in headers.get("Connection", "").lower())
-        if "chunked" in headers.get("Transfer-Encoding", "").lower():
+        codings = headers.getall("Transfer-Encoding", None)
+        lengths = headers.getall("Content-Length", None)
+        if codings is not None:
+            # Only plain chunked is relayable; with a Content-Length too it is a smuggling attempt.
+            if lengths is not None or len(codings) != 1 or codings[0].lower() != "chunked":
+                raise UpstreamError("upstream sent a Transfer-Encoding the router cannot relay")
             self._state = _CSIZE
         elif status in (204, 304):
             self._state, self._left = _LEN, 0
-        elif (length := headers.get("Content-Length")) is not None:
-            try:
-                self._left = int(length)
-            except ValueError:
-                raise UpstreamError("upstream sent a malformed Content-Length") from None
-            if self._left < 0:
+        elif lengths is not None:
+            length = lengths[0]
+            if (len(lengths) != 1 or not length.isascii() or not length.isdigit()
+                    or len(length) > 18):
                 raise UpstreamError("upstream sent a malformed Content-Length")
+            self._left = int(length)
             self._state = _LEN
         else:
             self._state, self.keep_alive = _EOF, False
@@ -217,7 +261,7 @@ class _Conn(asyncio.Protocol):
         return not self.closed and t is not None and not t.is_closing() and self._state == _IDLE
 
     def start(self, payload: bytes) -> None:
-        self._state, self._left, self._buffered = _HEAD, 0, 0
+        self._state, self._left, self._buffered, self._trailers = _HEAD, 0, 0, 0
         self._queue.clear()
         self.exc, self.got_bytes, self.keep_alive, self.headers = None, False, False, None
         assert self.transport is not None
