@@ -177,8 +177,9 @@ async def test_every_broken_case_is_listed_once():
 
 
 # RFC 9112 lets a recipient read these as meant (obs-fold as a space, a bare LF as a line end,
-# an extension of any length ignored); aiohttp's parser does, the lean client refuses them.
-RFC_LENIENCY = {"obs-fold", "bare LF in a header", "chunk size line too long"}
+# a chunk extension of any length ignored); where a client's parser does, the answer is whole.
+RFC_LENIENCY = {"lean": {"chunk size line too long"},  # llhttp skips it without buffering
+                "aiohttp": {"obs-fold", "bare LF in a header", "chunk size line too long"}}
 # aiohttp has already put the connection back in its pool when the whole answer came in one
 # read; the router still answers 502 (its framing was read the way the lean client reads it).
 AIOHTTP_POOLED_BEFORE_CHECK = {"space before colon"}
@@ -188,7 +189,8 @@ AIOHTTP_POOLED_BEFORE_CHECK = {"space before colon"}
 async def test_broken_answer_is_a_502_and_its_connection_is_dropped(client, name):
     # The upstream keeps the connection open: only the client's parser can end the exchange.
     async with raw_upstream(Answer(BROKEN[name]), Answer(OK)) as up:
-        if name in RFC_LENIENCY and isinstance(client, AiohttpUpstream):
+        kind = "aiohttp" if isinstance(client, AiohttpUpstream) else "lean"
+        if name in RFC_LENIENCY[kind]:
             assert await exchange(client, up.url) == (200, b"ok")
             assert await exchange(client, up.url) == (200, b"ok")
             return
