@@ -60,6 +60,22 @@ async def tls_context(ca_file: str | None = None) -> ssl.SSLContext:
     return ctx
 
 
+_TOKEN = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_HTTP1 = (aiohttp.HttpVersion11, aiohttp.HttpVersion10)
+
+
+def _relayable(resp: aiohttp.ClientResponse) -> bool:
+    """What aiohttp's lenient response parser lets through but the router refuses: another
+    HTTP version, a protocol switch, a field name that is not a token ("Content-Length :"),
+    a transfer coding other than plain chunked (its body would be read until the close)."""
+    if resp.version not in _HTTP1 or resp.status == 101:
+        return False
+    codings = resp.headers.getall("Transfer-Encoding", ())
+    if codings and (len(codings) != 1 or codings[0].strip().lower() != "chunked"):
+        return False
+    return not any(not name or name.translate(None, _TOKEN) for name, _ in resp.raw_headers)
+
+
 class _AiohttpResponse:
     __slots__ = ("_resp", "headers", "status")
 
@@ -137,6 +153,11 @@ class AiohttpUpstream:
             raise UpstreamTimeout("upstream did not answer in time") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError("upstream request failed") from exc
+        except ValueError as exc:  # aiohttp refuses a header holding a line break: nothing sent
+            raise UpstreamError("an upstream request header holds a control character") from exc
+        if not _relayable(resp):
+            resp.close()
+            raise UpstreamError("upstream sent a response the router cannot relay")
         return _AiohttpResponse(resp)
 
     async def get_status(self, url: str, headers: Mapping[str, str], timeout_s: float,

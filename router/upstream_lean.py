@@ -3,9 +3,10 @@
 Why it exists: py-spy put ~25-30% of the router's CPU in aiohttp's client at c=64 (connector
 bookkeeping, timer contexts per chunk, stream readers). The router needs only a sliver of HTTP:
 POST a body and stream the answer, or GET a status. This module does that with one write per
-request, a small response state machine, and timers armed only while actually waiting. It
-implements router.upstream's UpstreamClient protocol and translates failures at the boundary:
-connect failure -> UpstreamUnavailable, timeouts -> UpstreamTimeout, anything else -> UpstreamError.
+request, llhttp (through httptools) to read the answer, and timers armed only while actually
+waiting. It implements router.upstream's UpstreamClient protocol and translates failures at the
+boundary: connect failure -> UpstreamUnavailable, timeouts -> UpstreamTimeout, anything else ->
+UpstreamError.
 """
 
 from __future__ import annotations
@@ -17,18 +18,21 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+import httptools
 from multidict import CIMultiDict
 
 from router.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from router.upstream import Timeouts, UpstreamResponse, tls_context
 
 MAX_HEAD = 64 * 1024  # status line + headers; larger answers are broken (or hostile)
-MAX_LINE = 8 * 1024  # a chunk-size or trailer line
+MAX_HEADERS = 128  # header (or trailer) fields in one answer, as aiohttp's client allows
 PROBE_BODY_MAX = 1 << 20  # a health probe's body is read this far at most
 HIGH_WATER = 64 * 1024  # buffered body bytes above which the socket stops being read
 LOW_WATER = 16 * 1024
 
-_IDLE, _HEAD, _LEN, _EOF, _CSIZE, _CDATA, _CEND, _TRAILER, _DONE = range(9)
+# _HEAD: waiting for the final answer's head (1xx answers are skipped); _BODY: llhttp frames the
+# body (Content-Length or chunked); _EOF: the body runs to the close; _DONE: the answer is whole.
+_IDLE, _HEAD, _BODY, _EOF, _DONE = range(5)
 _Key = tuple[str, str, int, str | None]  # scheme, host, port, CA file (https)
 
 
@@ -38,7 +42,13 @@ def _expire(fut: asyncio.Future[Any]) -> None:
 
 
 class _Conn(asyncio.Protocol):
-    """One connection; parses one response at a time and queues its body chunks."""
+    """One connection; parses one response at a time and queues its body chunks.
+
+    llhttp refuses what RFC 9112 does not allow (bad status lines, field names that are not
+    tokens, bare CR/LF, obs-fold, duplicate or conflicting Content-Length, Content-Length with
+    chunked, bad or overflowing chunk sizes); this class adds what llhttp leaves to its caller:
+    caps on the head's size and on the number of fields, HTTP/1.x only, no protocol switch, and
+    no transfer coding but plain chunked."""
 
     def __init__(self, host: _Host) -> None:
         self.host = host
@@ -48,12 +58,14 @@ class _Conn(asyncio.Protocol):
         self.in_pool = False
         self.idle_since = 0.0
         self._state = _IDLE
-        self._buf = bytearray()
+        self._parser: httptools.HttpResponseParser | None = None
+        self._fields: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0  # read while the head is incomplete (llhttp buffers a partial field)
+        self._field_bytes = 0
         self._queue: deque[bytes] = deque()
         self._buffered = 0
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
-        self._left = 0
         self.exc: UpstreamError | None = None
         self.got_bytes = False
         self.keep_alive = False
@@ -65,19 +77,36 @@ class _Conn(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
 
     def data_received(self, data: bytes) -> None:
-        if self._state in (_IDLE, _DONE):  # bytes nobody asked for: never reuse this one
+        state = self._state
+        if state in (_IDLE, _DONE):  # bytes nobody asked for: never reuse this one
             self.keep_alive = False
             self.close_transport()
             return
         self.got_bytes = True
-        if self._buf:
-            self._buf += data
-            data = bytes(self._buf)
-            self._buf.clear()
+        if state == _EOF:
+            self._feed(data)
+            return
+        if state == _HEAD:
+            self._head_bytes += len(data)
+        assert self._parser is not None
         try:
-            self._parse(data)
-        except UpstreamError as exc:
-            self._fail(exc)
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            self._fail(cause if isinstance(cause, UpstreamError)
+                       else UpstreamError("upstream sent a malformed response"))
+            return
+        except httptools.HttpParserUpgrade:
+            self._fail(UpstreamError("upstream switched protocols"))
+            return
+        except httptools.HttpParserError:
+            if self._state == _DONE:  # not an answer: bytes after the body
+                self.keep_alive = False
+            else:
+                self._fail(UpstreamError("upstream sent a malformed response"))
+            return
+        if self._state == _HEAD and self._head_bytes > MAX_HEAD:
+            self._fail(UpstreamError("upstream response head is too large"))
 
     def eof_received(self) -> bool | None:
         self._lost()
@@ -97,96 +126,57 @@ class _Conn(asyncio.Protocol):
             self._fail(UpstreamError("upstream connection broke mid-response" if self.headers
                                      else "upstream closed the connection without answering"))
 
-    # -- parsing ---------------------------------------------------------------------------
-    def _parse(self, data: bytes) -> None:
-        pos, n = 0, len(data)
-        while True:
-            st = self._state
-            if st in (_LEN, _CDATA):
-                take = min(self._left, n - pos)
-                if take:
-                    self._feed(data[pos:pos + take] if take < n else data)
-                    pos += take
-                    self._left -= take
-                if self._left:
-                    return
-                if st == _LEN:
-                    self._finish_body()
-                else:
-                    self._state = _CEND
-                continue
-            if st == _EOF:
-                if pos < n:
-                    self._feed(data[pos:] if pos else data)
-                return
-            if pos >= n or st == _DONE:
-                if pos < n:
-                    self.keep_alive = False  # extra bytes after the body
-                return
-            sep = b"\r\n\r\n" if st == _HEAD else b"\r\n"
-            end = data.find(sep, pos)
-            cap = MAX_HEAD if st == _HEAD else MAX_LINE
-            if end < 0 or end - pos > cap:
-                if end >= 0 or n - pos > cap:
-                    raise UpstreamError("upstream response head is too large")
-                self._buf += data[pos:]
-                return
-            line = data[pos:end]
-            pos = end + len(sep)
-            if st == _HEAD:
-                self._on_head(line)
-            elif st == _CSIZE:
-                try:
-                    size = int(line.split(b";", 1)[0].strip(), 16)
-                except ValueError:
-                    raise UpstreamError("upstream sent a malformed chunk") from None
-                if size < 0:
-                    raise UpstreamError("upstream sent a malformed chunk")
-                self._left = size
-                self._state = _CDATA if size else _TRAILER
-            elif st == _CEND:
-                if line:
-                    raise UpstreamError("upstream sent a malformed chunk")
-                self._state = _CSIZE
-            elif not line:  # _TRAILER: an empty line ends the body
-                self._finish_body()
+    # -- llhttp's callbacks ------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self._state == _DONE:  # a second answer to one request
+            self.keep_alive = False
 
-    def _on_head(self, head: bytes) -> None:
-        lines = head.split(b"\r\n")
-        parts = lines[0].split(None, 2)
-        try:
-            if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-                raise ValueError
-            status = int(parts[1])
-        except ValueError:
-            raise UpstreamError("upstream sent a malformed status line") from None
-        if 100 <= status < 200:
-            return  # 1xx: an interim answer; the real one follows
+    def on_header(self, name: bytes, value: bytes) -> None:  # trailers come here too
+        if self._state != _DONE:
+            self._fields.append((name, value))
+            self._field_bytes += len(name) + len(value)
+            if len(self._fields) > MAX_HEADERS or self._field_bytes > MAX_HEAD:
+                raise UpstreamError("upstream sent too many or too large header fields")
+
+    def on_headers_complete(self) -> None:
+        if self._state != _HEAD:
+            return
+        parser = self._parser
+        assert parser is not None
+        status = parser.get_status_code()
+        fields, self._fields, self._field_bytes = self._fields, [], 0
+        if status < 200:
+            if status == 101 or status < 100:  # a switch was never asked for
+                raise UpstreamError("upstream sent an unusable interim answer")
+            return  # an interim answer (100, 103): the real one follows
+        if parser.get_http_version() not in ("1.1", "1.0"):
+            raise UpstreamError("upstream answered in another protocol than HTTP/1.x")
         headers: CIMultiDict[str] = CIMultiDict()
-        for raw in lines[1:]:
-            name, sep, value = raw.partition(b":")
-            if not sep or not name:
-                raise UpstreamError("upstream sent a malformed header")
-            headers.add(name.decode("latin-1"), value.strip().decode("latin-1"))
-        self.keep_alive = (parts[0] == b"HTTP/1.1"
-                           and "close" not in headers.get("Connection", "").lower())
-        if "chunked" in headers.get("Transfer-Encoding", "").lower():
-            self._state = _CSIZE
-        elif status in (204, 304):
-            self._state, self._left = _LEN, 0
-        elif (length := headers.get("Content-Length")) is not None:
-            try:
-                self._left = int(length)
-            except ValueError:
-                raise UpstreamError("upstream sent a malformed Content-Length") from None
-            if self._left < 0:
-                raise UpstreamError("upstream sent a malformed Content-Length")
-            self._state = _LEN
+        for name, value in fields:
+            headers.add(name.decode("latin-1"), value.decode("latin-1").strip())
+        self.keep_alive = parser.should_keep_alive()
+        codings = headers.getall("Transfer-Encoding", None)
+        if codings is not None:
+            # Only plain chunked is relayable: any other coding's body runs to the close.
+            if len(codings) != 1 or codings[0].lower() != "chunked":
+                raise UpstreamError("upstream sent a Transfer-Encoding the router cannot relay")
+            self._state = _BODY
+        elif status in (204, 304) or "Content-Length" in headers:
+            self._state = _BODY
         else:
             self._state, self.keep_alive = _EOF, False
         self.status, self.headers = status, headers
         self._wake()
 
+    def on_body(self, body: bytes) -> None:
+        if self._state != _DONE:
+            self._feed(body)
+
+    def on_message_complete(self) -> None:
+        if self._state in (_BODY, _EOF):  # not after an interim answer: its head comes next
+            self._finish_body()
+
+    # -- body and waiting ------------------------------------------------------------------
     def _feed(self, chunk: bytes) -> None:
         self._queue.append(chunk)
         self._buffered += len(chunk)
@@ -217,7 +207,10 @@ class _Conn(asyncio.Protocol):
         return not self.closed and t is not None and not t.is_closing() and self._state == _IDLE
 
     def start(self, payload: bytes) -> None:
-        self._state, self._left, self._buffered = _HEAD, 0, 0
+        # One parser per answer: llhttp keeps nothing from the last one (a failed one included).
+        self._parser = httptools.HttpResponseParser(self)
+        self._state, self._buffered, self._head_bytes, self._field_bytes = _HEAD, 0, 0, 0
+        self._fields.clear()
         self._queue.clear()
         self.exc, self.got_bytes, self.keep_alive, self.headers = None, False, False, None
         assert self.transport is not None
@@ -274,6 +267,8 @@ class _Conn(asyncio.Protocol):
     def close_transport(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+
+
 
 
 class _Host:
