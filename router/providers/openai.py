@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import orjson
-
 from router import __version__
 from router.config import OpenAIProviderConfig
+from router.jsonbody import dump_json
 from router.providers.base import Exchange, UpstreamCall, parse_retry_after
 from router.upstream import UpstreamClient
 
@@ -33,7 +32,7 @@ class OpenAIProvider:
         headers = dict(self._headers)
         headers["Accept"] = "text/event-stream" if call.stream else "application/json"
         headers["x-request-id"] = call.request_id
-        resp = await self._client.post(self._url, headers, orjson.dumps(call.body),
+        resp = await self._client.post(self._url, headers, dump_json(call.body),
                                        call.timeouts, self._ca_file)
         return Exchange(
             status=resp.status,

@@ -107,35 +107,46 @@ async def test_escaped_colons_alone_are_fine(routed):
     assert up.seen[0].body["user"] == ":::"
 
 
-@pytest.mark.parametrize("literal,where", [
-    (b'"seed": 1180591620717411303424', "seed"),
-    (b'"seed": -9223372036854775809', "seed"),
-    (b'"x": {"y": [1, 18446744073709551616]}', "x.y[1]"),
-])
-async def test_an_integer_past_64_bits_is_refused_not_rounded(routed, literal, where):
+@pytest.mark.parametrize("stream", [False, True])
+async def test_integers_past_64_bits_reach_the_upstream_digit_for_digit(routed, stream):
     r, up = routed
-    status, body = await post(r, "/v1/chat/completions", chat_with(literal))
+    literals = (b'"seed": 1180591620717411303424', b'"x": [-9223372036854775809, '
+                b'{"y": 18446744073709551616}, 1e21, 0.5]')
+    raw = chat_with(b", ".join(literals) + b', "stream": ' + (b"true" if stream else b"false"))
+    async with r.http.post(f"{r.url}/v1/chat/completions", data=raw,
+                           headers={**bearer(KEY), **JSON}) as resp:
+        assert resp.status == 200
+        assert (b"data: [DONE]" in await resp.read()) is stream
+    sent = up.seen[0].raw
+    assert b'"seed":1180591620717411303424' in sent
+    assert b'"x":[-9223372036854775809,{"y":18446744073709551616},1e+21,0.5]' in sent
+
+
+@pytest.mark.parametrize("levels", [DEPTH_LIMIT, 600, 5000])
+async def test_a_large_integer_does_not_lift_the_depth_limit(routed, levels):
+    r, up = routed
+    raw = chat_with(b'"seed": 18446744073709551616, "x": ' + nested(levels))
+    status, body = await post(r, "/v1/chat/completions", raw)
     assert locs(status, body) == [["body"]]
-    assert f"the integer at {where} does not fit in 64 bits" in body["detail"][0]["msg"]
+    assert "deeper than 254" in body["detail"][0]["msg"]
     assert up.seen == []
 
 
-async def test_integers_at_the_64_bit_edges_reach_the_upstream_digit_for_digit(routed):
+async def test_a_named_integer_field_past_its_range_is_422_at_its_loc(routed):
     r, up = routed
-    raw = chat_with(b'"seed": 18446744073709551615, "x": [-9223372036854775808, 12345678901234]')
-    status, _ = await post(r, "/v1/chat/completions", raw)
-    assert status == 200
-    sent = up.seen[0].raw
-    assert b'"seed":18446744073709551615' in sent
-    assert b'"x":[-9223372036854775808,12345678901234]' in sent
+    status, body = await post(r, "/v1/chat/completions",
+                              chat_with(b'"max_tokens": 18446744073709551616'))
+    assert locs(status, body) == [["body", "max_tokens"]]
+    assert up.seen == []
 
 
-async def test_a_lone_surrogate_is_located(routed):
+@pytest.mark.parametrize("extra", [b"", b', "seed": 18446744073709551616'])
+async def test_a_lone_surrogate_is_422_at_body(routed, extra):
     r, up = routed
-    raw = b'{"model": "m", "messages": [{"role": "user", "content": "a\\udc00"}]}'
+    raw = b'{"model": "m", "messages": [{"role": "user", "content": "a\\udc00"}]' + extra + b"}"
     status, body = await post(r, "/v1/chat/completions", raw)
     assert locs(status, body) == [["body"]]
-    assert "messages[0].content" in body["detail"][0]["msg"]
+    assert "lone UTF-16 surrogate" in body["detail"][0]["msg"]
     assert up.seen == []
 
 
