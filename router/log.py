@@ -15,7 +15,8 @@ from router.config.model import LoggingConfig
 
 # A client string at most this long is logged as it is: no credential is that short.
 REDACT_KEEP = 12
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+# A value as `repr` quotes it: a quote of the other kind, or an escaped one, does not end it.
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
 
 
 def redact(value: str) -> str:

@@ -53,6 +53,8 @@ from router.upstream_lean import LeanUpstream
 
 log = logging.getLogger("router.server")
 
+REPEAT_WINDOW_S = 1.0  # a SIGTERM this soon after the first is the same stop, delivered twice
+
 
 @dataclass(frozen=True)
 class Overrides:
@@ -138,13 +140,19 @@ async def _run_worker(path: str, config: Config, overrides: Overrides, *,
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     delayed = False  # SIGTERM (an orchestrator) gets the drain delay; SIGINT (a terminal) not
+    first = 0.0
 
     def on_stop(sig: signal.Signals) -> None:
-        nonlocal delayed
-        if stop.is_set():  # a second signal: no more waiting for the load balancer
-            worker.hurry.set()
+        nonlocal delayed, first
+        if stop.is_set():
+            # A second signal: no more waiting for the load balancer. Unless it is the same
+            # SIGTERM arriving twice, as when a service manager signals every process of the
+            # group and the supervisor forwards its own copy too.
+            if sig != signal.SIGTERM or time.monotonic() - first >= REPEAT_WINDOW_S:
+                worker.hurry.set()
             return
         delayed = sig == signal.SIGTERM
+        first = time.monotonic()
         stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -257,8 +257,30 @@ async def test_a_second_sigterm_cuts_the_drain_delay_short(fakes, router_process
             async with http.get(rp.url + "/readyz") as r:
                 return r.status == 503
         await wait_for(draining, 5, "/readyz 503")
+    await asyncio.sleep(1.1)  # past the window in which a repeat is the same stop
     rp.send(signal.SIGTERM)
     assert await rp.wait_exit(10) == 0
+
+
+async def test_the_same_sigterm_delivered_twice_keeps_the_drain_delay(fakes, router_process):
+    """A service manager that signals every process of the group, and a supervisor forwarding
+    its own copy, deliver one stop twice: the delay must hold."""
+    up = await fakes("up")
+    delay = 2.0
+    rp = await router_process(e2e_config(up, {"m": "gpt-x"}, drain_delay_s=delay))
+    rp.send(signal.SIGTERM)
+    rp.send(signal.SIGTERM)
+    signalled = time.monotonic()
+    async with client() as http:
+        async def draining() -> bool:
+            async with http.get(rp.url + "/readyz") as r:
+                return r.status == 503
+        await wait_for(draining, 5, "/readyz 503")
+        async with http.post(f"{rp.url}/v1/chat/completions", headers=AUTH,
+                             json={"model": "m", "messages": USER_MSG}) as resp:
+            assert resp.status == 200  # still serving during the delay
+    assert await rp.wait_exit(delay + 10) == 0
+    assert time.monotonic() - signalled >= delay - 0.5
 
 
 async def test_stream_longer_than_the_grace_ends_with_one_error_event(fakes, router_process):
