@@ -75,9 +75,12 @@ class Authenticator:
                     if self.managed is None:
                         raise revoked_source()
                     await self.managed.check_minted(principal.id)
-                elif principal.origin == "config_key" and not self.api_keys.has_id(principal.id):
-                    raise Unauthorized("the API key this token was minted from is no longer "
-                                       "configured", reason="revoked_source")
+                elif principal.origin == "config_key":
+                    current = self.api_keys.minted(principal.id)
+                    if current is None:
+                        raise Unauthorized("the API key this token was minted from is no "
+                                           "longer configured", reason="revoked_source")
+                    return current
                 return principal
             if self.idp is not None and issuer == self.idp.issuer:
                 return await self.idp.verify_jwt(token)

@@ -17,7 +17,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from router.auth.principal import Principal
 from router.config import ApiKeyConfig, Limits
@@ -66,11 +66,15 @@ class StaticKeys:
                 id="dev", kind="api_key", user="dev", limits=default_limits, models=None,
                 origin="config_key",
             )
-        self._ids = frozenset(p.id for p in self._by_digest.values())
+        # What a router JWT minted from each key is, under this config: the key's principal
+        # as it is configured now (a reload that takes its admin flag or a model away takes
+        # them from its tokens too).
+        self._minted = {p.id: replace(p, kind="router_jwt") for p in self._by_digest.values()}
 
-    def has_id(self, key_id: str) -> bool:
-        """Whether this config still has the key `key_id` (tokens minted from it live on)."""
-        return key_id in self._ids
+    def minted(self, key_id: str) -> Principal | None:
+        """The principal a token minted from key `key_id` stands for, None once the key is
+        gone from the config (its tokens end with it)."""
+        return self._minted.get(key_id)
 
     def get(self, key_digest: str) -> Principal | None:
         return self._by_digest.get(key_digest)

@@ -336,6 +336,30 @@ async def test_a_token_minted_from_a_yaml_key_ends_when_a_reload_removes_the_key
     assert await chat_status(r, kept["access_token"]) == 200
 
 
+async def test_a_token_minted_from_a_yaml_key_follows_the_key_as_reloaded(
+        start_router, tmp_path):
+    """The token is that key's principal: a reload that takes the admin flag or a model from
+    the key takes them from its tokens too, at once (not when they expire)."""
+    section, _ = jwt_section("HS256", tmp_path, ttl_s=3600)
+    cfg = config(section)
+    r = await start_router(cfg)
+    _, _, minted = await exchange(r, ADMIN_KEY)
+    token = minted["access_token"]
+    keys_url = f"{r.url}/api/v1/admin/keys"
+    async with r.http.get(keys_url, headers={"Authorization": f"Bearer {token}"}) as resp:
+        assert resp.status == 200  # an admin, verified and cached
+    assert await chat_status(r, token, model="second") == 200
+    cfg["auth"]["api_keys"] = [  # (new dicts: ADMIN_KEY_ENTRY is shared by other tests)
+        {**key, "admin": False, "models": ["first"]} if key["id"] == ADMIN_KEY_ENTRY["id"]
+        else key for key in cfg["auth"]["api_keys"]]
+    r.write_config(cfg)
+    assert await r.worker.watcher.reload("test")
+    async with r.http.get(keys_url, headers={"Authorization": f"Bearer {token}"}) as resp:
+        assert resp.status == 403
+    assert await chat_status(r, token, model="second") == 403
+    assert await chat_status(r, token, model="first") == 200
+
+
 async def settings_of(r: Any, token: str) -> Any:
     async with r.http.get(f"{r.url}/api/v1/automation/settings",
                           headers={"Authorization": f"Bearer {token}"}) as resp:

@@ -137,15 +137,17 @@ async def refused(signer: Signer, token: str, *words: str) -> Unauthorized:
 # -- issue and verify -----------------------------------------------------------------------------
 
 async def test_issued_token_round_trips_the_principal(signer: Signer):
-    who = Principal(id="key-1", kind="api_key", user="alice", limits=Limits(rpm=3, tpm=900),
-                    models=frozenset({"m1", "m2"}), admin=True, scopes=frozenset({"b", "a"}))
+    # (An IdP principal: one minted from a YAML key is that key as configured now.)
+    who = Principal(id="oidc:idp#alice", kind="oauth2", user="oidc:idp#alice",
+                    limits=Limits(rpm=3, tpm=900), models=frozenset({"m1", "m2"}), admin=True,
+                    scopes=frozenset({"b", "a"}), origin="oauth2")
     token, ttl = signer.tokens.issue(who)
     assert ttl == signer.config.ttl_s
     assert jwt.get_unverified_header(token)["alg"] == signer.alg
     got = await signer.check(token)
-    assert got == Principal(id="key-1", kind="router_jwt", user="alice",
+    assert got == Principal(id="oidc:idp#alice", kind="router_jwt", user="oidc:idp#alice",
                             limits=Limits(rpm=3, tpm=900), models=frozenset({"m1", "m2"}),
-                            admin=True, scopes=frozenset({"a", "b"}))
+                            admin=True, scopes=frozenset({"a", "b"}), origin="oauth2")
     raw = jwt.decode(token, options={"verify_signature": False})
     assert {"iss", "aud", "sub", "iat", "nbf", "exp", "jti"} <= raw.keys()
     assert raw["exp"] - raw["iat"] == ttl
