@@ -323,7 +323,7 @@ class RedisStore:
             indexed = await self._redis.get(digest_key(record.digest))
             return record if indexed is not None and _text(indexed) == key_id else None
 
-        return await self._call("key lookup", op())
+        return await self._idempotent("key lookup", op, after_timeout=True)
 
     async def list_keys(self) -> list[KeyRecord]:
         ids = sorted(map(_text, await self._idempotent("list keys",

@@ -215,6 +215,7 @@ async def test_connections_reset_on_the_way_cost_one_more_try(redis_server: Redi
             got = await asyncio.gather(
                 *(store.key_by_digest(digest(key)) for _ in range(reads // 2)),
                 *(store.get_settings("ann") for _ in range(reads // 2)),
+                store.key_by_id(made.id),  # a minted token's key
                 store.keys_version(), store.list_keys(), store.ping(),
                 store.put_settings("ann", {"session_ttl_s": 90}),
                 store.create_key(record(new_key())),
