@@ -31,6 +31,8 @@ log = logging.getLogger("router.limits")
 WINDOW_S = 60
 DAY_S = 86400
 
+MAX_COMPLETION = 2**31 - 1  # the largest max_tokens the request validator takes
+
 
 class RateLimited(RouterError):
     """The router's own 429 (an upstream's is `upstream_rate_limited`)."""
@@ -79,8 +81,10 @@ class Limiter:
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
         if isinstance(max_tokens, float) and max_tokens.is_integer() and max_tokens < 2**31:
             max_tokens = int(max_tokens)  # 1000.0 is as much an integer as 1000
-        completion = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 \
-            else config.limits.default_max_tokens
+        # Capped like `max_tokens` (max_completion_tokens passes through unvalidated): the
+        # store's counters take 64-bit integers, and no answer is longer.
+        completion = min(max_tokens, MAX_COMPLETION) if isinstance(max_tokens, int) \
+            and max_tokens > 0 else config.limits.default_max_tokens
         lease = os.urandom(8).hex() if limits.concurrency else None
         ttl_s = config.limits.lease_ttl_s
         store = self._store

@@ -330,3 +330,20 @@ async def test_long_request_keeps_its_lease(fakes, start_router, redis_server):
             return await redis.zcard(limit_keys("test")[2]) == 0
 
         await eventually(free)
+
+
+@pytest.mark.parametrize("value", [10**30, 2**64, 2**31])
+async def test_a_huge_max_completion_tokens_is_charged_not_a_store_failure(
+        fakes, start_router, redis_server, value):
+    """A passthrough field the validator does not bound: its charge is capped like
+    max_tokens (a charge above the whole tpm goes when the budget is full), so the store
+    never chokes on the number."""
+    up = await fakes()
+    r = await start_router(limited(up, {"tpm": 1000, "tokens_per_day": 10**12},
+                                   redis_store(redis_server, on_failure="closed")))
+    async with r.chat({"model": "m", "messages": USER_MSG,
+                       "max_completion_tokens": value}) as resp:
+        assert resp.status == 200, await resp.text()
+    async with r.chat({"model": "m", "messages": USER_MSG}) as resp:
+        assert resp.status == 429  # the budget went to the first one, not a 503
+        assert (await resp.json())["error"]["code"] == "tpm"
