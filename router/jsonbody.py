@@ -56,8 +56,9 @@ def _constant(name: str) -> Any:
 
 # The standard library's C parser, because it hands every object's pairs to a hook (a repeated
 # key is seen, however it is escaped) and keeps integers whole (orjson turns those past 64 bits
-# into floats). ~3.7 us for a 480-byte body, 30 us for 25 KB: within 3 us of what orjson's
-# parse plus a separate repeated-key check cost.
+# into floats). ~3.7 us for a 480-byte body, 30 us for 25 KB of text: within 3 us of what
+# orjson's parse plus a separate repeated-key check cost. Number-heavy bodies cost more (each
+# number is a Python call: 3.8 ms for 5,000 integers and 5,000 floats, orjson alone 0.6 ms).
 _DECODER = json.JSONDecoder(object_pairs_hook=_object, parse_float=_finite,
                             parse_int=_integer, parse_constant=_constant)
 
