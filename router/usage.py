@@ -30,7 +30,7 @@ log = logging.getLogger("router.usage")
 MAX_WINDOW_S = 366 * 86400  # a report reads one bucket per hour: at most a year and a day
 DEFAULT_WINDOW_S = 86400
 LAST_INSTANT = 253_402_297_200  # 9999-12-31T23:00:00Z: the report's `to` still has a year
-_EPOCH = re.compile(r"^\d{1,11}(\.\d{0,9})?$")  # up to year 5138: below LAST_INSTANT
+_EPOCH = re.compile(r"[0-9]{1,11}(\.[0-9]{0,9})?")  # up to year 5138: below LAST_INSTANT
 
 
 class UsageMeter:
@@ -134,7 +134,7 @@ def report_window(query: Mapping[str, str], now: float) -> tuple[int, int]:
 
 def instant(raw: str) -> float | None:
     raw = raw.strip()
-    if _EPOCH.match(raw):
+    if _EPOCH.fullmatch(raw):
         ts = float(raw)
     else:
         try:

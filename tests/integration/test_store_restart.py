@@ -239,8 +239,9 @@ async def test_a_key_lookup_that_times_out_is_tried_once_more(tmp_path: Path) ->
         key = new_key()
         await store.create_key(record(key))
         async with Redis.from_url(server.url) as sleeper:
+            await sleeper.ping()  # connected: the sleep below leaves at once
             busy = asyncio.create_task(sleeper.execute_command("DEBUG", "SLEEP", "0.4"))
-            await asyncio.sleep(0.02)  # the sleep has reached Redis
+            await asyncio.sleep(0.05)  # the sleep has reached Redis
             started = time.monotonic()
             found = await store.key_by_digest(digest(key))
             elapsed = time.monotonic() - started
@@ -249,8 +250,9 @@ async def test_a_key_lookup_that_times_out_is_tried_once_more(tmp_path: Path) ->
         assert timeout_s < elapsed < 2 * timeout_s + 0.2, elapsed
 
         async with Redis.from_url(server.url) as sleeper:
+            await sleeper.ping()
             busy = asyncio.create_task(sleeper.execute_command("DEBUG", "SLEEP", "0.4"))
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.05)
             started = time.monotonic()
             with pytest.raises(StoreError):
                 await store.get_settings("ann")
