@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +21,18 @@ from router.config import load_config
 from router.server import Worker
 from tests.fakes.openai_upstream import Recorder, start_fake
 from tests.redis_server import RedisServer, start_redis
+
+# The real servers the suite runs against. Elsewhere their tests are skipped when one is missing;
+# under CI (`make test` installs them) a missing one fails the run instead of hiding tests.
+REQUIRED_TOOLS = ("redis-server", "prometheus", "promtool")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
+    if missing and os.environ.get("CI"):
+        raise pytest.UsageError(f"CI is set but not installed: {', '.join(missing)} (the "
+                                "tests that need them would be skipped; make test installs them)")
+
 
 KEY = "sk-test-" + "k" * 40
 KEY_SHA = hashlib.sha256(KEY.encode()).hexdigest()
