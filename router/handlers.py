@@ -23,10 +23,10 @@ from router.errors import (
     ValidationFailed,
 )
 from router.metrics import CONTENT_TYPE
+from router.prober import publish_backend_up
 from router.relay import relay_json, relay_stream
 from router.routing.dispatch import Opened, dispatch
 from router.routing.fanout import fan_out
-from router.routing.prober import publish_backend_up
 from router.routing.table import Route
 from router.runtime import Runtime
 from router.schema import SAFE_ID, parse_chat_request

@@ -42,8 +42,8 @@ from router.config import Config, ConfigError, load_config
 from router.errors import BadRequest, InternalError, RouterError
 from router.log import setup_logging
 from router.metrics import DisabledMetrics, Metrics
+from router.prober import probe_forever
 from router.routing.health import BackendState
-from router.routing.prober import probe_forever
 from router.runtime import RuntimeRef, build_runtime
 from router.state import LIMITER, STATUS, STREAMS, USAGE
 from router.store import open_store
