@@ -23,9 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from router import usage
 from router.auth.api_keys import digest, new_key
+from router.body import read_body
 from router.config.model import Limits, StoreConfig, UserName
 from router.errors import Forbidden, NotFound, ValidationFailed
-from router.handlers import read_body
 from router.schema import WHOLE, parse_body
 from router.state import PRINCIPAL, RUNTIME_NOW, STORE
 from router.store import KeyRecord, Store, open_store

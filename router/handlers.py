@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import zlib
 from typing import Any
 
 import orjson
@@ -11,16 +10,13 @@ from aiohttp import web
 
 from router import sessions
 from router.auth import Principal
+from router.body import read_body, wants_stream
 from router.errors import (
     Forbidden,
     ModelNotFound,
     NotFound,
     Overloaded,
-    PayloadTooLarge,
-    RequestTimeout,
     RouterError,
-    UnsupportedMediaType,
-    ValidationFailed,
 )
 from router.metrics import CONTENT_TYPE
 from router.prober import publish_backend_up
@@ -256,67 +252,3 @@ async def openapi(request: web.Request) -> web.Response:
 def _json(payload: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(payload), status=status,
                         content_type="application/json")
-
-
-async def read_body(request: web.Request, cap: int, timeout_s: float) -> bytes:
-    """The request body, at most `cap` bytes after decompression, else 413 before any upstream;
-    all of it within `timeout_s`, else 408.
-
-    Counted here rather than by aiohttp's client_max_size, which streaming reads bypass.
-    """
-    if request.content_length is not None and request.content_length > cap:
-        raise PayloadTooLarge(f"request body is larger than {cap} bytes")
-    content = request.content
-    data = bytearray(content.read_nowait())  # usually the whole body came with the head
-    if len(data) > cap:
-        raise PayloadTooLarge(f"request body is larger than {cap} bytes")
-    if not content.is_eof():
-        try:
-            async with asyncio.timeout(timeout_s):
-                async for chunk in content.iter_any():
-                    data += chunk
-                    if len(data) > cap:
-                        raise PayloadTooLarge(f"request body is larger than {cap} bytes")
-        except TimeoutError:
-            raise RequestTimeout("the request body did not arrive in time") from None
-    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding in ("", "identity"):
-        return bytes(data)
-    if encoding not in ("gzip", "deflate"):
-        raise UnsupportedMediaType(f"unsupported Content-Encoding {encoding[:32]!r}")
-    inflater = zlib.decompressobj(wbits=47)  # gzip or zlib, detected from the header
-    try:
-        out = inflater.decompress(bytes(data), cap + 1)
-    except zlib.error:
-        raise ValidationFailed([{"loc": ["body"], "msg": "body is not valid " + encoding,
-                                 "type": "decompression_error"}]) from None
-    if len(out) > cap or inflater.unconsumed_tail:
-        raise PayloadTooLarge(f"decompressed request body is larger than {cap} bytes")
-    return out
-
-
-def wants_stream(stream: bool | None, accept: str | None) -> bool:
-    """`stream` decides; when it is absent or null, whether Accept prefers text/event-stream."""
-    if stream is not None:
-        return stream
-    accept = (accept or "").lower()  # media types and parameter names are case-insensitive
-    if "event-stream" not in accept:
-        return False
-    best_sse = best_json = -1.0
-    for i, part in enumerate(accept.split(",")):
-        media, _, params = part.strip().partition(";")
-        q = 1.0
-        for param in params.split(";"):
-            key, _, value = param.strip().partition("=")
-            if key == "q":
-                try:
-                    q = float(value)
-                except ValueError:
-                    q = 0.0
-        rank = q - i * 1e-6  # equal q: the earlier entry wins
-        media = media.strip().lower()
-        if media == "text/event-stream":
-            best_sse = max(best_sse, rank)
-        elif media in ("application/json", "application/*", "*/*"):
-            best_json = max(best_json, rank)
-    return best_sse > 0 and best_sse > best_json

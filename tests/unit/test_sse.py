@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from router.handlers import wants_stream
+from router.body import wants_stream
 from router.providers.sse import (
     DONE,
     EventCutter,
