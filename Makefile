@@ -16,8 +16,11 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# `make run PORT=9000 CONFIG=my.yaml`: another port (else the file's server.port) or config file.
+CONFIG ?= config/router.yaml
+PORT ?=
 run: $(STAMP)
-	$(BIN)/router serve --config config/router.yaml
+	$(BIN)/router serve --config $(CONFIG)$(if $(PORT), --port $(PORT))
 
 lint: $(STAMP)
 	$(BIN)/ruff check router tests
