@@ -92,9 +92,8 @@ async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse
         status.inflight -= 1
         code = resp.status if resp is not None else 499
         if request.path.endswith("/chat/completions"):
-            m = request.app[METRICS]
-            m.child(m.requests, facts.route, facts.backend, str(code), facts.stream).inc()
-            m.child(m.duration, facts.route, facts.stream).observe(time.monotonic() - started)
+            request.app[METRICS].request_done(facts.route, facts.backend, code, facts.stream,
+                                              time.monotonic() - started)
             if runtime.config.usage.enabled:
                 principal = request.get(PRINCIPAL)
                 if principal is not None:
@@ -126,8 +125,7 @@ def error_response(request: web.Request, exc: Exception) -> web.Response:
     if isinstance(exc, web.HTTPException):
         exc = _from_http(request, exc)
     if isinstance(exc, Unauthorized):
-        m = request.app[METRICS]
-        m.child(m.auth_failures, exc.credential, exc.reason).inc()
+        request.app[METRICS].auth_failed(exc.credential, exc.reason)
     if isinstance(exc, RouterError):
         log.log(exc.log_level, "%s %s -> %d %s", redact(request.method),
                 redact_path(request.path), exc.status, redact_message(exc.message))
@@ -162,7 +160,7 @@ def log_access(request: web.Request, facts: Facts, status: int, started: float) 
         "principal": principal.id if principal else None,
         "route": facts.route,
         "backend": facts.backend,
-        "stream": facts.stream == "true",
+        "stream": facts.stream,
         "attempts": facts.attempts,
         "ttfb_ms": facts.ttfb_ms,
         "prompt_tokens": facts.tokens[0] if facts.tokens else None,

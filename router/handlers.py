@@ -52,7 +52,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                                               server.body_timeout_s))
     stream = wants_stream(body.get("stream"), request.headers.get("Accept"))
     facts = request[FACTS]
-    facts.stream = "true" if stream else "false"
+    facts.stream = stream
     name: str | None = body.get("model")
     if name is not None:  # else the user's default_model, known once the settings are read
         _route_for(runtime, principal, name)
@@ -101,7 +101,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 placed = await sessions.place(store, metrics, config, runtime.table, route,
                                               principal.user, session_id, state,
                                               settings.session_ttl_s, created=created)
-        inflight = metrics.child(metrics.inflight, name)
+        inflight = metrics.in_flight(name)
         inflight.inc()
         if fanout == "none" or placed is not None:  # a pinned session ignores race and hedge
             opened = await dispatch(route, body, stream=stream, request_id=request[REQUEST_ID],

@@ -98,8 +98,7 @@ class Limiter:
                 store.settle(principal.id, limits, 0, lease).add_done_callback(self._settled)
             raise
         except StoreError:
-            m = self._metrics
-            m.child(m.store_errors, "admit").inc()
+            self._metrics.store_error("admit")
             if config.store.on_failure == "closed":
                 raise
             store = self._fallback
@@ -108,8 +107,7 @@ class Limiter:
         headers = rate_headers(limits, admission)
         if not admission.allowed:
             limit = admission.denied or "rpm"
-            m = self._metrics
-            m.child(m.rate_limited, limit).inc()
+            self._metrics.rate_limited(limit)
             retry = max(1, math.ceil(admission.retry_after_ms / 1000))
             raise RateLimited(f"rate limit exceeded ({limit}); retry after {retry} s",
                               headers={**headers, "Retry-After": str(retry)}, code=limit)
@@ -151,8 +149,7 @@ class Limiter:
                 try:
                     await store.refresh_leases(leases, ttl_s)
                 except StoreError as exc:
-                    m = self._metrics
-                    m.child(m.store_errors, "refresh").inc()
+                    self._metrics.store_error("refresh")
                     log.warning("could not refresh concurrency leases: %s", exc.message)
 
 

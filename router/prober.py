@@ -29,8 +29,7 @@ def publish_backend_up(ref: RuntimeRef, metrics: Metrics) -> None:
     """`router_backend_up` from this process's view (also refreshed at each scrape)."""
     now = time.monotonic()
     for backend in ref.current.table.backends():
-        metrics.child(metrics.backend_up, backend.name).set(
-            1 if backend.state.available(now) else 0)
+        metrics.backend_up(backend.name, backend.state.available(now))
 
 
 async def probe_forever(ref: RuntimeRef, metrics: Metrics) -> None:

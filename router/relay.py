@@ -115,7 +115,7 @@ async def relay_stream(request: web.Request, opened: Opened, headers: Mapping[st
     now = time.monotonic()
     live = LiveStream(task, resp, opened.route.config.idle_timeout_s, now, now)
     streams.add(live)
-    metrics.active_streams.inc()
+    metrics.stream_opened()
     upstream_failed = False
     usage = UsageTap(hide=opened.hide_usage)
     try:
@@ -173,7 +173,7 @@ async def relay_stream(request: web.Request, opened: Opened, headers: Mapping[st
         pass  # the client left mid-write
     finally:
         streams.discard(live)
-        metrics.active_streams.dec()
+        metrics.stream_closed()
         if usage.usage is not None:
             opened.record_usage(usage.usage)  # before finish(): the limiter settles after it
         opened.finish(upstream_failed=upstream_failed)

@@ -391,7 +391,7 @@ class _Watcher:
         except ConfigError as exc:
             log.error("config reload (%s) refused; the old config keeps serving:\n%s",
                       reason, exc)
-            self._metrics.config_reloads.labels("failure").inc()
+            self._metrics.config_reloaded(ok=False)
             return False
         if (new.server.host, new.server.port, new.server.workers) != (
                 old.server.host, old.server.port, old.server.workers):
@@ -402,7 +402,7 @@ class _Watcher:
                 runtime.oidc.start()
             if old_oidc is not None:
                 spawn(old_oidc.close(), "oidc-close")
-        self._metrics.config_reloads.labels("success").inc()
+        self._metrics.config_reloaded(ok=True)
         log.info("config reloaded (%s)", reason)
         return True
 

@@ -137,7 +137,7 @@ async def read_state(store: Store, q: SessionQuery, config: Config,
     try:
         return await store.session_state(q)
     except StoreError:
-        metrics.child(metrics.store_errors, "session").inc()
+        metrics.store_error("session")
         if config.store.on_failure == "closed":
             raise
         return SESSION_UNAVAILABLE
@@ -165,7 +165,7 @@ async def place(store: Store, metrics: Metrics, config: Config, table: RoutingTa
         check_route(pin, route, table)
         pinned = next((b for b in candidates if b.name == pin.backend), None)
         if pinned is not None:
-            metrics.child(metrics.session_pins, "hit").inc()
+            metrics.session_pin("hit")
             if not state.touched:  # read with an admission: count this admitted request
                 store.use_pin(user, session_id, ttl_s).add_done_callback(
                     count_failure(metrics, "use_pin", "count a session request"))
@@ -178,15 +178,15 @@ async def place(store: Store, metrics: Metrics, config: Config, table: RoutingTa
         held = await store.claim_pin(user, session_id, choice.name, route.name, ttl_s,
                                      replaces, count=pin is None or not state.touched)
     except StoreError:
-        metrics.child(metrics.store_errors, "claim_pin").inc()
+        metrics.store_error("claim_pin")
         if config.store.on_failure == "closed":
             raise
         return hashed(metrics, config, route, user, session_id, candidates, created) or choice
     if held.backend != choice.name:
         # Another replica pinned it first: follow the winner.
-        metrics.child(metrics.session_pins, "hit").inc()
+        metrics.session_pin("hit")
         return next((b for b in route.backends if b.name == held.backend), choice)
-    metrics.child(metrics.session_pins, "new" if pin is None else "repin").inc()
+    metrics.session_pin("new" if pin is None else "repin")
     return choice
 
 
@@ -212,10 +212,10 @@ async def settle(store: Store, metrics: Metrics, user: str, session_id: str, rou
         held = await store.claim_pin(user, session_id, served.name, route.name, ttl_s,
                                      placed.name, count=False)  # counted when placed
     except StoreError:
-        metrics.child(metrics.store_errors, "claim_pin").inc()
+        metrics.store_error("claim_pin")
         return
     if held.backend == served.name:
-        metrics.child(metrics.session_pins, "repin").inc()
+        metrics.session_pin("repin")
 
 
 def hashed(metrics: Metrics, config: Config, route: Route, user: str, session_id: str,
@@ -229,7 +229,7 @@ def hashed(metrics: Metrics, config: Config, route: Route, user: str, session_id
                                        config.sessions.hash_load_factor)
     if backend is not None:
         outcome = "new" if created else "hit" if home else "repin"
-        metrics.child(metrics.session_pins, outcome).inc()
+        metrics.session_pin(outcome)
     return backend
 
 

@@ -46,7 +46,7 @@ class Facts:
 
     route: str = UNKNOWN
     backend: str = "none"
-    stream: str = "false"
+    stream: bool = False
     attempts: int = 0
     ttfb_ms: float | None = None
     tokens: tuple[int, int] | None = None

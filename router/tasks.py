@@ -37,7 +37,7 @@ def count_failure(metrics: Metrics, op: str, what: str
     def done(outcome: asyncio.Future[Any]) -> None:
         exc = None if outcome.cancelled() else outcome.exception()
         if exc is not None:
-            metrics.child(metrics.store_errors, op).inc()
+            metrics.store_error(op)
             log.warning("could not %s: %s", what,
                         exc.message if isinstance(exc, StoreError) else type(exc).__name__)
 

@@ -77,7 +77,7 @@ class UsageMeter:
                 self._keep(pending)
                 if not isinstance(exc, StoreError):
                     raise  # cancelled (shutdown): the final flush sends them
-                self._metrics.child(self._metrics.store_errors, "usage").inc()
+                self._metrics.store_error("usage")
                 if not self._failing:
                     log.warning("usage flush failed, kept for the next one: %s", exc.message)
                 self._failing = True

@@ -81,7 +81,7 @@ class Opened:
         self.exchange.close()
         self.backend.state.inflight -= 1
         m = self.metrics
-        m.child(m.upstream_duration, self.backend.name).observe(time.monotonic() - self.opened_at)
+        m.upstream_done(self.backend.name, time.monotonic() - self.opened_at)
         if upstream_failed:
             _count_failure(self.route, self.backend, m, "stream_broken")
 
@@ -89,7 +89,7 @@ class Opened:
 def _count_failure(route: Route, backend: Backend, metrics: Metrics, reason: str) -> None:
     if backend.state.record_failure(route.config.ejection):
         log.warning("backend %s ejected (%s)", backend.name, reason)
-        metrics.child(metrics.ejections, backend.name, reason).inc()
+        metrics.ejected(backend.name, reason)
 
 
 async def dispatch(route: Route, body: dict[str, Any], *, stream: bool, request_id: str,
@@ -108,7 +108,7 @@ async def dispatch(route: Route, body: dict[str, Any], *, stream: bool, request_
             tried.add(backend.name)
             attempts += 1
             if last_error is not None:
-                metrics.child(metrics.retries, route.name, last_error.code or "error").inc()
+                metrics.retried(route.name, last_error.code or "error")
             try:
                 return await attempt(r, backend, body, stream, request_id,
                                       max_response_bytes, attempts, metrics)
@@ -230,7 +230,7 @@ async def attempt(route: Route, backend: Backend, body: dict[str, Any], stream: 
             first = await _read_all(exchange, max_response_bytes)
             tokens = count_tokens(check_json(first), route, backend, metrics)
         state.record_ttfb(ttfb)
-        metrics.child(metrics.ttfb, route.name, backend.name).observe(ttfb)
+        metrics.first_byte(route.name, backend.name, ttfb)
         state.record_success()
         committed = True
         return Opened(backend, route, exchange, first, attempts, metrics, started, ttfb, tokens,
@@ -307,14 +307,11 @@ def count_tokens(answer: dict[str, Any], route: Route, backend: Backend,
     usage = answer.get("usage")
     if not isinstance(usage, dict):
         return None
-    counts = []
-    for kind, field in (("prompt", "prompt_tokens"), ("completion", "completion_tokens")):
-        value = usage.get(field)
-        value = value if isinstance(value, int) and value > 0 else 0
-        if value:
-            metrics.child(metrics.tokens, route.name, backend.name, kind).inc(value)
-        counts.append(value)
-    return counts[0], counts[1]
+    prompt, completion = (value if isinstance(value, int) and value > 0 else 0
+                          for value in (usage.get("prompt_tokens"),
+                                        usage.get("completion_tokens")))
+    metrics.tokens(route.name, backend.name, prompt, completion)
+    return prompt, completion
 
 
 async def _refusal(route: Route, backend: Backend, exchange: Exchange) -> RouterError:

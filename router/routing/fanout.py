@@ -158,6 +158,5 @@ class _Copies:
         self.live.clear()
 
     def _count(self, outcome: str) -> None:
-        m = self.metrics
-        m.child(m.fanout, self.mode, outcome).inc()
+        self.metrics.fanout(self.mode, outcome)
 

@@ -392,7 +392,7 @@ class StreamMerger:
 
 
 def _count(metrics: Metrics, outcome: str) -> None:
-    metrics.child(metrics.fanout, "all", outcome).inc()
+    metrics.fanout("all", outcome)
 
 
 def _new_id() -> str:

@@ -57,3 +57,23 @@ async def test_metrics_follow_traffic_without_unbounded_labels(fakes, start_rout
     assert _value(s, "router_active_streams") == 0
     assert _value(s, "router_inflight_requests", route="m") == 0
     assert KEY not in text and "sk-wrong-key" not in text
+
+
+async def test_metrics_carry_the_worker_process_figures(fakes, start_router):
+    """prometheus-client's process collector: memory, file descriptors and CPU of the worker,
+    unlabelled when one worker serves."""
+    up = await fakes("up")
+    r = await start_router(router_config(
+        {"up": openai_provider(up)},
+        {"m": {"retries": 0, "backends": [{"provider": "up", "model": "gpt-x"}]}}))
+    async with r.chat({"model": "m", "messages": USER_MSG}) as resp:
+        assert resp.status == 200
+    async with r.http.get(f"{r.url}/metrics") as resp:
+        assert resp.status == 200
+        s = _samples(await resp.text())
+    assert _value(s, "process_resident_memory_bytes") > 1_000_000
+    assert _value(s, "process_open_fds") > 0
+    assert _value(s, "process_max_fds") > 0
+    assert _value(s, "process_cpu_seconds_total") > 0
+    assert _value(s, "process_start_time_seconds") > 0
+    assert not [k for k in s if k[0].startswith("process_") and k[1]]  # no labels

@@ -30,21 +30,23 @@ def test_same_samples_as_prometheus_client() -> None:
     values = [0.0, 0.005, 0.0049, 0.01, 0.0101, 0.3, 60.0, 600.0, 700.0, 1e-9]
     for v in values:
         for route in ("a", "b"):
-            ours.child(ours.duration, route, "false").observe(v)
+            ours.request_done(route, "up/x", 200, False, v)
+            requests.labels(route, "up/x", "200", "false").inc()
             duration.labels(route, "false").observe(v)
-            ours.child(ours.ttfb, route, "up/x").observe(v)
+            ours.first_byte(route, "up/x", v)
             ttfb.labels(route, "up/x").observe(v)
-        ours.child(ours.requests, "a", "up/x", "200", "false").inc()
-        requests.labels("a", "up/x", "200", "false").inc()
-    ours.child(ours.requests, "a", "none", "502", "true").inc(3)
-    requests.labels("a", "none", "502", "true").inc(3)
-    for g in (ours.child(ours.inflight, "a"), inflight.labels("a")):
+    for _ in range(3):
+        ours.request_done("a", "none", 502, True, 0.5)
+        requests.labels("a", "none", "502", "true").inc()
+        duration.labels("a", "true").observe(0.5)
+    for g in (ours.in_flight("a"), inflight.labels("a")):
         g.inc()
         g.inc(2)
         g.dec()
-    for g in (ours.child(ours.inflight, "b"), inflight.labels("b")):
-        g.set(7)
-    ours.active_streams.inc()
+    for _ in range(7):
+        ours.in_flight("b").inc()
+        inflight.labels("b").inc()
+    ours.stream_opened()
     streams.inc()
 
     mine = samples(ours.render())
@@ -55,3 +57,53 @@ def test_same_samples_as_prometheus_client() -> None:
     # The series known in advance exist from the start.
     assert mine[("router_config_reloads_total", (("result", "failure"),))] == 0
     assert mine[("router_session_pins_total", (("outcome", "repin"),))] == 0
+
+
+def test_each_event_writes_its_series() -> None:
+    """The label names and their values, as each event writes them (the order is the module's
+    own business, the names are the contract)."""
+    m = Metrics()
+    before = samples(m.render())
+    m.request_done("r", "up/x", 429, True, 0.2)
+    m.first_byte("r", "up/x", 0.1)
+    m.upstream_done("up/x", 0.3)
+    m.tokens("r", "up/x", 3, 0)  # no completion tokens: no completion series
+    m.in_flight("r").inc()
+    m.stream_opened()
+    m.rate_limited("tpm")
+    m.auth_failed("api_key", "unknown_key")
+    m.backend_up("up/x", False)
+    m.backend_up("up/y", True)
+    m.ejected("up/x", "timeout")
+    m.retried("r", "upstream_error")
+    m.fanout("race", "won")
+    m.session_pin("hit")
+    m.config_reloaded(ok=False)
+    m.store_error("admit")
+    after = {k: v for k, v in samples(m.render()).items()
+             if k[0].startswith("router_") and not k[0].endswith("_bucket")
+             and v != before.get(k)}
+    assert after == {
+        ("router_requests_total", (("backend", "up/x"), ("route", "r"), ("status", "429"),
+                                   ("stream", "true"))): 1,
+        ("router_request_duration_seconds_count", (("route", "r"), ("stream", "true"))): 1,
+        ("router_request_duration_seconds_sum", (("route", "r"), ("stream", "true"))): 0.2,
+        ("router_time_to_first_byte_seconds_count", (("backend", "up/x"), ("route", "r"))): 1,
+        ("router_time_to_first_byte_seconds_sum", (("backend", "up/x"), ("route", "r"))): 0.1,
+        ("router_upstream_duration_seconds_count", (("backend", "up/x"),)): 1,
+        ("router_upstream_duration_seconds_sum", (("backend", "up/x"),)): 0.3,
+        ("router_tokens_total", (("backend", "up/x"), ("kind", "prompt"), ("route", "r"))): 3,
+        ("router_inflight_requests", (("route", "r"),)): 1,
+        ("router_active_streams", ()): 1,
+        ("router_rate_limited_total", (("limit", "tpm"),)): 1,
+        ("router_auth_failures_total", (("credential", "api_key"),
+                                        ("reason", "unknown_key"))): 1,
+        ("router_backend_up", (("backend", "up/x"),)): 0,
+        ("router_backend_up", (("backend", "up/y"),)): 1,
+        ("router_backend_ejections_total", (("backend", "up/x"), ("reason", "timeout"))): 1,
+        ("router_retries_total", (("reason", "upstream_error"), ("route", "r"))): 1,
+        ("router_fanout_total", (("mode", "race"), ("outcome", "won"))): 1,
+        ("router_session_pins_total", (("outcome", "hit"),)): 1,
+        ("router_config_reloads_total", (("result", "failure"),)): 1,
+        ("router_store_errors_total", (("op", "admit"),)): 1,
+    }
