@@ -22,6 +22,7 @@ from router.errors import (
     NotFound,
     PayloadTooLarge,
     RouterError,
+    StoreUnavailable,
     Unauthorized,
 )
 from router.limits import Limiter
@@ -32,6 +33,7 @@ from router.runtime import RuntimeRef
 from router.schema import SAFE_ID, OpenApiDocument, openapi_document
 from router.sessions import SettingsCache
 from router.state import (
+    ANSWER_HEADERS,
     FACTS,
     LIMITER,
     METRICS,
@@ -50,7 +52,7 @@ from router.state import (
     Facts,
     ServerStatus,
 )
-from router.store import Store
+from router.store import Store, StoreError
 from router.upstream import UpstreamClient
 from router.usage import UsageMeter
 
@@ -83,8 +85,7 @@ async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse
             await authenticate(request)
             resp = await handler(request)
         except Exception as caught:
-            exc = _from_http(request, caught) if isinstance(caught, web.HTTPException) \
-                else caught
+            exc = translate(request, caught)
             resp = error_response(request, exc)
             facts.error = exc.code if isinstance(exc, RouterError) else "internal_error"
         return resp
@@ -119,16 +120,26 @@ async def authenticate(request: web.Request) -> None:
             request.headers.getall("Authorization", []))
 
 
-def error_response(request: web.Request, exc: Exception) -> web.Response:
-    """The error boundary, the only place that catches Exception: every failure leaves in the
-    contract's shape, without a stack trace."""
+def translate(request: web.Request, exc: Exception) -> Exception:
+    """Foreign failures a client should see as such, as RouterErrors: aiohttp's own refusals,
+    and the store's failure (503, retry shortly). Anything else is a bug (500)."""
     if isinstance(exc, web.HTTPException):
-        exc = _from_http(request, exc)
+        return _from_http(request, exc)
+    if isinstance(exc, StoreError):
+        return StoreUnavailable(str(exc))
+    return exc
+
+
+def error_response(request: web.Request, exc: Exception) -> web.Response:
+    """The error boundary, the only place that catches Exception: every failure (translated)
+    leaves in the contract's shape, without a stack trace."""
     if isinstance(exc, Unauthorized):
         request.app[METRICS].auth_failed(exc.credential, exc.reason)
     if isinstance(exc, RouterError):
         log.log(exc.log_level, "%s %s -> %d %s", redact(request.method),
                 redact_path(request.path), exc.status, redact_message(exc.message))
+        # What the answer already carried (rate-limit headers, x-session-id), under the error's.
+        exc.headers = {**request.get(ANSWER_HEADERS, {}), **exc.headers}
         return exc.to_response()
     log.error("unhandled error on %s %s", redact(request.method), redact_path(request.path),
               exc_info=exc)

@@ -137,7 +137,7 @@ def _keys(args: argparse.Namespace) -> int:
             print(f"{command}: {where}: {entry['msg']}", file=sys.stderr)
         return 1
     except StoreError as exc:
-        print(f"{command}: {exc.message}; is the store at store.url reachable?",
+        print(f"{command}: {exc}; is the store at store.url reachable?",
               file=sys.stderr)
         return 1
     return 0

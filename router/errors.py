@@ -196,6 +196,19 @@ class IdpUnavailable(RouterError):
         super().__init__(message, headers={"Retry-After": str(retry_after)})
 
 
+class StoreUnavailable(RouterError):
+    """The store did not answer in time or failed (its StoreError, translated at the error
+    boundary): 503, the request may be retried."""
+
+    status = 503
+    type = "server_error"
+    code = "store_unavailable"
+    log_level = logging.WARNING
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": "1"})
+
+
 class InternalError(RouterError):
     status = 500
     code = "internal_error"

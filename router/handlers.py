@@ -27,6 +27,7 @@ from router.routing.table import Route
 from router.runtime import Runtime
 from router.schema import SAFE_ID, parse_chat_request
 from router.state import (
+    ANSWER_HEADERS,
     FACTS,
     LIMITER,
     METRICS,
@@ -40,6 +41,7 @@ from router.state import (
     STORE,
     STREAMS,
 )
+from router.store import StoreError
 from router.store.base import SessionState
 
 
@@ -134,8 +136,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         if created:
             opened.first = sessions.inject_json(opened.first, session_id or "")
         return relay_json(opened, headers)
-    except RouterError as exc:
-        exc.headers = {**headers, **exc.headers}
+    except (RouterError, StoreError):
+        request[ANSWER_HEADERS] = headers
         raise
     finally:
         if inflight is not None:

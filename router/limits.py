@@ -150,7 +150,7 @@ class Limiter:
                     await store.refresh_leases(leases, ttl_s)
                 except StoreError as exc:
                     self._metrics.store_error("refresh")
-                    log.warning("could not refresh concurrency leases: %s", exc.message)
+                    log.warning("could not refresh concurrency leases: %s", exc)
 
 
 def prompt_estimate(body: Mapping[str, Any]) -> int:

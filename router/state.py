@@ -39,6 +39,8 @@ OPEN_PATHS = web.AppKey("open_paths", frozenset)  # served without a credential
 REQUEST_ID = web.RequestKey("request_id", str)
 RUNTIME_NOW = web.RequestKey("runtime_now", Runtime)
 PRINCIPAL = web.RequestKey("principal", Principal)
+# Headers a chat answer had gathered when it failed: its error answer carries them too.
+ANSWER_HEADERS = web.RequestKey("answer_headers", dict)
 @dataclass(slots=True)
 class Facts:
     """What a chat request turned out to be, filled in as the handler learns it; the pipeline

@@ -39,6 +39,6 @@ def count_failure(metrics: Metrics, op: str, what: str
         if exc is not None:
             metrics.store_error(op)
             log.warning("could not %s: %s", what,
-                        exc.message if isinstance(exc, StoreError) else type(exc).__name__)
+                        exc if isinstance(exc, StoreError) else type(exc).__name__)
 
     return done

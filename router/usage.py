@@ -79,7 +79,7 @@ class UsageMeter:
                     raise  # cancelled (shutdown): the final flush sends them
                 self._metrics.store_error("usage")
                 if not self._failing:
-                    log.warning("usage flush failed, kept for the next one: %s", exc.message)
+                    log.warning("usage flush failed, kept for the next one: %s", exc)
                 self._failing = True
                 return
             if self._failing:

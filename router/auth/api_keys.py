@@ -227,7 +227,7 @@ class KeyCache:
         except StoreError as exc:
             if not self._store_down:
                 self._store_down = True
-                log.warning("managed API keys: %s; cached keys %s", exc.message,
+                log.warning("managed API keys: %s; cached keys %s", exc,
                             "keep working" if self._trust_stale else "stop working shortly")
             return
         if self._store_down:

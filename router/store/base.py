@@ -7,25 +7,16 @@ that created it.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from router.config.model import Limits
-from router.errors import RouterError
 
 
-class StoreError(RouterError):
-    """The store did not answer in time or failed: 503, the request may be retried."""
-
-    status = 503
-    type = "server_error"
-    code = "store_unavailable"
-    log_level = logging.WARNING
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, headers={"Retry-After": "1"})
+class StoreError(Exception):
+    """The store did not answer in time or failed. The message names the operation and how it
+    failed, never a key or a value; what a failure means to a client is decided above."""
 
 
 @dataclass(frozen=True, slots=True)

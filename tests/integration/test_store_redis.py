@@ -136,7 +136,7 @@ async def test_errors_and_timeouts_are_store_errors(redis_server: RedisServer,
             started = time.monotonic()
             with pytest.raises(StoreError) as info:
                 await call
-            assert info.value.status == 503
+            assert "did not answer in time" in str(info.value)
             assert time.monotonic() - started < 0.3
         assert not await mute.ping()
     finally:

@@ -265,7 +265,7 @@ async def test_a_key_lookup_that_times_out_is_tried_once_more(tmp_path: Path) ->
             with pytest.raises(StoreError) as info:
                 await store.key_by_digest(digest(key))
             elapsed = time.monotonic() - started
-            assert info.value.status == 503
+            assert "did not answer in time" in str(info.value)
             assert 2 * timeout_s - 0.05 < elapsed < 2 * timeout_s + 0.2, elapsed
         finally:
             os.kill(server.proc.pid, signal.SIGCONT)
