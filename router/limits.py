@@ -24,7 +24,7 @@ from router.routing.dispatch import Opened
 from router.runtime import RuntimeRef
 from router.store import MemoryStore, Store, StoreError
 from router.store.base import SESSION_UNAVAILABLE, Admission, SessionQuery, SessionState
-from router.tasks import count_failure
+from router.tasks import count_failure, serve_without_store
 
 log = logging.getLogger("router.limits")
 
@@ -98,8 +98,7 @@ class Limiter:
                 store.settle(principal.id, limits, 0, lease).add_done_callback(self._settled)
             raise
         except StoreError:
-            self._metrics.store_error("admit")
-            if config.store.on_failure == "closed":
+            if not serve_without_store(self._metrics, config, "admit"):
                 raise
             store = self._fallback
             admission = await store.admit(principal.id, limits, prompt + completion,

@@ -33,7 +33,7 @@ from router.routing.table import Backend, Route, RoutingTable
 from router.schema import WHOLE, parse_body
 from router.store import Store, StoreError, is_shared
 from router.store.base import SESSION_UNAVAILABLE, Pin, SessionQuery, SessionState
-from router.tasks import count_failure
+from router.tasks import count_failure, serve_without_store
 
 log = logging.getLogger("router.sessions")
 
@@ -137,8 +137,7 @@ async def read_state(store: Store, q: SessionQuery, config: Config,
     try:
         return await store.session_state(q)
     except StoreError:
-        metrics.store_error("session")
-        if config.store.on_failure == "closed":
+        if not serve_without_store(metrics, config, "session"):
             raise
         return SESSION_UNAVAILABLE
 
@@ -178,8 +177,7 @@ async def place(store: Store, metrics: Metrics, config: Config, table: RoutingTa
         held = await store.claim_pin(user, session_id, choice.name, route.name, ttl_s,
                                      replaces, count=pin is None or not state.touched)
     except StoreError:
-        metrics.store_error("claim_pin")
-        if config.store.on_failure == "closed":
+        if not serve_without_store(metrics, config, "claim_pin"):
             raise
         return hashed(metrics, config, route, user, session_id, candidates, created) or choice
     if held.backend != choice.name:

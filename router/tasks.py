@@ -1,4 +1,6 @@
-"""Background tasks: created through one helper that keeps a reference and logs failures."""
+"""Background tasks: created through one helper that keeps a reference and logs failures.
+And what a failed store call costs: its count, and whether a request goes on without the store.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from router.store.base import StoreError
 
 if TYPE_CHECKING:
+    from router.config.model import Config
     from router.metrics import Metrics
 
 log = logging.getLogger("router.tasks")
@@ -42,3 +45,12 @@ def count_failure(metrics: Metrics, op: str, what: str
                         exc if isinstance(exc, StoreError) else type(exc).__name__)
 
     return done
+
+
+def serve_without_store(metrics: Metrics, config: Config, op: str) -> bool:
+    """A store call a request waits for failed: count it in router_store_errors_total{op}, and
+    say whether the request goes on without the store (`store.on_failure: open`: limits decided
+    in this process's memory, sessions placed by consistent hashing) or is refused (`closed`:
+    the caller re-raises, and the client gets the 503)."""
+    metrics.store_error(op)
+    return config.store.on_failure != "closed"
