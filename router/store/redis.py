@@ -54,7 +54,7 @@ from router.store.base import (
     UsageCount,
 )
 from router.store.connect import connect, parse_store_url
-from router.store.resp import RespLink
+from router.store.resp import Command, RespLink
 from router.tasks import spawn
 
 T = TypeVar("T")
@@ -126,7 +126,7 @@ def limit_keys(principal: str) -> list[str]:
 SESSIONS_LUA = (Path(__file__).parent / "sessions.lua").read_text(encoding="utf-8")
 SESSIONS_SHA = hashlib.sha1(SESSIONS_LUA.encode(), usedforsecurity=False).hexdigest()
 
-Script = tuple[str, str]  # (sha1, source): run by EVALSHA, loaded on NOSCRIPT
+Script = tuple[str, str]  # (sha1, source): run by EVALSHA, by EVAL on NOSCRIPT
 LIMITS: Script = (LIMITS_SHA, LIMITS_LUA)
 SESSIONS: Script = (SESSIONS_SHA, SESSIONS_LUA)
 
@@ -152,6 +152,38 @@ def session_call(query: SessionQuery, op: str = "read") -> tuple[list[str], list
     return keys, [op, int(query.default_ttl_s * 1000)]
 
 
+ScriptCall = tuple[Script, list[str], list[EncodableT]]  # (script, keys, args)
+# Sends commands in one round trip: their replies in order, a server error as its exception.
+Send = Callable[[list[Command]], Awaitable[list[Any]]]
+
+
+def _evalsha(call: ScriptCall) -> Command:
+    (sha, _), keys, args = call
+    return ("EVALSHA", sha, len(keys), *keys, *args)
+
+
+def _eval(call: ScriptCall) -> Command:
+    (_, lua), keys, args = call
+    return ("EVAL", lua, len(keys), *keys, *args)
+
+
+async def _run_scripts(send: Send, calls: Sequence[ScriptCall]) -> list[Any]:
+    """The replies to script calls, sent by EVALSHA in one round trip. A script the server
+    lacks (NOSCRIPT: first use, a restarted or flushed Redis) costs one more: its calls go
+    again as EVAL, which also caches it for the next EVALSHA. Should that round trip fail,
+    its calls get the failure, the others keep their replies."""
+    replies = await send([_evalsha(call) for call in calls])
+    missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+    if missing:
+        try:
+            again = await send([_eval(calls[i]) for i in missing])
+        except (RedisError, OSError) as exc:
+            again = [exc] * len(missing)
+        for i, reply in zip(missing, again, strict=True):
+            replies[i] = reply
+    return replies
+
+
 class _ScriptBatch:
     """Script calls made in the same event-loop turn leave together, as one pipeline: one
     write and one read for all of them. redis-py costs ~100 µs of CPU per command; at 64
@@ -160,8 +192,7 @@ class _ScriptBatch:
     def __init__(self, redis: Any, link: RespLink | None = None) -> None:
         self._redis = redis
         self._link = link  # a plain redis:// store: the lean connection (resp.py)
-        self._pending: list[tuple[str, str, list[str], list[EncodableT],
-                                  asyncio.Future[Any]]] = []
+        self._pending: list[tuple[ScriptCall, asyncio.Future[Any]]] = []
 
     @property
     def bounded(self) -> bool:
@@ -169,62 +200,45 @@ class _ScriptBatch:
         the connection (failing what waits) when a reply is overdue by the store timeout."""
         return self._link is not None and self._link.connected
 
-    def call(self, sha: str, lua: str, keys: list[str],
+    def call(self, script: Script, keys: list[str],
              args: list[EncodableT]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if not self._pending:
             loop.call_soon(self._flush)
-        self._pending.append((sha, lua, keys, args, future))
+        self._pending.append(((script, keys, args), future))
         return future
 
     def _flush(self) -> None:
         batch, self._pending = self._pending, []
         if self._link is not None and self._link.connected:
             # The lean link: written now, each reply settles its call from the protocol.
-            self._link.send([("EVALSHA", sha, len(keys), *keys, *args)
-                             for sha, _, keys, args, _ in batch],
-                            [partial(self._replied, call) for call in batch])
+            self._link.send([_evalsha(call) for call, _ in batch],
+                            [partial(self._replied, entry) for entry in batch])
             return
         spawn(self._run(batch), "store-batch")
 
-    def _replied(self, call: tuple[str, str, list[str], list[EncodableT], asyncio.Future[Any]],
-                 result: Any) -> None:
-        if isinstance(result, NoScriptError):  # first use, or a restarted or flushed Redis
-            spawn(self._run([call]), "store-script-load")
+    def _replied(self, entry: tuple[ScriptCall, asyncio.Future[Any]], result: Any) -> None:
+        if isinstance(result, NoScriptError):  # the script is missing: _run_scripts loads it
+            spawn(self._run([entry]), "store-script-load")
         else:
-            _settle(call[4], result)
+            _settle(entry[1], result)
 
-    async def _run(self, batch: list[tuple[str, str, list[str], list[EncodableT],
-                                           asyncio.Future[Any]]]) -> None:
+    async def _run(self, batch: list[tuple[ScriptCall, asyncio.Future[Any]]]) -> None:
+        send = self._link.execute if self._link is not None else self._pipelined
         try:
-            if self._link is not None:
-                await self._run_lean(self._link, batch)
-                return
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for sha, _, keys, args, _ in batch:
-                    pipe.evalsha(sha, len(keys), *keys, *args)
-                results = await pipe.execute(raise_on_error=False)
-            for (sha, lua, keys, args, future), result in zip(batch, results, strict=True):
-                if isinstance(result, NoScriptError):
-                    # First use, or a restarted or flushed Redis: load it, run this one again.
-                    await self._redis.script_load(lua)
-                    result = await self._redis.evalsha(sha, len(keys), *keys, *args)
-                _settle(future, result)
+            replies = await _run_scripts(send, [call for call, _ in batch])
         except (RedisError, OSError) as exc:
-            for *_, future in batch:
-                _settle(future, exc)
+            replies = [exc] * len(batch)
+        for (_, future), reply in zip(batch, replies, strict=True):
+            _settle(future, reply)
 
-    @staticmethod
-    async def _run_lean(link: RespLink, batch: list[tuple[str, str, list[str],
-                                                          list[EncodableT], Any]]) -> None:
-        results = await link.execute([("EVALSHA", sha, len(keys), *keys, *args)
-                                      for sha, _, keys, args, _ in batch])
-        for (sha, lua, keys, args, future), result in zip(batch, results, strict=True):
-            if isinstance(result, NoScriptError):
-                _, result = await link.execute([("SCRIPT", "LOAD", lua),
-                                                ("EVALSHA", sha, len(keys), *keys, *args)])
-            _settle(future, result)
+    async def _pipelined(self, commands: list[Command]) -> list[Any]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for command in commands:
+                pipe.execute_command(*command)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
 
 
 def _settle(future: asyncio.Future[Any], result: Any) -> None:
@@ -393,9 +407,9 @@ class RedisStore:
         if batch is not None and batch.bounded:
             # The hot path: no timer, no coroutine per call; the batch's futures fail with
             # StoreError, and the link bounds the wait.
-            limits_reply = batch.call(*LIMITS, keys, args)
+            limits_reply = batch.call(LIMITS, keys, args)
             session_reply = None if session is None else \
-                batch.call(*SESSIONS, *session_call(session))
+                batch.call(SESSIONS, *session_call(session))
             try:
                 row = await limits_reply
                 if session_reply is not None:
@@ -536,15 +550,24 @@ class RedisStore:
             await self._idempotent("refresh leases", op)
 
     async def _script(self, script: Script, keys: list[str], args: list[EncodableT]) -> Any:
-        """EVALSHA; on NOSCRIPT (first use, a restarted or flushed Redis) load it and rerun."""
-        sha, lua = script
+        """EVALSHA, batched where the store can; a missing script is loaded (_run_scripts)."""
         if self._batch is not None:
-            return await self._batch.call(sha, lua, keys, args)
-        try:
-            return await self._redis.evalsha(sha, len(keys), *keys, *args)
-        except NoScriptError:
-            await self._redis.script_load(lua)
-            return await self._redis.evalsha(sha, len(keys), *keys, *args)
+            return await self._batch.call(script, keys, args)
+        (reply,) = await _run_scripts(self._one_at_a_time, [(script, keys, args)])
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    async def _one_at_a_time(self, commands: list[Command]) -> list[Any]:
+        """A Send for Cluster, whose pipelines redis-py refuses EVALSHA: a NOSCRIPT reply comes
+        back as a value, as from a pipeline; any other failure raises."""
+        replies: list[Any] = []
+        for command in commands:
+            try:
+                replies.append(await self._redis.execute_command(*command))  # type: ignore[no-untyped-call]
+            except NoScriptError as exc:
+                replies.append(exc)
+        return replies
 
     def _sent(self, what: str, script: Script, keys: list[str],
               args: list[EncodableT]) -> asyncio.Future[Any]:
@@ -552,7 +575,7 @@ class RedisStore:
         only reports how it ended (StoreError). On the lean link: no task and no timer."""
         batch = self._batch
         if batch is not None and batch.bounded:
-            return batch.call(*script, keys, args)
+            return batch.call(script, keys, args)
         return _reported(self._call(what, self._script(script, keys, args)), what)
 
 

@@ -16,6 +16,7 @@ from router.auth.api_keys import KeyCache, ManagedKeys, digest, new_key
 from router.config.model import Limits
 from router.errors import Unauthorized
 from router.store import KeyRecord, MemoryStore, StoreError
+from router.store.base import SessionQuery
 from router.store.redis import RedisStore, record_key
 from tests.conftest import ADMIN_KEY, USER_MSG, bearer
 from tests.integration.test_admin_keys import config, create
@@ -159,6 +160,30 @@ async def test_errors_and_timeouts_are_store_errors(redis_server: RedisServer,
             assert after != before and after.endswith(":1") and before.endswith(":1")
         finally:
             again.stop()
+    finally:
+        await store.close()
+
+
+async def test_a_flushed_script_is_loaded_again_and_each_call_runs_once(
+        redis_server: RedisServer) -> None:
+    """NOSCRIPT (first use, SCRIPT FLUSH, a restarted Redis) on the scripts' lean link, as it
+    connects and once it is up, for one or both of a batch's calls: each call runs once."""
+    store = RedisStore(redis_server.url, timeout_s=0.5)
+    limits = Limits(rpm=10)
+    session = SessionQuery("ann", "s1", 60.0)
+    try:
+        assert (await store.admit("key_a", limits, 1, "", 30.0)).requests_remaining == 9
+        await store.put_settings("ann", {"auto_create_session": True})
+        for remaining in (8, 7):
+            await store._redis.script_flush()
+            both = await store.admit("key_a", limits, 1, "", 30.0, session)
+            assert both.allowed and both.requests_remaining == remaining
+            assert both.session is not None
+            assert both.session.settings == {"auto_create_session": True}
+        await store._redis.script_flush()
+        await store.session_state(session)  # sessions.lua is back, limits.lua is not
+        one = await store.admit("key_a", limits, 1, "", 30.0, session)
+        assert one.requests_remaining == 6 and one.session is not None
     finally:
         await store.close()
 
