@@ -47,13 +47,11 @@ from router.state import (
     STATUS,
     STORE,
     STREAMS,
-    UPSTREAM,
     USAGE,
     Facts,
     ServerStatus,
 )
 from router.store import Store, StoreError
-from router.upstream import UpstreamClient
 from router.usage import UsageMeter
 
 log = logging.getLogger("router.app")
@@ -187,8 +185,7 @@ async def _stamp_request_id(request: web.Request, response: web.StreamResponse) 
         response.headers["x-request-id"] = rid
 
 
-def build_app(ref: RuntimeRef, upstream: UpstreamClient, store: Store,
-              metrics: Metrics) -> web.Application:
+def build_app(ref: RuntimeRef, store: Store, metrics: Metrics) -> web.Application:
     app = web.Application(
         middlewares=[pipeline],
         client_max_size=ref.current.config.server.max_body_bytes,
@@ -196,7 +193,6 @@ def build_app(ref: RuntimeRef, upstream: UpstreamClient, store: Store,
     app[RUNTIME] = ref
     app[STREAMS] = ActiveStreams()
     app[STATUS] = ServerStatus()
-    app[UPSTREAM] = upstream
     app[STORE] = store
     app[METRICS] = metrics
     app[LIMITER] = Limiter(store, metrics, ref)

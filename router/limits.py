@@ -172,9 +172,7 @@ def actual_tokens(ticket: Ticket, opened: Opened | None) -> int:
         return 0
     if opened.tokens is not None:
         return sum(opened.tokens)
-    relayed = getattr(opened, "bytes_relayed", None)
-    if relayed is None:
-        return ticket.estimate
+    relayed = opened.bytes_relayed
     if not relayed and "event-stream" not in opened.exchange.content_type:
         relayed = len(opened.first)  # a JSON answer is relayed whole
     return ticket.prompt_estimate + min(relayed // 4, ticket.completion_reserved)

@@ -181,7 +181,7 @@ class Worker:
         self.ref = RuntimeRef(build_runtime(config, self.upstream, self.states,
                                             key_cache=self.key_cache))
         self.metrics = Metrics() if config.metrics.enabled else DisabledMetrics()
-        self.app = build_app(self.ref, self.upstream, self.store, self.metrics)
+        self.app = build_app(self.ref, self.store, self.metrics)
         self.watcher = _Watcher(path, overrides, self.ref, self.upstream, self.states,
                                 self.metrics)
         self.watcher.key_cache = self.key_cache

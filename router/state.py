@@ -14,7 +14,6 @@ from router.runtime import Runtime, RuntimeRef
 from router.schema import OpenApiDocument
 from router.sessions import SettingsCache
 from router.store import Store
-from router.upstream import UpstreamClient
 from router.usage import UsageMeter
 
 
@@ -27,7 +26,6 @@ class ServerStatus:
 RUNTIME = web.AppKey("runtime", RuntimeRef)
 STREAMS = web.AppKey("streams", ActiveStreams)
 STATUS = web.AppKey("status", ServerStatus)
-UPSTREAM = web.AppKey("upstream", UpstreamClient)
 STORE = web.AppKey("store", Store)
 METRICS = web.AppKey("metrics", Metrics)
 LIMITER = web.AppKey("limiter", Limiter)
