@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import os
 import shutil
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +159,22 @@ def no_blocking_calls_in_the_router() -> Any:
 
     with blockbuster_ctx("router") as bb:
         yield bb
+
+
+async def eventually(check: Callable[[], Any], within_s: float = 5.0,
+                     what: str = "the condition", every_s: float = 0.02) -> Any:
+    """Poll `check()` (a value, or an awaitable of one) until it is truthy and return that
+    value; the test fails once `within_s` has passed without it."""
+    deadline = time.monotonic() + within_s
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {within_s} s")
+        await asyncio.sleep(every_s)
 
 
 def bearer(key: str) -> dict[str, str]:

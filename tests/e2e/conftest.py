@@ -23,6 +23,8 @@ import aiohttp
 import pytest
 import yaml
 
+from tests.conftest import eventually
+
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 30.0  # generous: a loaded 2-core machine
 
@@ -31,21 +33,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-async def wait_for(predicate: Callable[[], Any], within_s: float, what: str,
-                   every: float = 0.05) -> Any:
-    """Poll a sync or async predicate until it returns something truthy."""
-    deadline = time.monotonic() + within_s
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within_s:.0f} s waiting for {what}")
-        await asyncio.sleep(every)
 
 
 @dataclass
@@ -67,8 +54,8 @@ class RouterProcess:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
     async def wait_log(self, needle: str, count: int = 1, within_s: float = 15.0) -> str:
-        await wait_for(lambda: self.log().count(needle) >= count, within_s,
-                       f"{count} x {needle!r} in the router log")
+        await eventually(lambda: self.log().count(needle) >= count, within_s,
+                         f"{count} x {needle!r} in the router log")
         return self.log()
 
     def write_config(self, config: dict[str, Any] | str) -> None:

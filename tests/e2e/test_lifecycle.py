@@ -15,8 +15,8 @@ import orjson
 import pytest
 import yaml
 
-from tests.conftest import KEY, USER_MSG, openai_provider, router_config
-from tests.e2e.conftest import children_of, pid_alive, wait_for
+from tests.conftest import KEY, USER_MSG, eventually, openai_provider, router_config
+from tests.e2e.conftest import children_of, pid_alive
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 SLOW = "chunks:20+gap:0.1"  # 20 tokens over about 2 s
@@ -87,7 +87,7 @@ async def test_file_change_reloads_and_bad_edits_are_refused(fakes, router_proce
 
         # A good edit adds a route that then works.
         rp.write_config(e2e_config(up, {"m": "gpt-x", "m2": "gpt-y"}, reload_poll_s=0.2))
-        await wait_for(lambda: serves(http, rp.url, "m2"), 10, "route m2")
+        await eventually(lambda: serves(http, rp.url, "m2"), 10, "route m2")
         await rp.wait_log("config reloaded (file changed)")
         assert up.seen[-1].body["model"] == "gpt-y"
 
@@ -125,7 +125,7 @@ async def test_file_change_reloads_and_bad_edits_are_refused(fakes, router_proce
 
         # The watcher survived the refusals: a good edit still applies.
         rp.write_config(e2e_config(up, {"m3": "gpt-z"}, reload_poll_s=0.2))
-        await wait_for(lambda: serves(http, rp.url, "m3"), 10, "route m3")
+        await eventually(lambda: serves(http, rp.url, "m3"), 10, "route m3")
         assert await chat_status(http, rp.url, "m2") == 404
     assert "Traceback" not in rp.log()
 
@@ -138,7 +138,7 @@ async def test_sighup_reloads(fakes, router_process):
         await asyncio.sleep(0.3)
         assert await chat_status(http, rp.url, "m2") == 404  # no file watching: waits for HUP
         rp.send(signal.SIGHUP)
-        await wait_for(lambda: serves(http, rp.url, "m2"), 10, "route m2")
+        await eventually(lambda: serves(http, rp.url, "m2"), 10, "route m2")
         await rp.wait_log("config reloaded (SIGHUP)")
 
         rp.write_config("routes: [unclosed\n")
@@ -172,7 +172,7 @@ async def test_sigterm_drains_in_flight_work_then_exits_0(fakes, router_process)
                     return r.status, await r.read()
 
             json_task = asyncio.ensure_future(json_request())
-            await wait_for(lambda: len(up.seen) == 2, 10, "the JSON request at the upstream")
+            await eventually(lambda: len(up.seen) == 2, 10, "the JSON request at the upstream")
 
             rp.send(signal.SIGTERM)
             signalled = time.monotonic()
@@ -182,7 +182,7 @@ async def test_sigterm_drains_in_flight_work_then_exits_0(fakes, router_process)
                     await r.read()
                     return r.status == 503
 
-            await wait_for(draining, 5, "/readyz 503 on the kept-alive connection")
+            await eventually(draining, 5, "/readyz 503 on the kept-alive connection")
 
             async def refused() -> bool:
                 try:
@@ -193,7 +193,7 @@ async def test_sigterm_drains_in_flight_work_then_exits_0(fakes, router_process)
                 except aiohttp.ClientConnectorError:
                     return True
 
-            await wait_for(refused, 5, "new connections to be refused")
+            await eventually(refused, 5, "new connections to be refused")
             rest = await resp.content.read()
     raw = first + rest
     events = sse_events(raw)
@@ -256,7 +256,7 @@ async def test_a_second_sigterm_cuts_the_drain_delay_short(fakes, router_process
         async def draining() -> bool:
             async with http.get(rp.url + "/readyz") as r:
                 return r.status == 503
-        await wait_for(draining, 5, "/readyz 503")
+        await eventually(draining, 5, "/readyz 503")
     await asyncio.sleep(1.1)  # past the window in which a repeat is the same stop
     rp.send(signal.SIGTERM)
     assert await rp.wait_exit(10) == 0
@@ -275,7 +275,7 @@ async def test_the_same_sigterm_delivered_twice_keeps_the_drain_delay(fakes, rou
         async def draining() -> bool:
             async with http.get(rp.url + "/readyz") as r:
                 return r.status == 503
-        await wait_for(draining, 5, "/readyz 503")
+        await eventually(draining, 5, "/readyz 503")
         async with http.post(f"{rp.url}/v1/chat/completions", headers=AUTH,
                              json={"model": "m", "messages": USER_MSG}) as resp:
             assert resp.status == 200  # still serving during the delay
@@ -310,7 +310,7 @@ async def test_stream_longer_than_the_grace_ends_with_one_error_event(fakes, rou
     assert grace - 0.2 <= ended < grace + 4
     assert await rp.wait_exit(grace + 5) == 0
     assert "grace over" in rp.log()
-    await wait_for(lambda: up.seen[0].t_disconnected is not None, 5, "the upstream closed")
+    await eventually(lambda: up.seen[0].t_disconnected is not None, 5, "the upstream closed")
     assert up.seen[0].t_finished is None
 
 
@@ -346,8 +346,8 @@ async def test_two_workers_serve_one_port_and_stop_on_sigterm(fakes, router_proc
     up = await fakes("up")
     rp = await router_process(e2e_config(up, {"m": "gpt-x"}), "--workers", "2")
     log = await rp.wait_log(f"listening on http://127.0.0.1:{rp.port}", count=2)
-    workers = await wait_for(lambda: len(rp.children()) == 2 and rp.children(), 10,
-                             "two worker processes")
+    workers = await eventually(lambda: len(rp.children()) == 2 and rp.children(), 10,
+                               "two worker processes")
     listening = {int(line.rsplit("(pid ", 1)[1].rstrip(")"))
                  for line in log.splitlines() if "listening on" in line}
     assert listening == set(workers)

@@ -19,8 +19,7 @@ import aiohttp
 from redis.asyncio import Redis
 
 from router.store.redis import limit_keys
-from tests.conftest import KEY, USER_MSG, openai_provider, router_config
-from tests.e2e.conftest import wait_for
+from tests.conftest import KEY, USER_MSG, eventually, openai_provider, router_config
 
 LEASE_TTL_S = 2.0  # LimitsConfig.lease_ttl_s: at least 1
 STREAM = "chunks:80+gap:0.1"  # 8 s per stream
@@ -95,13 +94,13 @@ async def test_crashed_replica_slots_come_back(fakes, router_process, redis_serv
             assert resp.status == 429
             return False
 
-        await wait_for(one_admitted, LEASE_TTL_S + 2.0, "a slot freed by the dead replica",
-                       every=0.1)
+        await eventually(one_admitted, LEASE_TTL_S + 2.0, "a slot freed by the dead replica",
+                         every_s=0.1)
         waited = time.monotonic() - killed_at
         assert waited <= LEASE_TTL_S + 2.0
         # All three of A's slots are free: two more fit, the one after does not.
         for _ in range(2):
-            await wait_for(one_admitted, 2.0, "another freed slot", every=0.1)
+            await eventually(one_admitted, 2.0, "another freed slot", every_s=0.1)
         assert (await open_stream(http, b.url, "short")).status == 429
         assert up.recorder.max_inflight <= 5, up.recorder.max_inflight
 
@@ -110,5 +109,5 @@ async def test_crashed_replica_slots_come_back(fakes, router_process, redis_serv
         async def empty() -> bool:
             return await redis.zcard(conc_key) == 0
 
-        await wait_for(empty, 5.0, "the concurrency ZSET to empty")
+        await eventually(empty, 5.0, "the concurrency ZSET to empty")
         assert up.recorder.max_inflight <= 5, up.recorder.max_inflight

@@ -14,8 +14,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from router.store.redis import limit_keys
-from tests.conftest import KEY, USER_MSG, openai_provider, router_config
-from tests.e2e.conftest import wait_for
+from tests.conftest import KEY, USER_MSG, eventually, openai_provider, router_config
 from tests.e2e.test_limits_crash import open_stream
 from tests.fakes.openai_upstream import RECORDER, Recorder, build_app
 
@@ -64,10 +63,11 @@ async def test_concurrency_exact_across_three_replicas(fakes, router_process, re
     assert statuses.count(200) == 2 and statuses.count(429) == 7
     assert up.recorder.max_inflight == 2
     async with Redis.from_url(redis_server.url) as redis:
-        deadline = time.monotonic() + 5
-        while await redis.zcard(limit_keys("test")[2]) != 0:
-            assert time.monotonic() < deadline, "slots did not come back"
-            await asyncio.sleep(0.05)
+
+        async def empty() -> bool:
+            return await redis.zcard(limit_keys("test")[2]) == 0
+
+        await eventually(empty, 5, "the slots to come back", every_s=0.05)
 
 
 @dataclass
@@ -150,8 +150,8 @@ async def test_tpm_exact_across_three_replicas(gated_fake, router_process, redis
         wait at the gate, the refused have their 429."""
         before = up.arrived
         tasks = [asyncio.create_task(post(http, routers[i % 3].url, body(i))) for i in range(n)]
-        await wait_for(lambda: up.arrived - before + sum(t.done() for t in tasks) >= n, 15.0,
-                       f"{n} admission decisions")
+        await eventually(lambda: up.arrived - before + sum(t.done() for t in tasks) >= n, 15.0,
+                         f"{n} admission decisions")
         done = [t.result() for t in tasks if t.done()]
         assert up.arrived - before == admitted and done == [429] * (n - admitted), \
             (up.arrived - before, done)
@@ -173,7 +173,7 @@ async def test_tpm_exact_across_three_replicas(gated_fake, router_process, redis
 
         # Each answer gives back what it did not use: 5 x 24 tokens.
         refunded = charged - 5 * (ESTIMATE - USED) * MS_PER_TOKEN
-        await wait_for(lambda: reconciled(refunded), 10.0, "the refunds of the usage")
+        await eventually(lambda: reconciled(refunded), 10.0, "the refunds of the usage")
 
         # What is left is 60 s - 5 x 36 x 200 ms = 24 s of budget (+ what refilled since, less
         # than 12 s worth): exactly 2 more of 60 tokens, whichever replica they reach.
@@ -186,7 +186,7 @@ async def test_tpm_exact_across_three_replicas(gated_fake, router_process, redis
         # Afterwards the state is what the 7 answers really used: 7 x 36 tokens x 200 ms past
         # the first admission.
         final = refunded + 2 * USED * MS_PER_TOKEN
-        await wait_for(lambda: reconciled(final), 10.0, "the second burst's refunds")
+        await eventually(lambda: reconciled(final), 10.0, "the second burst's refunds")
         assert start + 7 * USED * MS_PER_TOKEN - 1 <= final \
             <= decided + 7 * USED * MS_PER_TOKEN + 1
     assert len(up.recorder.seen) == 7
@@ -214,11 +214,11 @@ async def test_concurrency_slots_come_back_after_client_disconnect(fakes, router
         async def empty() -> bool:
             return await redis.zcard(conc_key) == 0
 
-        await wait_for(empty, 5.0, "the slots of the streams whose clients left")
+        await eventually(empty, 5.0, "the slots of the streams whose clients left")
         assert time.monotonic() - hung_up < 5.0  # long before the streams' own end
         # The upstream streams were cut too, not read to their end.
-        await wait_for(lambda: all(s.t_disconnected is not None for s in up.seen), 5.0,
-                       "the upstream streams to be closed")
+        await eventually(lambda: all(s.t_disconnected is not None for s in up.seen), 5.0,
+                         "the upstream streams to be closed")
         assert len(up.seen) == 2 and all(s.t_finished is None for s in up.seen)
         # Both slots are free for any replica: two new streams get in, a third does not.
         again = [await open_stream(http, routers[i].url, "long") for i in (2, 0)]
@@ -226,4 +226,4 @@ async def test_concurrency_slots_come_back_after_client_disconnect(fakes, router
         assert (await open_stream(http, routers[1].url, "long")).status == 429
         for resp in again:
             resp.close()
-        await wait_for(empty, 5.0, "the slots to come back again")
+        await eventually(empty, 5.0, "the slots to come back again")

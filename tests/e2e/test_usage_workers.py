@@ -12,8 +12,7 @@ from router.config.model import StoreConfig
 from router.store import open_store
 from router.store.base import HOUR_S
 from router.store.redis import RedisStore  # (imported before any loop: it reads its scripts)
-from tests.conftest import ADMIN_KEY, ADMIN_KEY_ENTRY, USER_MSG
-from tests.e2e.conftest import wait_for
+from tests.conftest import ADMIN_KEY, ADMIN_KEY_ENTRY, USER_MSG, eventually
 from tests.e2e.test_lifecycle import AUTH, client, e2e_config
 from tests.redis_server import RedisServer
 
@@ -50,7 +49,7 @@ async def test_workers_flush_their_own_usage(fakes, router_process, redis_server
                 rows = (await resp.json())["principals"]
             return sum(row["requests"] for row in rows if row["principal"] == "test")
 
-        await wait_for(lambda: _equals(requests_counted(), 20), 20, "20 requests reported")
+        await eventually(lambda: _equals(requests_counted(), 20), 20, "20 requests reported")
         async with http.get(f"{rp.url}/metrics") as resp:
             assert resp.status == 404
 

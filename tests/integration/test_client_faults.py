@@ -13,7 +13,7 @@ import logging
 import re
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -22,7 +22,14 @@ from aiohttp import web
 
 from router.config.model import LoggingConfig
 from router.log import JsonFormatter, TextFormatter, setup_logging
-from tests.conftest import KEY, USER_MSG, openai_provider, router_config, sse_events
+from tests.conftest import (
+    KEY,
+    USER_MSG,
+    eventually,
+    openai_provider,
+    router_config,
+    sse_events,
+)
 
 DONE = b"data: [DONE]\n\n"
 KEEPALIVE = b": keep-alive\n\n"
@@ -48,16 +55,6 @@ def _port(r) -> int:
 
 def _inflight(r) -> int:
     return sum(b.state.inflight for b in r.worker.ref.current.table.backends())
-
-
-async def _until(predicate: Callable[[], bool], within: float) -> float:
-    """Poll until `predicate()` holds; returns how long it took."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > within:
-            raise AssertionError(f"condition not met within {within} s")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - start
 
 
 async def _read_to_eof(reader: asyncio.StreamReader) -> bytes:
@@ -345,8 +342,8 @@ async def test_trickling_upstream_hits_the_idle_timeout(start_router, trickler):
     assert "idle" in json.loads(payload)["error"]["message"]
     assert rest.startswith(b"event: error\n") and rest.endswith(b"\n\n")
     assert DONE not in data
-    await _until(lambda: trickler.disconnected is not None, within=2.0)
-    await _until(lambda: _inflight(r) == 0, within=1.0)
+    await eventually(lambda: trickler.disconnected is not None, 2.0)
+    await eventually(lambda: _inflight(r) == 0, 1.0)
 
 
 # -- 5. a client that stops reading ------------------------------------------------------------
@@ -363,11 +360,11 @@ async def test_client_that_stops_reading_is_cut_off_and_the_upstream_closed(fake
         await loop.sock_sendall(sock, _chat_request({"model": "m", "messages": USER_MSG,
                                                      "stream": True}))
         # ... and then never reads.
-        await _until(lambda: len(up.seen) == 1, within=5.0)
-        await _until(lambda: up.seen[0].t_disconnected is not None, within=9.0)
+        await eventually(lambda: len(up.seen) == 1, 5.0)
+        await eventually(lambda: up.seen[0].t_disconnected is not None, 9.0)
         assert up.seen[0].t_disconnected - up.seen[0].t_received < 9.0
         assert up.seen[0].t_finished is None  # backpressure held the upstream back meanwhile
-        await _until(lambda: _inflight(r) == 0, within=1.0)
+        await eventually(lambda: _inflight(r) == 0, 1.0)
     finally:
         sock.close()
 
@@ -403,7 +400,7 @@ async def test_clients_leaving_mid_stream_do_not_eject_the_backend(fakes, start_
         while b"tok0" not in got:
             got += await resp.content.readany()
         resp.close()  # the user pressed "stop generating"
-    await _until(lambda: _inflight(r) == 0, within=2.0)
+    await eventually(lambda: _inflight(r) == 0, 2.0)
     served = []
     for _ in range(4):
         async with r.chat({"model": "m", "messages": USER_MSG}) as resp:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -18,7 +17,7 @@ from redis.asyncio import Redis
 
 from router.routing.health import TtfbWindow
 from router.store.redis import limit_keys
-from tests.conftest import KEY, USER_MSG, openai_provider, router_config
+from tests.conftest import KEY, USER_MSG, eventually, openai_provider, router_config
 
 DONE = b"data: [DONE]\n\n"
 NO_EJECTION = {"consecutive_failures": 1000}
@@ -41,13 +40,6 @@ async def start(fakes, start_router, names: tuple[str, ...], routes: dict[str, A
     if limits is not None:
         config["auth"]["api_keys"][0]["limits"] = limits
     return ups, await start_router(config)
-
-
-async def eventually(cond: Callable[[], bool], within_s: float = 5.0) -> None:
-    deadline = time.monotonic() + within_s
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 def fanout_count(r: Any, mode: str, outcome: str) -> float:
@@ -482,10 +474,7 @@ async def test_fanout_counts_once_against_rpm_and_charges_the_real_total_tokens(
             async def settled(want: int = used) -> bool:
                 return await redis.get(day_key) == str(want).encode()
 
-            deadline = time.monotonic() + 5
-            while not await settled():
-                assert time.monotonic() < deadline, (await redis.get(day_key), used)
-                await asyncio.sleep(0.02)
+            await eventually(settled, 5, f"{used} tokens charged for the day")
     assert remaining == [99, 98, 97]  # one request each, however many upstreams it asked
 
 

@@ -17,7 +17,7 @@ from router.config.model import Limits
 from router.limits import duration
 from router.store import MemoryStore
 from router.store.redis import limit_keys
-from tests.conftest import USER_MSG, openai_provider, router_config
+from tests.conftest import USER_MSG, eventually, openai_provider, router_config
 from tests.redis_server import RedisServer, start_redis
 
 
@@ -49,13 +49,6 @@ def metric(r: Any, name: str, **labels: str) -> float:
 async def redis_time_ms(redis: Redis) -> float:
     sec, usec = await redis.time()
     return sec * 1000 + usec / 1000
-
-
-async def eventually(predicate: Any, within_s: float = 5.0) -> None:
-    deadline = time.monotonic() + within_s
-    while not await predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_rpm_exact_under_concurrency(fakes, start_router, redis_server):

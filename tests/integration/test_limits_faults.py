@@ -23,7 +23,7 @@ import pytest
 from redis.asyncio import Redis
 
 from router.store.redis import limit_keys
-from tests.conftest import KEY, USER_MSG, openai_provider, router_config
+from tests.conftest import KEY, USER_MSG, eventually, openai_provider, router_config
 from tests.redis_server import RedisServer, start_redis
 
 STORE_TIMEOUT_MS = 50
@@ -266,10 +266,10 @@ async def test_client_leaving_during_admission_gives_its_slot_back(fakes, start_
                 await resp.read()
         await sleeping
         # The admission ran when Redis woke up, and its release right after it.
-        for _ in range(150):  # up to ~3 s
-            if not await redis.zcard(conc_key):
-                break
-            await asyncio.sleep(0.02)
-        assert await redis.zcard(conc_key) == 0
+
+        async def released() -> bool:
+            return await redis.zcard(conc_key) == 0
+
+        await eventually(released, 3.0, "the slot's release")
     async with r.chat(body) as resp:
         assert resp.status == 200, await resp.text()

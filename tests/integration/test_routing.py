@@ -8,11 +8,10 @@ import asyncio
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable
 from itertools import pairwise
 from typing import Any
 
-from tests.conftest import USER_MSG, openai_provider, router_config
+from tests.conftest import USER_MSG, eventually, openai_provider, router_config
 
 # Short ejection so tests never wait on the 30 s default; tests that want ejection say so.
 NO_EJECTION = {"consecutive_failures": 1000}
@@ -25,13 +24,6 @@ async def ask(r: Any, model: str = "m", *, stream: bool = False) -> tuple[int, s
         if resp.content_type == "application/json":
             return resp.status, backend, await resp.json()
         return resp.status, backend, await resp.text()
-
-
-async def eventually(cond: Callable[[], bool], within_s: float = 5.0) -> None:
-    deadline = time.monotonic() + within_s
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 def closed_port() -> int:
@@ -367,10 +359,11 @@ async def test_a_backend_at_max_concurrency_is_skipped_then_503_when_all_are_ful
     await release(held, a, c)
     # The slots come back once the held requests are gone.
     c.recorder.override = a.recorder.override = None
-    deadline = time.monotonic() + 5
-    while (await ask(r))[0] != 200:
-        assert time.monotonic() < deadline, "the held slots were never released"
-        await asyncio.sleep(0.05)
+
+    async def served() -> bool:
+        return (await ask(r))[0] == 200
+
+    await eventually(served, 5, "the release of the held slots", every_s=0.05)
     assert {(await ask(r))[1] for _ in range(2)} == {"a/gpt-x", "c/gpt-x"}
 
 

@@ -10,7 +10,6 @@ import dataclasses
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -18,7 +17,14 @@ import pytest
 from redis.asyncio import Redis
 
 from router.store.redis import limit_keys, pin_key, settings_key
-from tests.conftest import KEY, OTHER_KEY, USER_MSG, openai_provider, router_config
+from tests.conftest import (
+    KEY,
+    OTHER_KEY,
+    USER_MSG,
+    eventually,
+    openai_provider,
+    router_config,
+)
 
 NO_EJECTION = {"consecutive_failures": 1000}
 EJECT_AT_ONCE = {"consecutive_failures": 1, "base_cooldown_s": 30}
@@ -67,13 +73,6 @@ async def backend_of(r: Any, session: str, **kw: Any) -> str:
 def pins(r: Any, outcome: str) -> float:
     return r.worker.metrics.registry.get_sample_value(
         "router_session_pins_total", {"outcome": outcome}) or 0.0
-
-
-async def until(what: str, check: Callable[[], bool], within_s: float = 10.0) -> None:
-    deadline = time.monotonic() + within_s
-    while not check():
-        assert time.monotonic() < deadline, f"still not {what} after {within_s} s"
-        await asyncio.sleep(0.01)
 
 
 async def requests_on(r: Any, session: str, expected: int, key: str = KEY) -> dict[str, Any]:
@@ -198,10 +197,11 @@ async def test_a_pin_expires_after_its_ttl_and_the_next_request_pins_afresh(
     await asyncio.sleep(1.2)
     status, info = await api(r, "GET", "/api/v1/sessions/s")
     assert status == 200 and info["requests"] == 2  # past 2 s after creation, still alive
-    deadline = time.monotonic() + 10
-    while (await api(r, "GET", "/api/v1/sessions/s"))[0] != 404:  # 2 s after its last use
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
+
+    async def expired() -> bool:  # 2 s after its last use
+        return (await api(r, "GET", "/api/v1/sessions/s"))[0] == 404
+
+    await eventually(expired, 10, "the session's expiry", every_s=0.05)
     await backend_of(r, "s")
     assert pins(r, "new") == 2
     status, info = await api(r, "GET", "/api/v1/sessions/s")
@@ -459,7 +459,7 @@ async def test_without_a_shared_store_a_busy_backend_takes_no_session_past_its_s
     a.recorder.override = "hang"
     held = [asyncio.ensure_future(ask(r, s)) for s in on_a[:3]]
     try:
-        await until("3 requests held on a", lambda: a.recorder.inflight == 3)
+        await eventually(lambda: a.recorder.inflight == 3, 10.0, "3 requests held on a")
         # a holds all 3 requests in flight: past ceil(1.25 x 1/3 x 4) = 2.
         for _ in range(3):
             moved = await backend_of(r, on_a[3])
@@ -473,7 +473,7 @@ async def test_without_a_shared_store_a_busy_backend_takes_no_session_past_its_s
         await asyncio.gather(*held, return_exceptions=True)
     a.recorder.override = None
     state = r.worker.states["a/gpt-x"]
-    await until("a's requests ended", lambda: state.inflight == 0)
+    await eventually(lambda: state.inflight == 0, 10.0, "the end of a's requests")
     assert await backend_of(r, on_a[3]) == "a/gpt-x"  # the load is even again: back home
     assert (pins(r, "hit"), pins(r, "repin")) == (45, 3)
 

@@ -21,6 +21,7 @@ from router.config.model import Limits, StoreConfig
 from router.store import KeyRecord, StoreError, is_shared, open_store
 from router.store.connect import MASTER_CHECK_S, StoreUrl, parse_store_url
 from router.store.redis import IDS, VERSION, RedisStore, digest_key, record_key
+from tests.conftest import eventually
 from tests.integration.test_admin_keys import chat_status, config, create, revoke, wait_status
 from tests.redis_cluster import Cluster, SentinelSetup, cli, info, start_cluster, start_sentinel
 
@@ -44,16 +45,13 @@ def redis_store(url: str) -> RedisStore:
     return store
 
 
-async def eventually(what: str, call: Callable[[], Awaitable[T]], within_s: float = 15.0) -> T:
-    """`call()`'s first answer that is not a StoreError (a failover makes a few)."""
-    deadline = time.monotonic() + within_s
-    while True:
-        try:
-            return await call()
-        except StoreError:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{what}: still failing after {within_s} s") from None
-            await asyncio.sleep(0.05)
+async def answered(call: Callable[[], Awaitable[T]]) -> tuple[T] | None:
+    """`call()`'s answer (in a tuple: truthy even when the answer is not), or None when it
+    failed with a StoreError (a failover makes a few)."""
+    try:
+        return (await call(),)
+    except StoreError:
+        return None
 
 
 @pytest.fixture
@@ -168,14 +166,16 @@ async def test_sentinel_failover_keeps_keys_and_moves_writes(sentinel: SentinelS
         new_master = await asyncio.to_thread(sentinel.failover)
         assert new_master != old_master
 
-        assert await eventually("lookup after failover",
-                                lambda: store.key_by_digest(before.digest)) == before
+        (found,) = await eventually(lambda: answered(lambda: store.key_by_digest(before.digest)),
+                                    15.0, "a lookup after the failover", every_s=0.05)
+        assert found == before
         assert await store.keys_version() == version  # the replica had it all
         # The old master still takes writes until the sentinel demotes it (seconds later):
         # past MASTER_CHECK_S the client has moved every connection to the new one.
         await asyncio.sleep(MASTER_CHECK_S)
         after = record(new_key())
-        await eventually("write after failover", lambda: store.create_key(after))
+        await eventually(lambda: answered(lambda: store.create_key(after)), 15.0,
+                         "a write after the failover", every_s=0.05)
         assert cli(new_master, "GET", digest_key(after.digest)).strip() == after.id
         assert info(new_master, "replication")["role"] == "master"
         assert await store.key_by_digest(after.digest) == after

@@ -13,8 +13,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import router.handlers
 from router.routing.dispatch import Opened
-from tests.conftest import KEY, USER_MSG, openai_provider, router_config, sse_events
-from tests.integration.test_streaming import _direct, _read_raw, _scripted, _until
+from tests.conftest import (
+    KEY,
+    USER_MSG,
+    eventually,
+    openai_provider,
+    router_config,
+    sse_events,
+)
+from tests.integration.test_streaming import _direct, _read_raw, _scripted
 
 DONE = b"data: [DONE]\n\n"
 PROMPT = len(USER_MSG[0]["content"]) // 4 + 1  # what the fake and the mock report
@@ -92,7 +99,7 @@ async def test_usage_chunk_hidden_when_the_client_did_not_ask(fakes, start_route
     (usage_event,) = _usage_only(sent)
     assert got == sent.replace(usage_event, b"")  # every other byte as the upstream sent it
     assert got.endswith(DONE) and not _usage_only(got)
-    await _until(lambda: len(relayed) == 1)
+    await eventually(lambda: len(relayed) == 1, 3.0)
     assert relayed[0].tokens == (PROMPT, 5)
     assert relayed[0].bytes_relayed == len(got)
 
@@ -109,7 +116,7 @@ async def test_usage_chunk_relayed_unchanged_when_the_client_asked(fakes, start_
     assert up.seen[0].body["stream_options"] == options
     assert got == await _direct(twin, {**body, "model": "chunks:5"})
     assert len(_usage_only(got)) == 1
-    await _until(lambda: len(relayed) == 1)
+    await eventually(lambda: len(relayed) == 1, 3.0)
     assert relayed[0].tokens == (PROMPT, 5)
     assert relayed[0].bytes_relayed == len(got)
 
@@ -128,7 +135,7 @@ async def test_stream_usage_reaches_the_access_log_and_metrics(fakes, start_rout
         async with r.chat(body) as resp:
             got = await _read_raw(resp)
         assert len(_usage_only(got)) == (1 if asked else 0)
-    await _until(lambda: len(access()) == 2)
+    await eventually(lambda: len(access()) == 2, 3.0)
     for line in access():
         assert line["stream"] is True
         assert (line["prompt_tokens"], line["completion_tokens"]) == (PROMPT, completion)
@@ -141,7 +148,7 @@ async def test_stream_cut_before_the_usage_chunk_has_no_tokens_but_bytes(fakes, 
     async with r.chat({"model": "m", "messages": USER_MSG, "stream": True}) as resp:
         got = await _read_raw(resp)
     assert sse_events(got)[-1][0] == "error"
-    await _until(lambda: len(relayed) == 1 and len(access()) == 1)
+    await eventually(lambda: len(relayed) == 1 and len(access()) == 1, 3.0)
     opened = relayed[0]
     assert opened.tokens is None
     # Every upstream byte that reached the client, not the router's own error event.
@@ -160,7 +167,7 @@ async def test_client_leaving_mid_stream_leaves_tokens_none_and_counts_bytes(fak
         while b"tok1" not in got:
             got += await resp.content.readany()
         resp.close()
-    await _until(lambda: len(relayed) == 1)
+    await eventually(lambda: len(relayed) == 1, 3.0)
     assert relayed[0].tokens is None
     assert relayed[0].bytes_relayed >= len(got) > 0
 
@@ -193,7 +200,7 @@ async def test_usage_on_the_last_content_chunk_is_read_and_the_chunk_kept(start_
     finally:
         await runner.cleanup()
     assert got == whole
-    await _until(lambda: len(relayed) == 1)
+    await eventually(lambda: len(relayed) == 1, 3.0)
     assert relayed[0].tokens == (11, 2)
     assert relayed[0].bytes_relayed == len(whole)
 

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from router.providers.sse import error_event
-from tests.conftest import USER_MSG, openai_provider, router_config, sse_events
+from tests.conftest import USER_MSG, eventually, openai_provider, router_config, sse_events
 
 DONE = b"data: [DONE]\n\n"
 
@@ -41,16 +41,6 @@ async def _direct(fake, body: dict[str, Any]) -> bytes:
         except aiohttp.ClientPayloadError:
             pass
     return b"".join(parts)
-
-
-async def _until(predicate, within: float = 3.0) -> float:
-    """Poll until `predicate()` holds; returns how long it took."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > within:
-            raise AssertionError(f"condition not met within {within} s")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - start
 
 
 # -- 1. passthrough --------------------------------------------------------------------------
@@ -138,10 +128,10 @@ async def test_client_leaving_mid_stream_closes_upstream_and_frees_slot(fakes, s
         assert state.inflight == 1
         resp.close()  # drop the connection
         left = time.monotonic()
-    await _until(lambda: up.seen[0].t_disconnected is not None)
+    await eventually(lambda: up.seen[0].t_disconnected is not None, 3.0)
     assert up.seen[0].t_disconnected - left < 1.0
     assert up.seen[0].t_finished is None
-    await _until(lambda: state.inflight == 0, within=1.0)
+    await eventually(lambda: state.inflight == 0, 1.0)
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -157,14 +147,14 @@ async def test_client_leaving_before_first_byte_closes_upstream_and_frees_slot(f
             await resp.read()
 
     task = asyncio.ensure_future(call())
-    await _until(lambda: len(up.seen) == 1 and state.inflight == 1)
+    await eventually(lambda: len(up.seen) == 1 and state.inflight == 1, 3.0)
     task.cancel()  # the client gives up while the upstream is still thinking
     left = time.monotonic()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await _until(lambda: up.seen[0].t_disconnected is not None)
+    await eventually(lambda: up.seen[0].t_disconnected is not None, 3.0)
     assert up.seen[0].t_disconnected - left < 1.0
-    await _until(lambda: state.inflight == 0, within=1.0)
+    await eventually(lambda: state.inflight == 0, 1.0)
     assert up.seen[0].t_finished is None
 
 
@@ -190,7 +180,7 @@ async def test_upstream_cut_mid_stream_ends_with_one_error_event(fakes, start_ro
     assert error["message"] and error["type"] and "code" in error
     assert tail == error_event(error["message"], error["type"], error["code"])
     assert DONE not in got
-    await _until(lambda: r.worker.states[f"up/{model}"].inflight == 0, within=1.0)
+    await eventually(lambda: r.worker.states[f"up/{model}"].inflight == 0, 1.0)
 
 
 async def test_router_still_serves_after_a_cut_stream(fakes, start_router):
