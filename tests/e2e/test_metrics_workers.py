@@ -7,8 +7,7 @@ import signal
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import USER_MSG
-from tests.e2e.conftest import wait_for
+from tests.conftest import USER_MSG, eventually
 from tests.e2e.test_lifecycle import AUTH, client, e2e_config
 
 
@@ -56,7 +55,7 @@ async def test_process_figures_come_per_live_worker(fakes, router_process):
     up = await fakes("up")
     rp = await router_process(e2e_config(up, {"m": "gpt-x"}), "--workers", "2")
     await rp.wait_log(f"listening on http://127.0.0.1:{rp.port}", count=2)
-    workers = await wait_for(lambda: len(rp.children()) == 2 and set(rp.children()), 10,
+    workers = await eventually(lambda: len(rp.children()) == 2 and set(rp.children()), 10,
                              "two worker processes")
 
     async def scrape() -> str:
@@ -76,7 +75,7 @@ async def test_process_figures_come_per_live_worker(fakes, router_process):
     dead = min(workers)
     os.kill(dead, signal.SIGKILL)  # one of our own workers; the supervisor starts another
     await rp.wait_log("restarting it")
-    now = await wait_for(lambda: len(set(rp.children()) - workers) == 1 and set(rp.children()),
+    now = await eventually(lambda: len(set(rp.children()) - workers) == 1 and set(rp.children()),
                          10, "a replacement worker")
     await rp.wait_log(f"listening on http://127.0.0.1:{rp.port}", count=3)
     for _ in range(6):
