@@ -16,7 +16,7 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 
 from router.auth.principal import Principal
@@ -162,21 +162,28 @@ class KeyCache:
                                code="expired_api_key", reason="expired")
 
     async def _lookup_id(self, key_id: str) -> float | None:
-        until = self._misses.get(key_id)
-        if until is not None:
-            if until > self._clock():
-                raise revoked_source()
-            del self._misses[key_id]
-        generation = self._generation
-        record = await self.store.key_by_id(key_id)  # StoreError: 503, fail closed
-        cache = generation == self._generation
-        if record is None:
-            if cache:
-                self._miss(key_id)
-            raise revoked_source()
+        record, cache = await self._fetch(key_id, self.store.key_by_id, revoked_source)
         if cache:
             self._remember_id(record)
         return record.expires_at
+
+    async def _fetch(self, name: str, load: Callable[[str], Awaitable[KeyRecord | None]],
+                     missing: Callable[[], Unauthorized]) -> tuple[KeyRecord, bool]:
+        """A key's record from the store behind the negative cache (StoreError: 503, fail
+        closed), and whether it may be cached (no key changed while it was read)."""
+        until = self._misses.get(name)
+        if until is not None:
+            if until > self._clock():
+                raise missing()
+            del self._misses[name]
+        generation = self._generation
+        record = await load(name)
+        cache = generation == self._generation
+        if record is None:
+            if cache:
+                self._miss(name)
+            raise missing()
+        return record, cache
 
     def _remember_id(self, record: KeyRecord) -> None:
         if len(self._ids) >= self.MAX_ENTRIES:
@@ -192,18 +199,7 @@ class KeyCache:
         return self._clock() - self._confirmed <= self.STALE_AFTER_S
 
     async def _lookup(self, key_digest: str, default_limits: Limits) -> _Entry:
-        until = self._misses.get(key_digest)
-        if until is not None:
-            if until > self._clock():
-                raise invalid_key()
-            del self._misses[key_digest]
-        generation = self._generation
-        record = await self.store.key_by_digest(key_digest)  # StoreError: 503, fail closed
-        cache = generation == self._generation
-        if record is None:
-            if cache:
-                self._miss(key_digest)
-            raise invalid_key()
+        record, cache = await self._fetch(key_digest, self.store.key_by_digest, invalid_key)
         entry = _Entry(record, key_principal(record, default_limits),
                        default_limits if record.limits is None else None)
         if cache:
