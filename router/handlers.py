@@ -18,6 +18,7 @@ from router.errors import (
     Overloaded,
     RouterError,
 )
+from router.limits import Used
 from router.metrics import CONTENT_TYPE
 from router.prober import publish_backend_up
 from router.relay import relay_json, relay_stream
@@ -142,7 +143,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     finally:
         if inflight is not None:
             inflight.dec()
-        limiter.settle(ticket, opened)  # the answer ended, the client left, or it failed
+        # The answer ended, the client left, or it failed.
+        limiter.settle(ticket, None if opened is None else Used(opened.tokens, opened.relayed()))
 
 
 def _route_for(runtime: Runtime, principal: Principal, name: str) -> Route:

@@ -20,7 +20,6 @@ from router.auth import Principal
 from router.config.model import Config, Limits
 from router.errors import RouterError
 from router.metrics import Metrics
-from router.routing.dispatch import Opened
 from router.runtime import RuntimeRef
 from router.store import MemoryStore, Store, StoreError
 from router.store.base import SESSION_UNAVAILABLE, Admission, SessionQuery, SessionState
@@ -117,7 +116,7 @@ class Limiter:
             self._live[lease] = ticket
         return ticket
 
-    def settle(self, ticket: Ticket | None, opened: Opened | None) -> None:
+    def settle(self, ticket: Ticket | None, used: Used | None) -> None:
         """The request ended (answer sent, stream over, client gone, upstream failed): release
         its slot and charge what it really used, in the background."""
         if ticket is None or ticket.settled:
@@ -127,7 +126,7 @@ class Limiter:
             self._live.pop(ticket.lease, None)
         delta = 0
         if ticket.limits.tpm or ticket.limits.tokens_per_day:
-            delta = actual_tokens(ticket, opened) - ticket.estimate
+            delta = actual_tokens(ticket, used) - ticket.estimate
         if ticket.lease is None and not delta:
             return
         # Sent by the store at once (batched with this loop turn's other calls): no task here.
@@ -165,17 +164,23 @@ def prompt_estimate(body: Mapping[str, Any]) -> int:
     return chars // 4
 
 
-def actual_tokens(ticket: Ticket, opened: Opened | None) -> int:
+@dataclass(frozen=True, slots=True)
+class Used:
+    """What an answered request used: the upstream's (prompt, completion) tokens when it
+    reported them, and the answer's bytes that reached the client."""
+
+    tokens: tuple[int, int] | None
+    relayed_bytes: int
+
+
+def actual_tokens(ticket: Ticket, used: Used | None) -> int:
     """What the request used: the upstream's usage when it reported it, else the prompt
     estimate plus the bytes relayed / 4 (at most the reservation); nothing if no answer came."""
-    if opened is None:
+    if used is None:
         return 0
-    if opened.tokens is not None:
-        return sum(opened.tokens)
-    relayed = opened.bytes_relayed
-    if not relayed and "event-stream" not in opened.exchange.content_type:
-        relayed = len(opened.first)  # a JSON answer is relayed whole
-    return ticket.prompt_estimate + min(relayed // 4, ticket.completion_reserved)
+    if used.tokens is not None:
+        return sum(used.tokens)
+    return ticket.prompt_estimate + min(used.relayed_bytes // 4, ticket.completion_reserved)
 
 
 def rate_headers(limits: Limits, a: Admission) -> dict[str, str]:

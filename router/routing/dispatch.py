@@ -68,6 +68,12 @@ class Opened:
     bytes_relayed: int = 0  # upstream bytes written to the client (whole events for streams)
     _finished: bool = False
 
+    def relayed(self) -> int:
+        """The answer's bytes that reached the client (a JSON answer is relayed whole)."""
+        if self.bytes_relayed or "event-stream" in self.exchange.content_type:
+            return self.bytes_relayed
+        return len(self.first)
+
     def record_usage(self, usage: dict[str, Any]) -> None:
         """A stream's `usage`, read by the relay at its end: kept and counted like JSON's."""
         self.tokens = count_tokens({"usage": usage}, self.route, self.backend, self.metrics)
