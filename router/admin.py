@@ -68,7 +68,7 @@ class NewKey(BaseModel):
 
 
 def parse_new_key(raw: bytes, routes: Collection[str]) -> NewKey:
-    """Body bytes -> NewKey, or ValidationFailed in the seed's 422 shape."""
+    """Body bytes -> NewKey, or ValidationFailed in the 422 `detail` shape."""
     spec = parse_body(raw, NewKey)
     problems: list[dict[str, Any]] = []
     if spec.models != ["*"]:

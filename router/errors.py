@@ -1,7 +1,7 @@
 """The RouterError family: every failure a client can see, with its status, code and log level.
 
 Foreign exceptions (aiohttp, redis, jwt) are translated into these where they occur; the error
-boundary in app.py turns them into OpenAI-style error objects (or the seed's 422 detail list).
+boundary in app.py turns them into OpenAI-style error objects (or the 422 `detail` list).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class RouterError(Exception):
 
 
 class ValidationFailed(RouterError):
-    """422 in the seed's shape: {"detail": [{"loc": [...], "msg": ..., "type": ...}, ...]}."""
+    """422 with a `detail` list: {"detail": [{"loc": [...], "msg": ..., "type": ...}, ...]}."""
 
     status = 422
     type = "invalid_request_error"

@@ -1,6 +1,6 @@
-"""The chat-completions request (the seed's fields), its 422 `detail` list, and OpenAPI from it.
+"""The chat-completions request (OpenAI's fields plus `session_id`), its 422 `detail` list, and OpenAPI from it.
 
-The pydantic model validates; the request dict itself is what goes upstream, so fields the seed
+The pydantic model validates; the request dict itself is what goes upstream, so fields the model
 does not name (stream_options, response_format, seed, user, ...) pass through untouched.
 """
 
@@ -93,7 +93,7 @@ def parse_chat_request(raw: bytes) -> dict[str, Any]:
 
 def parse_body(raw: bytes, model: type[M]) -> M:
     """Body bytes -> `model` (strict JSON mode: ISO strings for datetimes), or ValidationFailed
-    in the seed's detail shape."""
+    in the 422 `detail` shape."""
     body = load_json_object(raw)
     try:
         return model.model_validate_json(raw, strict=True)
@@ -102,7 +102,7 @@ def parse_body(raw: bytes, model: type[M]) -> M:
 
 
 def _detail(exc: ValidationError, body: dict[str, Any]) -> list[dict[str, Any]]:
-    """pydantic errors -> the seed's detail list, one entry per location.
+    """pydantic errors -> the 422 `detail` list, one entry per location.
 
     A union reports once per member (`stop.str`, `stop.list[str]`); those collapse into one entry
     whose message lists what would have been accepted.

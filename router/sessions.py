@@ -1,4 +1,4 @@
-"""Sessions (SPEC 5): a `session_id` pins a conversation to one backend of its route, in the
+"""Sessions: a `session_id` pins a conversation to one backend of its route, in the
 store every replica shares, so a self-hosted backend keeps reusing its prefix (KV) cache; and
 each user's automation settings (auto-creation, pin TTL, default model).
 
@@ -89,7 +89,7 @@ def effective(stored: dict[str, object] | None, defaults: SessionsConfig) -> Set
 
 def parse_settings(raw: bytes, routes: Collection[str], principal: Principal) -> dict[str, Any]:
     """Body bytes -> the settings to store (fields given, not null), or ValidationFailed in the
-    seed's 422 shape. `default_model` must be a route this credential may use."""
+    422 `detail` shape. `default_model` must be a route this credential may use."""
     spec = parse_body(raw, AutomationSettings)
     model = spec.default_model
     if model is not None and (model not in routes or not principal.may_use(model)):

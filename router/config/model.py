@@ -101,7 +101,7 @@ class LimitsConfig(Frozen):
 
 
 class SessionsConfig(Frozen):
-    """Defaults for every user's automation settings (SPEC 5): whether a request without
+    """Defaults for every user's automation settings: whether a request without
     `session_id` gets a new session, and how long an unused pin lives (a user may choose
     60..604800 s; the operator's default may be shorter, e.g. in tests)."""
 
@@ -318,7 +318,7 @@ class LoggingConfig(Frozen):
 
 
 class MetricsConfig(Frozen):
-    """Prometheus metrics (SPEC 8). Off: every collector is a no-op and `path` answers 404.
+    """Prometheus metrics. Off: every collector is a no-op and `path` answers 404.
     Both keys take effect on restart."""
 
     enabled: bool = True

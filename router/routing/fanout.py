@@ -1,4 +1,4 @@
-"""Fan-out (SPEC 6): one request sent to several backends of its route at once.
+"""Fan-out: one request sent to several backends of its route at once.
 
 `race` sends `fanout_width` copies at once and the first committed answer wins; `hedge` sends
 one, then one more each `hedge_after_ms` without an answer (at most `max_hedges` more); `all`

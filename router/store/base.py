@@ -58,7 +58,7 @@ class Admission:
 
 @dataclass(frozen=True, slots=True)
 class Pin:
-    """A session's backend as stored (SPEC 5); times are epoch seconds."""
+    """A session's backend as stored; times are epoch seconds."""
 
     backend: str
     route: str
