@@ -1,4 +1,5 @@
-"""The chat-completions request (OpenAI's fields plus `session_id`), its 422 `detail` list, and OpenAPI from it.
+"""The chat-completions request (OpenAI's fields plus `session_id`), its 422 `detail` list,
+and OpenAPI from it.
 
 The pydantic model validates; the request dict itself is what goes upstream, so fields the model
 does not name (stream_options, response_format, seed, user, ...) pass through untouched.
