@@ -137,6 +137,21 @@ async def start_router(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[
             await rut.worker.stop()
 
 
+ROUTED_BODY_CAP = 256 * 1024  # `routed`'s server.max_body_bytes: room for 100k-deep nesting
+
+
+@pytest.fixture
+async def routed(fakes: Any, start_router: Any) -> tuple[RouterUnderTest, Fake]:
+    """A router with one route `m` in front of one fake upstream, and the admin key (for the
+    admin endpoints' bodies); yields (router, fake)."""
+    up = await fakes("up")
+    config = router_config({"up": openai_provider(up)},
+                           {"m": {"backends": [{"provider": "up", "model": "gpt-x"}]}},
+                           server={"max_body_bytes": ROUTED_BODY_CAP})
+    config["auth"]["api_keys"].append(ADMIN_KEY_ENTRY)
+    return await start_router(config), up
+
+
 def openai_provider(fake: Fake, **extra: Any) -> dict[str, Any]:
     return {"type": "openai", "base_url": fake.base_url, **extra}
 

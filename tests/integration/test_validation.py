@@ -15,22 +15,11 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.conftest import KEY, USER_MSG, openai_provider, router_config
+from tests.conftest import KEY, ROUTED_BODY_CAP, USER_MSG, openai_provider, router_config
 
-CAP = 256 * 1024  # server.max_body_bytes here: room for 100k-deep nesting (200 KB)
+CAP = ROUTED_BODY_CAP  # server.max_body_bytes of `routed`: room for 100k-deep nesting
 AUTH = {"Authorization": f"Bearer {KEY}"}
 JSON_HEADERS = {**AUTH, "Content-Type": "application/json"}
-
-
-@pytest.fixture
-async def routed(fakes, start_router):
-    """A router with one route `m` in front of one fake upstream; yields (router, fake)."""
-    up = await fakes("up")
-    r = await start_router(router_config(
-        {"up": openai_provider(up)},
-        {"m": {"backends": [{"provider": "up", "model": "gpt-x"}]}},
-        server={"max_body_bytes": CAP}))
-    return r, up
 
 
 async def post_raw(r: Any, data: Any, headers: dict[str, str] | None = None,
