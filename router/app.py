@@ -30,10 +30,25 @@ from router.log import redact, redact_message, redact_path
 from router.metrics import Metrics
 from router.relay import ActiveStreams
 from router.runtime import RuntimeRef
-from router.schema import SAFE_ID, OpenApiDocument, openapi_document
-from router.sessions import SettingsCache
+from router.schema import SAFE_ID, OpenApiDocument, openapi_document, parse_chat_request
+from router.sessions import Sessions
+from router.stages import (
+    Admit,
+    BeginSession,
+    ChooseRoute,
+    CountInFlight,
+    FollowSession,
+    Forward,
+    Next,
+    PlaceSession,
+    Read,
+    ReadSession,
+    Relay,
+    link,
+)
 from router.state import (
     ANSWER_HEADERS,
+    CHAT,
     FACTS,
     LIMITER,
     METRICS,
@@ -43,7 +58,7 @@ from router.state import (
     REQUEST_ID,
     RUNTIME,
     RUNTIME_NOW,
-    SETTINGS_CACHE,
+    SESSIONS,
     STATUS,
     STORE,
     STREAMS,
@@ -185,6 +200,22 @@ async def _stamp_request_id(request: web.Request, response: web.StreamResponse) 
         response.headers["x-request-id"] = rid
 
 
+def chat_stages(app: web.Application) -> Next:
+    """The work of POST /chat/completions, outermost first (router/stages.py)."""
+    sessions, metrics, streams = app[SESSIONS], app[METRICS], app[STREAMS]
+    return link([
+        Read(parse_chat_request, streams),  # body, stream flag, the route when named
+        BeginSession(sessions),  # what the admission asks about the session
+        Admit(app[LIMITER]),  # limits: one store round trip; settled when the answer ends
+        ReadSession(sessions),  # the user's settings in effect
+        ChooseRoute(),
+        PlaceSession(sessions),  # the session's id and its backend
+        CountInFlight(metrics),
+        Forward(metrics),  # dispatch, or fan-out
+        FollowSession(sessions),  # a moved pin; a new session named in the answer
+    ], Relay(streams, metrics))
+
+
 def build_app(ref: RuntimeRef, store: Store, metrics: Metrics) -> web.Application:
     app = web.Application(
         middlewares=[pipeline],
@@ -196,7 +227,8 @@ def build_app(ref: RuntimeRef, store: Store, metrics: Metrics) -> web.Applicatio
     app[STORE] = store
     app[METRICS] = metrics
     app[LIMITER] = Limiter(store, metrics, ref)
-    app[SETTINGS_CACHE] = SettingsCache()
+    app[SESSIONS] = Sessions(store, metrics)
+    app[CHAT] = chat_stages(app)
     app[USAGE] = UsageMeter(store, ref, metrics)
     metrics_path = ref.current.config.metrics.path  # like the listener: fixed until restart
     app[OPEN_PATHS] = UNAUTHENTICATED | {metrics_path}

@@ -127,65 +127,168 @@ def new_session_id() -> str:
     return secrets.token_urlsafe(SESSION_ID_BYTES)
 
 
-def query(principal: Principal, session_id: str | None, config: Config) -> SessionQuery:
-    return SessionQuery(principal.user, session_id, config.sessions.ttl_s)
+@dataclass(slots=True, eq=False)
+class Session:
+    """A chat request's session as its stages learn it: what the admission asks the store
+    (`query`), the state and settings read, the id (the client's or one just made), and the
+    backend it was placed on."""
+
+    id: str | None
+    query: SessionQuery | None  # None: the user's settings were known without the store
+    state: SessionState = SESSION_UNAVAILABLE
+    settings: Settings | None = None  # known once read
+    created: bool = False  # the router made the id for this request
+    placed: Backend | None = None
+
+    @property
+    def ttl_s(self) -> int:
+        assert self.settings is not None
+        return self.settings.session_ttl_s
 
 
-async def read_state(store: Store, q: SessionQuery, config: Config,
-                     metrics: Metrics) -> SessionState:
-    """The settings and touched pin in one call, when the limiter did not ask for them."""
-    try:
-        return await store.session_state(q)
-    except StoreError:
-        if not serve_without_store(metrics, config, "session"):
-            raise
-        return SESSION_UNAVAILABLE
+class Sessions:
+    """Pins and users' automation settings, on the store every replica shares.
+
+    A chat request goes through `begin` (before admission), `read` (after it), `place` (once
+    its route is known) and `follow` (once a backend answered); the session and settings
+    endpoints use the rest."""
+
+    def __init__(self, store: Store, metrics: Metrics,
+                 cache: SettingsCache | None = None) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._cache = cache or SettingsCache()
+
+    def begin(self, user: str, session_id: str | None, config: Config) -> Session:
+        """A request's session, before admission. Without a `session_id`, settings this worker
+        read lately are enough: no store call at all unless the principal has limits."""
+        if session_id is None:
+            known, stored = self._cache.get(user)
+            if known:
+                return Session(None, None, SessionState(stored, None))
+        return Session(session_id, SessionQuery(user, session_id, config.sessions.ttl_s))
+
+    async def read(self, session: Session, asked: SessionState | None, config: Config
+                   ) -> Settings:
+        """The session's state and the user's settings in effect. `asked`: what the admission
+        brought back, if the query went with it; else one call now."""
+        if session.query is not None:
+            if asked is not None:
+                session.state = asked
+            else:
+                try:
+                    session.state = await self._store.session_state(session.query)
+                except StoreError:
+                    if not serve_without_store(self._metrics, config, "session"):
+                        raise
+                    session.state = SESSION_UNAVAILABLE
+            if session.state.available:
+                self._cache.put(session.query.user, session.state.settings)
+        session.settings = effective(session.state.settings, config.sessions)
+        return session.settings
+
+    @staticmethod
+    def name(session: Session, route: Route) -> str | None:
+        """The request's session id: the client's, else a new one when the user's settings
+        say so. Never for `fanout: all`, which asks every backend: there is no one backend to
+        pin a session to."""
+        if session.id is None:
+            assert session.settings is not None
+            if route.config.fanout != "all" and session.settings.auto_create_session:
+                session.id = new_session_id()
+                session.created = True
+        return session.id
+
+    async def place(self, session: Session, user: str, route: Route, config: Config,
+                    table: RoutingTable) -> Backend | None:
+        """The backend a named session's request goes to first: its pin when that backend is
+        available with room (`hit`), else the strategy's choice, pinned (`new`, `repin`). None
+        when no backend can take it (dispatch then answers as it would without a session),
+        and without a session or for `fanout: all`."""
+        if session.id is not None and route.config.fanout != "all":
+            session.placed = await self._place(session, session.id, user, route, config,
+                                               table)
+        return session.placed
+
+    async def _place(self, session: Session, session_id: str, user: str, route: Route,
+                     config: Config, table: RoutingTable) -> Backend | None:
+        metrics, state = self._metrics, session.state
+        now = time.monotonic()
+        candidates = [b for b in route.backends if b.state.available(now) and b.has_room()]
+        if hashing_only(state, config):
+            return hashed(metrics, config, route, user, session_id, candidates,
+                          session.created)
+        pin = state.pin
+        replaces: str | None = None
+        if pin is not None:
+            check_route(pin, route, table)
+            pinned = next((b for b in candidates if b.name == pin.backend), None)
+            if pinned is not None:
+                metrics.session_pin("hit")
+                if not state.touched:  # read with an admission: count this admitted request
+                    self._store.use_pin(user, session_id, session.ttl_s).add_done_callback(
+                        count_failure(metrics, "use_pin", "count a session request"))
+                return pinned
+            replaces = pin.backend
+        choice = route.pick(set())
+        if choice is None:
+            return None
+        try:
+            held = await self._store.claim_pin(user, session_id, choice.name, route.name,
+                                               session.ttl_s, replaces,
+                                               count=pin is None or not state.touched)
+        except StoreError:
+            if not serve_without_store(metrics, config, "claim_pin"):
+                raise
+            return hashed(metrics, config, route, user, session_id, candidates,
+                          session.created) or choice
+        if held.backend != choice.name:
+            # Another replica pinned it first: follow the winner.
+            metrics.session_pin("hit")
+            return next((b for b in route.backends if b.name == held.backend), choice)
+        metrics.session_pin("new" if pin is None else "repin")
+        return choice
+
+    async def follow(self, session: Session, user: str, route: Route, served: Backend,
+                     config: Config) -> None:
+        """The placed backend failed and another answered: move the pin there (only if it
+        still names the failed one). Awaited, on this rare path, so the next request finds
+        it moved."""
+        placed = session.placed
+        if session.id is None or placed is None or placed is served \
+                or hashing_only(session.state, config):
+            return
+        try:
+            held = await self._store.claim_pin(user, session.id, served.name, route.name,
+                                               session.ttl_s, placed.name,
+                                               count=False)  # counted when placed
+        except StoreError:
+            self._metrics.store_error("claim_pin")
+            return
+        if held.backend == served.name:
+            self._metrics.session_pin("repin")
+
+    async def settings(self, user: str, config: Config) -> Settings:
+        return effective(await self._store.get_settings(user), config.sessions)
+
+    async def put_settings(self, user: str, stored: dict[str, Any], config: Config
+                           ) -> Settings:
+        """Replace the user's stored settings; this worker sees them at once."""
+        await self._store.put_settings(user, stored)
+        self._cache.put(user, stored)
+        return effective(stored, config.sessions)
+
+    async def get(self, user: str, session_id: str) -> Pin | None:
+        """The user's session as it is, untouched (another user's is just as absent)."""
+        return await self._store.get_pin(user, session_id)
+
+    async def delete(self, user: str, session_id: str) -> bool:
+        return await self._store.delete_pin(user, session_id)
 
 
 def hashing_only(state: SessionState, config: Config) -> bool:
     """No store every replica shares: pins are computed, not stored (consistent hashing)."""
     return not state.available or (not is_shared(config.store) and config.server.workers > 1)
-
-
-async def place(store: Store, metrics: Metrics, config: Config, table: RoutingTable,
-                route: Route, user: str, session_id: str, state: SessionState,
-                ttl_s: int, *, created: bool = False) -> Backend | None:
-    """The backend this session's request goes to first: its pin when that backend is
-    available with room (`hit`), else the strategy's choice, pinned (`new`, `repin`). None
-    when no backend can take it (dispatch then answers as it would without a session).
-    `created`: the router just made the session id."""
-    now = time.monotonic()
-    candidates = [b for b in route.backends if b.state.available(now) and b.has_room()]
-    if hashing_only(state, config):
-        return hashed(metrics, config, route, user, session_id, candidates, created)
-    pin = state.pin
-    replaces: str | None = None
-    if pin is not None:
-        check_route(pin, route, table)
-        pinned = next((b for b in candidates if b.name == pin.backend), None)
-        if pinned is not None:
-            metrics.session_pin("hit")
-            if not state.touched:  # read with an admission: count this admitted request
-                store.use_pin(user, session_id, ttl_s).add_done_callback(
-                    count_failure(metrics, "use_pin", "count a session request"))
-            return pinned
-        replaces = pin.backend
-    choice = route.pick(set())
-    if choice is None:
-        return None
-    try:
-        held = await store.claim_pin(user, session_id, choice.name, route.name, ttl_s,
-                                     replaces, count=pin is None or not state.touched)
-    except StoreError:
-        if not serve_without_store(metrics, config, "claim_pin"):
-            raise
-        return hashed(metrics, config, route, user, session_id, candidates, created) or choice
-    if held.backend != choice.name:
-        # Another replica pinned it first: follow the winner.
-        metrics.session_pin("hit")
-        return next((b for b in route.backends if b.name == held.backend), choice)
-    metrics.session_pin("new" if pin is None else "repin")
-    return choice
 
 
 def check_route(pin: Pin, route: Route, table: RoutingTable) -> None:
@@ -198,22 +301,6 @@ def check_route(pin: Pin, route: Route, table: RoutingTable) -> None:
     if {b.name for b in other.backends} != {b.name for b in route.backends}:
         raise SessionConflict(f"this session belongs to the model {pin.route!r}; use that "
                               "model, or start a new session")
-
-
-async def settle(store: Store, metrics: Metrics, user: str, session_id: str, route: Route,
-                 placed: Backend | None, served: Backend, ttl_s: int) -> None:
-    """The pinned backend failed and another answered: move the pin there (only if it still
-    names the failed one). Awaited, on this rare path, so the next request finds it moved."""
-    if placed is None or placed is served:
-        return
-    try:
-        held = await store.claim_pin(user, session_id, served.name, route.name, ttl_s,
-                                     placed.name, count=False)  # counted when placed
-    except StoreError:
-        metrics.store_error("claim_pin")
-        return
-    if held.backend == served.name:
-        metrics.session_pin("repin")
 
 
 def hashed(metrics: Metrics, config: Config, route: Route, user: str, session_id: str,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -12,9 +14,12 @@ from router.metrics import UNKNOWN, Metrics
 from router.relay import ActiveStreams
 from router.runtime import Runtime, RuntimeRef
 from router.schema import OpenApiDocument
-from router.sessions import SettingsCache
+from router.sessions import Sessions
 from router.store import Store
 from router.usage import UsageMeter
+
+if TYPE_CHECKING:
+    from router.call import Call
 
 
 @dataclass(slots=True)
@@ -29,10 +34,12 @@ STATUS = web.AppKey("status", ServerStatus)
 STORE = web.AppKey("store", Store)
 METRICS = web.AppKey("metrics", Metrics)
 LIMITER = web.AppKey("limiter", Limiter)
-SETTINGS_CACHE = web.AppKey("settings_cache", SettingsCache)
+SESSIONS = web.AppKey("sessions", Sessions)
 OPENAPI = web.AppKey("openapi", OpenApiDocument)  # rendered once per set of routes
 USAGE = web.AppKey("usage", UsageMeter)
 OPEN_PATHS = web.AppKey("open_paths", frozenset)  # served without a credential
+# The chat endpoint's stages, linked (app.py).
+CHAT: web.AppKey[Callable[[Call], Awaitable[web.StreamResponse]]] = web.AppKey("chat")
 
 REQUEST_ID = web.RequestKey("request_id", str)
 RUNTIME_NOW = web.RequestKey("runtime_now", Runtime)

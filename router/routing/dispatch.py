@@ -51,6 +51,18 @@ class UpstreamAnswer(RouterError):
         return self._body
 
 
+@dataclass(frozen=True, slots=True)
+class Outbound:
+    """What goes upstream for one client request, whichever backends are asked: the body as
+    the client sent it (each attempt sets its backend's model), and how to ask."""
+
+    body: dict[str, Any]
+    stream: bool
+    request_id: str
+    max_response_bytes: int
+    metrics: Metrics
+
+
 @dataclass(slots=True)
 class Opened:
     """A committed upstream answer. `finish()` must be called exactly once."""
@@ -98,9 +110,7 @@ def _count_failure(route: Route, backend: Backend, metrics: Metrics, reason: str
         metrics.ejected(backend.name, reason)
 
 
-async def dispatch(route: Route, body: dict[str, Any], *, stream: bool, request_id: str,
-                   max_response_bytes: int, metrics: Metrics,
-                   prefer: Backend | None = None) -> Opened:
+async def dispatch(route: Route, out: Outbound, prefer: Backend | None = None) -> Opened:
     """`prefer` (a session's pinned backend, checked available by the caller) goes first; if it
     fails, the route's strategy picks the next as usual."""
     tried: set[str] = set()
@@ -114,10 +124,9 @@ async def dispatch(route: Route, body: dict[str, Any], *, stream: bool, request_
             tried.add(backend.name)
             attempts += 1
             if last_error is not None:
-                metrics.retried(route.name, last_error.code or "error")
+                out.metrics.retried(route.name, last_error.code or "error")
             try:
-                return await attempt(r, backend, body, stream, request_id,
-                                      max_response_bytes, attempts, metrics)
+                return await attempt(r, backend, out, attempts)
             except Retryable as exc:
                 last_error = exc.error
                 log.info("backend %s failed: %s", backend.name, exc.error.message)
@@ -144,14 +153,11 @@ class Retryable(Exception):
         self.error = error
 
 
-async def attempt_or_error(route: Route, backend: Backend, body: dict[str, Any], stream: bool,
-                           request_id: str, max_response_bytes: int, attempts: int,
-                           metrics: Metrics, until_content: bool = False
-                           ) -> Opened | RouterError:
+async def attempt_or_error(route: Route, backend: Backend, out: Outbound, attempts: int,
+                           until_content: bool = False) -> Opened | RouterError:
     """One copy of a fanned-out request: its answer, or the error the client would see."""
     try:
-        return await attempt(route, backend, body, stream, request_id, max_response_bytes,
-                             attempts, metrics, until_content)
+        return await attempt(route, backend, out, attempts, until_content)
     except Retryable as exc:
         log.info("backend %s failed: %s", backend.name, exc.error.message)
         return exc.error
@@ -192,17 +198,17 @@ def finish_if_opened(task: asyncio.Task[Opened | RouterError]) -> None:
             result.finish(upstream_failed=False)
 
 
-async def attempt(route: Route, backend: Backend, body: dict[str, Any], stream: bool,
-                  request_id: str, max_response_bytes: int, attempts: int,
-                  metrics: Metrics, until_content: bool = False) -> Opened:
+async def attempt(route: Route, backend: Backend, out: Outbound, attempts: int,
+                  until_content: bool = False) -> Opened:
     """One backend asked once. A stream commits at its first chunk, or with `until_content`
     (a race) once it carries content: a role-only first chunk sent at once proves nothing."""
     cfg = route.config
-    upstream_body = dict(body)
+    stream, metrics = out.stream, out.metrics
+    upstream_body = dict(out.body)
     upstream_body["model"] = backend.model
     upstream_body.pop("session_id", None)
     hide_usage = stream and _ask_for_usage(upstream_body)
-    call = UpstreamCall(upstream_body, stream, request_id, route.timeouts)
+    call = UpstreamCall(upstream_body, stream, out.request_id, route.timeouts)
     state = backend.state
     state.inflight += 1
     exchange: Exchange | None = None
@@ -233,7 +239,7 @@ async def attempt(route: Route, backend: Backend, body: dict[str, Any], stream: 
         else:
             # A JSON answer's head is its first byte; the body may take the whole timeout_s.
             ttfb = time.monotonic() - started
-            first = await _read_all(exchange, max_response_bytes)
+            first = await _read_all(exchange, out.max_response_bytes)
             tokens = count_tokens(check_json(first), route, backend, metrics)
         state.record_ttfb(ttfb)
         metrics.first_byte(route.name, backend.name, ttfb)

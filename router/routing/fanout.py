@@ -13,13 +13,12 @@ from __future__ import annotations
 import asyncio
 import time
 from functools import partial
-from typing import Any
 
 from router.errors import RouterError
-from router.metrics import Metrics
 from router.routing import merge
 from router.routing.dispatch import (
     Opened,
+    Outbound,
     UpstreamAnswer,
     attempt_or_error,
     finish_if_opened,
@@ -33,14 +32,12 @@ RACE_WIDTH = 4  # race's default: every backend of the route, at most this many
 Copy = asyncio.Task[Opened | RouterError]
 
 
-async def fan_out(route: Route, body: dict[str, Any], *, stream: bool, request_id: str,
-                  max_response_bytes: int, metrics: Metrics) -> Opened:
+async def fan_out(route: Route, out: Outbound) -> Opened:
     """The answer of a route whose `fanout` is race, hedge or all (never none)."""
     mode = route.config.fanout
     if mode == "all":
-        return await merge.ask_all(route, body, stream=stream, request_id=request_id,
-                                   max_response_bytes=max_response_bytes, metrics=metrics)
-    copies = _Copies(route, mode, body, stream, request_id, max_response_bytes, metrics)
+        return await merge.ask_all(route, out)
+    copies = _Copies(route, mode, out)
     try:
         return await (copies.race() if mode == "race" else copies.hedge())
     finally:
@@ -58,15 +55,11 @@ def hedge_delay(route: Route) -> float | None:
 class _Copies:
     """The copies of one race or hedge in flight, and how the finished ones ended."""
 
-    def __init__(self, route: Route, mode: str, body: dict[str, Any], stream: bool,
-                 request_id: str, max_response_bytes: int, metrics: Metrics) -> None:
+    def __init__(self, route: Route, mode: str, out: Outbound) -> None:
         self.route = route
         self.mode = mode
-        self.body = body
-        self.stream = stream
-        self.request_id = request_id
-        self.max_response_bytes = max_response_bytes
-        self.metrics = metrics
+        self.out = out
+        self.metrics = out.metrics
         self.started = time.monotonic()
         self.live: dict[Copy, Backend] = {}
         self.tried: set[str] = set()
@@ -117,8 +110,7 @@ class _Copies:
         self.tried.add(backend.name)
         self.sent += 1
         task = spawn_counted(backend, partial(
-            attempt_or_error, self.route, backend, self.body, self.stream, self.request_id,
-            self.max_response_bytes, self.sent, self.metrics,
+            attempt_or_error, self.route, backend, self.out, self.sent,
             until_content=self.mode == "race"), f"fanout-{self.mode}")
         self.live[task] = backend
         return True

@@ -28,6 +28,7 @@ from router.providers import Exchange
 from router.providers.sse import DONE, EventCutter, data_event, event_data
 from router.routing.dispatch import (
     Opened,
+    Outbound,
     attempt_or_error,
     check_json,
     count_tokens,
@@ -62,8 +63,7 @@ class Combined(Opened):
             self.tokens = self.merger.tokens()
 
 
-async def ask_all(route: Route, body: dict[str, Any], *, stream: bool, request_id: str,
-                  max_response_bytes: int, metrics: Metrics) -> Opened:
+async def ask_all(route: Route, out: Outbound) -> Opened:
     width = route.config.fanout_width or len(route.backends)
     tried: set[str] = set()
     while len(tried) < width and (backend := route.pick(tried)) is not None:
@@ -72,13 +72,13 @@ async def ask_all(route: Route, body: dict[str, Any], *, stream: bool, request_i
         raise unavailable(route)
     # The route's order, whatever order the strategy picked them in: indices are stable.
     backends = [b for b in route.backends if b.name in tried]
+    body, metrics = out.body, out.metrics
     n = int(body.get("n") or 1)  # validated: an integer, or a float such as 2.0
     group = Backend(",".join(b.name for b in backends), backends[0].provider, "", 1.0, None,
                     BackendState())
     started = time.monotonic()
-    if stream:
-        merger = StreamMerger(route, backends, body, n, request_id, max_response_bytes,
-                              metrics)
+    if out.stream:
+        merger = StreamMerger(route, backends, out, n)
         merger.start()
         try:
             first = await merger.first_events()
@@ -90,7 +90,7 @@ async def ask_all(route: Route, body: dict[str, Any], *, stream: bool, request_i
         exchange = Exchange(200, "text/event-stream", merger.rest(), merger.close)
         return Combined(group, route, exchange, first, len(backends), metrics, started,
                         time.monotonic() - started, None, hide_usage=not asked, merger=merger)
-    answers = await _gather(route, backends, body, request_id, max_response_bytes, metrics)
+    answers = await _gather(route, backends, out)
     merged = merge_json(route, backends, answers, n)
     tokens = _tokens([(a.tokens, len(a.first)) for a in answers if isinstance(a, Opened)])
     exchange = Exchange(200, "application/json", _nothing(), _noop)
@@ -98,11 +98,11 @@ async def ask_all(route: Route, body: dict[str, Any], *, stream: bool, request_i
                     time.monotonic() - started, tokens)
 
 
-async def _gather(route: Route, backends: list[Backend], body: dict[str, Any], request_id: str,
-                  max_response_bytes: int, metrics: Metrics) -> list[Opened | RouterError]:
+async def _gather(route: Route, backends: list[Backend], out: Outbound
+                  ) -> list[Opened | RouterError]:
     """Every backend's whole JSON answer (or error); the last error if all of them failed."""
-    tasks = [spawn_counted(b, partial(attempt_or_error, route, b, body, False, request_id,
-                                      max_response_bytes, i + 1, metrics), "fanout-all")
+    metrics = out.metrics
+    tasks = [spawn_counted(b, partial(attempt_or_error, route, b, out, i + 1), "fanout-all")
              for i, b in enumerate(backends)]
     last_error: RouterError | None = None
     pending = set(tasks)
@@ -213,14 +213,11 @@ class StreamMerger:
     reads them through `rest()`. `close()` cancels the pumps still running, which closes their
     upstream connections and frees their slots."""
 
-    def __init__(self, route: Route, backends: list[Backend], body: dict[str, Any], n: int,
-                 request_id: str, max_response_bytes: int, metrics: Metrics) -> None:
+    def __init__(self, route: Route, backends: list[Backend], out: Outbound, n: int) -> None:
         self.route = route
-        self.max_response_bytes = max_response_bytes
-        self.body = body
+        self.out = out
         self.n = n
-        self.request_id = request_id
-        self.metrics = metrics
+        self.metrics = out.metrics
         self.parts = [_Part(i, b) for i, b in enumerate(backends)]
         self.queue: asyncio.Queue[tuple[bytes, bool] | None] = asyncio.Queue(QUEUE_EVENTS)
         self.live = len(self.parts)  # pumps whose end the reader has not seen yet
@@ -283,9 +280,7 @@ class StreamMerger:
         return _tokens([(p.tokens, p.relayed) for p in self.parts])
 
     async def _pump(self, part: _Part) -> None:
-        result = await attempt_or_error(self.route, part.backend, self.body, True,
-                                        self.request_id, self.max_response_bytes,
-                                        part.number + 1, self.metrics)
+        result = await attempt_or_error(self.route, part.backend, self.out, part.number + 1)
         if isinstance(result, RouterError):
             await self._fail(part, result)
             return

@@ -11,7 +11,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import router.handlers
+import router.stages
 from router.routing.dispatch import Opened
 from tests.conftest import (
     KEY,
@@ -32,7 +32,7 @@ LOGGING = {"level": "info", "format": "json", "access_log": True}
 def relayed(monkeypatch) -> list[Opened]:
     """Every `Opened` whose stream relay has ended, as the limiter sees it then."""
     ended: list[Opened] = []
-    relay = router.handlers.relay_stream
+    relay = router.stages.relay_stream
 
     async def spy(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -40,7 +40,7 @@ def relayed(monkeypatch) -> list[Opened]:
         finally:
             ended.append(args[1])
 
-    monkeypatch.setattr(router.handlers, "relay_stream", spy)
+    monkeypatch.setattr(router.stages, "relay_stream", spy)
     return ended
 
 

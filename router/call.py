@@ -1,0 +1,48 @@
+"""The one object a proxied request is while its stages run (router/stages.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from router.auth import Principal
+from router.limits import Ticket, Used
+from router.routing.dispatch import Opened
+from router.routing.table import Backend, Route
+from router.runtime import Runtime
+from router.sessions import Session
+from router.state import FACTS, PRINCIPAL, REQUEST_ID, RUNTIME_NOW, Facts
+
+
+@dataclass(slots=True, eq=False)
+class Call:
+    """A request to an upstream endpoint, from its parsed body to its relayed answer. The
+    first five fields are known when it starts; each stage reads what the stages before it
+    set and sets its own part (noted beside each field)."""
+
+    request: web.Request
+    runtime: Runtime  # the config and its runtime, read once at the request's start
+    principal: Principal
+    request_id: str
+    facts: Facts  # what the access log and the request's metrics say about it
+    body: dict[str, Any] = field(default_factory=dict)  # read: validated, as the client sent it
+    stream: bool = False  # read
+    model: str | None = None  # read (the body's), else the user's default (sessions)
+    session: Session | None = None  # sessions (chat only)
+    ticket: Ticket | None = None  # admit: None when the principal has no limits
+    headers: dict[str, str] = field(default_factory=dict)  # what the answer carries
+    route: Route | None = None  # choose_route
+    prefer: Backend | None = None  # sessions: the backend to ask first
+    opened: Opened | None = None  # forward: the committed upstream answer
+
+    @classmethod
+    def of(cls, request: web.Request) -> Call:
+        return cls(request, request[RUNTIME_NOW], request[PRINCIPAL], request[REQUEST_ID],
+                   request[FACTS])
+
+    def used(self) -> Used | None:
+        """What the request used, for its limits: nothing if no answer came."""
+        opened = self.opened
+        return None if opened is None else Used(opened.tokens, opened.relayed())

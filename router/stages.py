@@ -1,0 +1,252 @@
+"""The stages of an upstream endpoint's work. Each reads the request's `Call`, extends it and
+hands it to the next; app.py links them, outermost first, into one handler per endpoint.
+
+A stage that must act when the answer ends (settle the limits, count the request out, release
+the upstream answer) wraps the rest of the pipeline: it awaits `self.next(call)` inside
+try/finally, as a middleware wraps a handler. Stages are built once per app; a request costs
+one bound-method call per stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from aiohttp import web
+
+from router.auth import Principal
+from router.body import read_body, wants_stream
+from router.call import Call
+from router.errors import Forbidden, ModelNotFound, Overloaded, RouterError
+from router.limits import Limiter
+from router.metrics import Metrics
+from router.relay import ActiveStreams, relay_json, relay_stream
+from router.routing.dispatch import Outbound, dispatch
+from router.routing.fanout import fan_out
+from router.routing.table import Route
+from router.runtime import Runtime
+from router.sessions import Sessions, inject_first_event, inject_json
+from router.state import ANSWER_HEADERS
+from router.store import StoreError
+
+Next = Callable[[Call], Awaitable[web.StreamResponse]]
+
+
+class Stage:
+    """One step of the work; `next` is the rest of the pipeline (set by `link`)."""
+
+    next: Next
+
+    async def __call__(self, call: Call) -> web.StreamResponse:
+        raise NotImplementedError
+
+
+def link(stages: Sequence[Stage], last: Next) -> Next:
+    """The pipeline's entry: `stages` in order, outermost first, then `last`."""
+    handler = last
+    for stage in reversed(stages):
+        stage.next = handler
+        handler = stage.__call__
+    return handler
+
+
+def route_for(runtime: Runtime, principal: Principal, name: str) -> Route:
+    route = runtime.table.routes.get(name)
+    if route is None:
+        raise ModelNotFound(f"the model {name[:100]!r} does not exist")
+    if not principal.may_use(name):
+        raise Forbidden(f"this credential may not use the model {name!r}")
+    return route
+
+
+class Read(Stage):
+    """The body, validated by `parse` (422 with a `detail` list), and whether the answer
+    streams. A model named in the body is checked at once (404, 403), before any store call;
+    so is the cap on open streams."""
+
+    def __init__(self, parse: Callable[[bytes], dict[str, Any]],
+                 streams: ActiveStreams) -> None:
+        self.parse = parse
+        self.streams = streams
+
+    async def __call__(self, call: Call) -> web.StreamResponse:
+        server = call.runtime.config.server
+        body = self.parse(await read_body(call.request, server.max_body_bytes,
+                                          server.body_timeout_s))
+        stream = wants_stream(body.get("stream"), call.request.headers.get("Accept"))
+        call.facts.stream = stream
+        model = body.get("model")
+        if model is not None:  # else the user's default model, known once settings are read
+            call.route = route_for(call.runtime, call.principal, model)
+            call.model = model
+        if stream and len(self.streams) >= server.max_streams:
+            raise Overloaded("too many open streams; retry shortly", headers={"Retry-After": "1"})
+        body["stream"] = stream
+        call.body, call.stream = body, stream
+        return await self.next(call)
+
+
+class BeginSession(Stage):
+    """What the admission asks the store about the request's session and the user's
+    settings, in the same round trip (nothing, when this worker read the settings lately)."""
+
+    def __init__(self, sessions: Sessions) -> None:
+        self.sessions = sessions
+
+    async def __call__(self, call: Call) -> web.StreamResponse:
+        call.session = self.sessions.begin(call.principal.user, call.body.get("session_id"),
+                                           call.runtime.config)
+        return await self.next(call)
+
+
+class Admit(Stage):
+    """The principal's limits: one store call admits and charges the request, or refuses it
+    (429). When the answer ends, however it ends, the request is settled on what it used.
+    An error after admission carries the rate-limit headers the answer would have."""
+
+    def __init__(self, limiter: Limiter) -> None:
+        self.limiter = limiter
+
+    async def __call__(self, call: Call) -> web.StreamResponse:
+        session = call.session
+        ticket = call.ticket = await self.limiter.admit(
+            call.principal, call.body, call.runtime.config,
+            session=None if session is None else session.query)
+        if ticket is not None:
+            call.headers.update(ticket.headers)
+        try:
+            return await self.next(call)
+        except (RouterError, StoreError):
+            call.request[ANSWER_HEADERS] = call.headers
+            raise
+        finally:
+            self.limiter.settle(ticket, call.used())
+
+
+class ReadSession(Stage):
+    """The session's state and the user's settings in effect (from the admission's answer,
+    else one store call); without a model in the body, the user's default model."""
+
+    def __init__(self, sessions: Sessions) -> None:
+        self.sessions = sessions
+
+    async def __call__(self, call: Call) -> web.StreamResponse:
+        assert call.session is not None
+        ticket = call.ticket
+        settings = await self.sessions.read(call.session, None if ticket is None
+                                            else ticket.session, call.runtime.config)
+        if call.model is None and settings.default_model in call.runtime.table.routes:
+            call.model = settings.default_model
+        return await self.next(call)
+
+
+class ChooseRoute(Stage):
+    """The route: the model asked for, else the config's `default_route`."""
+
+    async def __call__(self, call: Call) -> web.StreamResponse:
+        runtime = call.runtime
+        if call.route is None:
+            call.route = route_for(runtime, call.principal,
+                                   call.model or runtime.table.default_route)
+        call.facts.route = call.route.name
+        return await self.next(call)
+
+
+class PlaceSession(Stage):
+    """The session's id (the client's, or a new one) and the backend it goes to first."""
+
+    def __init__(self, sessions: Sessions) -> None:
+        self.sessions = sessions
+
+    async def __call__(self, call: Call) -> web.StreamResponse:
+        session, route = call.session, call.route
+        assert session is not None and route is not None
+        session_id = self.sessions.name(session, route)
+        if session_id is not None:
+            call.headers["x-session-id"] = session_id  # on an error answer too
+        call.prefer = await self.sessions.place(session, call.principal.user, route,
+                                                call.runtime.config, call.runtime.table)
+        return await self.next(call)
+
+
+class CountInFlight(Stage):
+    """The route's in-flight gauge, for as long as the request is being answered."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    async def __call__(self, call: Call) -> web.StreamResponse:
+        assert call.route is not None
+        gauge = self.metrics.in_flight(call.route.name)
+        gauge.inc()
+        try:
+            return await self.next(call)
+        finally:
+            gauge.dec()
+
+
+class Forward(Stage):
+    """The upstream answer: backends tried in order (strategy, retries, fallbacks) or, for a
+    fanned-out route not pinned by a session, several at once. The answer is released when
+    the request ends (the relay releases it itself; this covers a failure before it)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    async def __call__(self, call: Call) -> web.StreamResponse:
+        route = call.route
+        assert route is not None
+        out = Outbound(call.body, call.stream, call.request_id,
+                       call.runtime.config.server.max_response_bytes, self.metrics)
+        if route.config.fanout == "none" or call.prefer is not None:
+            opened = await dispatch(route, out, call.prefer)  # a pin ignores race and hedge
+        else:
+            opened = await fan_out(route, out)
+        call.opened = opened
+        facts = call.facts
+        facts.backend = opened.backend.name
+        facts.attempts = opened.attempts
+        facts.ttfb_ms = round(opened.ttfb_s * 1000, 3)
+        facts.tokens = opened.tokens
+        call.headers["x-router-backend"] = opened.backend.name
+        try:
+            return await self.next(call)
+        finally:
+            opened.finish(upstream_failed=False)  # a no-op once the relay finished it
+
+
+class FollowSession(Stage):
+    """A session whose placed backend failed moves to the one that answered; a session the
+    router just made is named in the answer (`session_id`, the one rewrite of upstream bytes)."""
+
+    def __init__(self, sessions: Sessions) -> None:
+        self.sessions = sessions
+
+    async def __call__(self, call: Call) -> web.StreamResponse:
+        session, route, opened = call.session, call.route, call.opened
+        assert session is not None and route is not None and opened is not None
+        await self.sessions.follow(session, call.principal.user, route, opened.backend,
+                                   call.runtime.config)
+        if session.created and session.id is not None:
+            inject = inject_first_event if call.stream else inject_json
+            opened.first = inject(opened.first, session.id)
+        return await self.next(call)
+
+
+class Relay:
+    """The answer to the client: a JSON body whole, or the stream event by event."""
+
+    def __init__(self, streams: ActiveStreams, metrics: Metrics) -> None:
+        self.streams = streams
+        self.metrics = metrics
+
+    async def __call__(self, call: Call) -> web.StreamResponse:
+        opened = call.opened
+        assert opened is not None
+        if not call.stream:
+            return relay_json(opened, call.headers)
+        try:
+            return await relay_stream(call.request, opened, call.headers, self.streams,
+                                      self.metrics)
+        finally:
+            call.facts.tokens = opened.tokens  # the relay read them from the stream
