@@ -1,4 +1,5 @@
-"""The state store behind limits, session pins and managed keys, chosen by `store.url`.
+"""The state store behind limits, session pins, managed keys and usage, chosen by `store.url`;
+its protocols, one per concern, are in base.py.
 
 `memory://` keeps state in the process (one worker); `redis://`, `rediss://` (TLS),
 `redis+sentinel://` and `redis+cluster://` (and their `rediss+` TLS forms) share it between
@@ -8,13 +9,23 @@ workers and replicas (url formats: router/store/connect.py).
 from __future__ import annotations
 
 from router.config.model import StoreConfig
-from router.store.base import KeyRecord, Store, StoreError
+from router.store.base import (
+    KeyRecord,
+    KeyStore,
+    Lifecycle,
+    LimitStore,
+    SessionStore,
+    Store,
+    StoreError,
+    UsageStore,
+)
 from router.store.memory import MemoryStore
 
 REDIS_SCHEMES = ("redis://", "rediss://", "redis+sentinel://", "rediss+sentinel://",
                  "redis+cluster://", "rediss+cluster://")
 
-__all__ = ["KeyRecord", "MemoryStore", "Store", "StoreError", "is_shared", "open_store"]
+__all__ = ["KeyRecord", "KeyStore", "Lifecycle", "LimitStore", "MemoryStore", "SessionStore",
+           "Store", "StoreError", "UsageStore", "is_shared", "open_store"]
 
 
 def open_store(config: StoreConfig, *, timeout_s: float | None = None) -> Store:
