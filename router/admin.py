@@ -28,7 +28,7 @@ from router.config.model import Limits, StoreConfig, UserName
 from router.errors import Forbidden, NotFound, ValidationFailed
 from router.schema import WHOLE, parse_body
 from router.state import PRINCIPAL, RUNTIME_NOW, STORE
-from router.store import KeyRecord, Store, open_store
+from router.store import KeyRecord, KeyStore, open_store
 
 T = TypeVar("T")
 
@@ -180,7 +180,7 @@ async def usage_report(request: web.Request) -> web.Response:
 CLI_TIMEOUT_S = 5.0  # `router keys` is not on the request path: a slower network is fine
 
 
-async def with_store(config: StoreConfig, op: Callable[[Store], Awaitable[T]]) -> T:
+async def with_store(config: StoreConfig, op: Callable[[KeyStore], Awaitable[T]]) -> T:
     """Run one `router keys` operation against the configured store, then close it."""
     store = open_store(config, timeout_s=max(CLI_TIMEOUT_S, config.timeout_ms / 1000))
     try:

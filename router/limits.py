@@ -21,7 +21,7 @@ from router.config.model import Config, Limits
 from router.errors import RouterError
 from router.metrics import Metrics
 from router.runtime import RuntimeRef
-from router.store import MemoryStore, Store, StoreError
+from router.store import LimitStore, MemoryStore, StoreError
 from router.store.base import SESSION_UNAVAILABLE, Admission, SessionQuery, SessionState
 from router.tasks import count_failure, serve_without_store
 
@@ -52,14 +52,14 @@ class Ticket:
     prompt_estimate: int
     completion_reserved: int
     lease: str | None
-    store: Store  # the store that admitted it (the fallback while the shared one is down)
+    store: LimitStore  # the store that admitted it (the fallback while the shared one is down)
     headers: dict[str, str] = field(default_factory=dict)
     settled: bool = False
     session: SessionState | None = None  # the session query's answer, when one was asked
 
 
 class Limiter:
-    def __init__(self, store: Store, metrics: Metrics, ref: RuntimeRef) -> None:
+    def __init__(self, store: LimitStore, metrics: Metrics, ref: RuntimeRef) -> None:
         self._ref = ref  # the current config's lease TTL
         self._store = store
         self._fallback = MemoryStore()  # per process: decides while the store is down (open)
@@ -139,7 +139,7 @@ class Limiter:
         while True:
             ttl_s = self._ref.current.config.limits.lease_ttl_s
             await asyncio.sleep(ttl_s / 3)
-            by_store: dict[int, tuple[Store, dict[str, list[str]]]] = {}
+            by_store: dict[int, tuple[LimitStore, dict[str, list[str]]]] = {}
             for lease, ticket in list(self._live.items()):
                 _, leases = by_store.setdefault(id(ticket.store), (ticket.store, {}))
                 leases.setdefault(ticket.principal, []).append(lease)

@@ -38,7 +38,8 @@ def build_runtime(config: Config, client: UpstreamClient,
         try:
             tokens = RouterTokens(auth.jwt, auth.default_limits)
         except (OSError, ValueError, TypeError) as exc:
-            # Unreadable or unparsable key files: a config problem, refused like one.
+            # Key files that do not parse or fit the algorithm (config loading read them): a
+            # config problem, refused like one.
             raise ConfigError("<config>", [Problem(("auth", "jwt"), f"cannot load the key: "
                                                    f"{type(exc).__name__}")]) from None
     idp = None

@@ -31,7 +31,7 @@ from router.metrics import Metrics
 from router.routing.strategies import bounded_rendezvous
 from router.routing.table import Backend, Route, RoutingTable
 from router.schema import WHOLE, parse_body
-from router.store import Store, StoreError, is_shared
+from router.store import SessionStore, StoreError, is_shared
 from router.store.base import SESSION_UNAVAILABLE, Pin, SessionQuery, SessionState
 from router.tasks import count_failure, serve_without_store
 
@@ -153,7 +153,7 @@ class Sessions:
     its route is known) and `follow` (once a backend answered); the session and settings
     endpoints use the rest."""
 
-    def __init__(self, store: Store, metrics: Metrics,
+    def __init__(self, store: SessionStore, metrics: Metrics,
                  cache: SettingsCache | None = None) -> None:
         self._store = store
         self._metrics = metrics

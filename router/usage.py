@@ -22,7 +22,7 @@ from router.auth import Principal
 from router.errors import ValidationFailed
 from router.metrics import Metrics
 from router.runtime import RuntimeRef
-from router.store import Store, StoreError
+from router.store import StoreError, UsageStore
 from router.store.base import HOUR_S, UsageCount
 
 log = logging.getLogger("router.usage")
@@ -37,7 +37,7 @@ class UsageMeter:
     """This worker's usage since its last flush: (hour, principal id) -> [user, requests,
     prompt tokens, completion tokens, errors]."""
 
-    def __init__(self, store: Store, ref: RuntimeRef, metrics: Metrics,
+    def __init__(self, store: UsageStore, ref: RuntimeRef, metrics: Metrics,
                  clock: Callable[[], float] = time.time) -> None:
         self._store = store
         self._ref = ref

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from router.auth.principal import Principal
 from router.config import ApiKeyConfig, Limits
 from router.errors import Unauthorized
-from router.store import KeyRecord, Store, StoreError
+from router.store import KeyRecord, KeyStore, StoreError
 
 log = logging.getLogger("router.auth")
 
@@ -115,7 +115,7 @@ class KeyCache:
     MAX_ENTRIES = 100_000
     STALE_AFTER_S = 2.0
 
-    def __init__(self, store: Store, *, trust_stale: bool = True, poll_s: float = 0.5,
+    def __init__(self, store: KeyStore, *, trust_stale: bool = True, poll_s: float = 0.5,
                  flush_s: float = 5.0, clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time) -> None:
         self.store = store

@@ -30,6 +30,7 @@ from router.auth.principal import (
     Principal,
     jwt_identity,
 )
+from router.config.files import read_jwt_keys
 from router.config.model import JwtConfig, Limits
 from router.errors import Unauthorized
 
@@ -55,7 +56,9 @@ class RouterTokens:
             assert config.secret is not None  # the config validator guarantees it
             self._verify_key = self._signing_key = config.secret.encode()
         else:
-            assert config.public_pem is not None  # read when the config was loaded
+            if config.public_pem is None:  # a section built in code, not by load_config
+                config = read_jwt_keys(config)  # FileProblems (a ValueError) when unreadable
+            assert config.public_pem is not None
             self._verify_key = load_pem_public_key(config.public_pem)
             if config.private_pem is not None:
                 self._signing_key = load_pem_private_key(config.private_pem, password=None)

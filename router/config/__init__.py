@@ -1,4 +1,8 @@
-"""Config: YAML file -> one frozen `Config`, or every problem with its YAML path and line."""
+"""Config: YAML file -> one frozen `Config`, or every problem with its YAML path and line.
+
+Loading is: YAML with lines and ${ENV} (loader.py), the shape (model.py's validation, then the
+cross-checks below), then the files the config names (files.py).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from pathlib import Path as FsPath
 
 from pydantic import ValidationError
 
+from router.config.files import FileProblems, read_files
 from router.config.loader import Loaded, Path, Problem, load_text
 from router.config.model import (
     ApiKeyConfig,
@@ -67,7 +72,11 @@ def parse_config(text: str, *, source: str = "<config>",
     problems = [Problem(p, msg, loaded.line_of(p)) for p, msg in _cross_checks(config)]
     if problems:
         raise ConfigError(source, problems)
-    return config
+    try:
+        return read_files(config)
+    except FileProblems as exc:
+        raise ConfigError(source, [Problem(p, msg, loaded.line_of(p))
+                                   for p, msg in exc.problems]) from None
 
 
 def _pydantic_problems(exc: ValidationError, loaded: Loaded) -> list[Problem]:

@@ -16,6 +16,8 @@ from pydantic import (
     model_validator,
 )
 
+from router.config.store_url import REDIS_PREFIXES, parse_store_url
+
 Strategy = Literal["round_robin", "weighted", "least_busy", "latency", "random"]
 Fanout = Literal["none", "race", "hedge", "all"]
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -70,16 +72,14 @@ class StoreConfig(Frozen):
 
     @field_validator("url")
     @classmethod
-    def _known_scheme(cls, v: str) -> str:
+    def _url_shape(cls, v: str) -> str:
+        """A known scheme and a well-formed url (parsed as text: no driver, no connection)."""
         if v.startswith("memory://"):
             return v
-        if not v.startswith(("redis://", "rediss://", "redis+sentinel://", "rediss+sentinel://",
-                             "redis+cluster://", "rediss+cluster://")):
+        if not v.startswith(REDIS_PREFIXES):
             raise ValueError("expected memory://, redis://host:port[/db], rediss://..., "
                              "redis+sentinel://host:port[,host:port...]/service[/db] or "
                              "redis+cluster://host:port[,host:port...]")
-        from router.store.connect import parse_store_url  # imports redis: only when used
-
         parse_store_url(v)  # its errors never quote the password
         return v
 
@@ -157,8 +157,8 @@ class JwtConfig(Frozen):
     ttl_s: int = Field(3600, ge=60, le=30 * 86400)
     leeway_s: float = Field(30.0, ge=0, le=60)
 
-    # The PEM files' bytes, read while the config is loaded (off the event loop, and so that
-    # `check-config` reports an unreadable file like any other problem).
+    # The key files' bytes, read when the config is loaded (router/config/files.py), after
+    # validation and off the event loop; None until then, and with HS256.
     _public_pem: bytes | None = PrivateAttr(None)
     _private_pem: bytes | None = PrivateAttr(None)
 
@@ -170,10 +170,6 @@ class JwtConfig(Frozen):
         elif not self.public_key_file:
             raise ValueError(f"{self.algorithm} needs `public_key_file` "
                              "(and `private_key_file` to issue tokens)")
-        else:
-            self._public_pem = _read_key(self.public_key_file)
-            if self.private_key_file:
-                self._private_pem = _read_key(self.private_key_file)
         return self
 
     @property
@@ -184,13 +180,12 @@ class JwtConfig(Frozen):
     def private_pem(self) -> bytes | None:
         return self._private_pem
 
-
-def _read_key(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read(64 * 1024)
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    def with_pems(self, public_pem: bytes, private_pem: bytes | None) -> JwtConfig:
+        """This section with its key files' bytes, as they were read."""
+        loaded = self.model_copy()
+        loaded._public_pem = public_pem
+        loaded._private_pem = private_pem
+        return loaded
 
 
 class IntrospectionConfig(Frozen):

@@ -1,20 +1,29 @@
-"""The state store behind limits, session pins and managed keys, chosen by `store.url`.
+"""The state store behind limits, session pins, managed keys and usage, chosen by `store.url`;
+its protocols, one per concern, are in base.py.
 
 `memory://` keeps state in the process (one worker); `redis://`, `rediss://` (TLS),
 `redis+sentinel://` and `redis+cluster://` (and their `rediss+` TLS forms) share it between
-workers and replicas (url formats: router/store/connect.py).
+workers and replicas (url formats: router/config/store_url.py).
 """
 
 from __future__ import annotations
 
 from router.config.model import StoreConfig
-from router.store.base import KeyRecord, Store, StoreError
+from router.config.store_url import REDIS_PREFIXES
+from router.store.base import (
+    KeyRecord,
+    KeyStore,
+    Lifecycle,
+    LimitStore,
+    SessionStore,
+    Store,
+    StoreError,
+    UsageStore,
+)
 from router.store.memory import MemoryStore
 
-REDIS_SCHEMES = ("redis://", "rediss://", "redis+sentinel://", "rediss+sentinel://",
-                 "redis+cluster://", "rediss+cluster://")
-
-__all__ = ["KeyRecord", "MemoryStore", "Store", "StoreError", "is_shared", "open_store"]
+__all__ = ["KeyRecord", "KeyStore", "Lifecycle", "LimitStore", "MemoryStore", "SessionStore",
+           "Store", "StoreError", "UsageStore", "is_shared", "open_store"]
 
 
 def open_store(config: StoreConfig, *, timeout_s: float | None = None) -> Store:
@@ -24,7 +33,7 @@ def open_store(config: StoreConfig, *, timeout_s: float | None = None) -> Store:
     """
     if config.url.startswith("memory://"):
         return MemoryStore()
-    if config.url.startswith(REDIS_SCHEMES):
+    if config.url.startswith(REDIS_PREFIXES):
         from router.store.redis import RedisStore
 
         return RedisStore(config.url, timeout_s=timeout_s or config.timeout_ms / 1000)

@@ -1,4 +1,12 @@
-"""What every store offers (the `Store` protocol), its one error, and the managed-key record.
+"""What a store offers, one small protocol per concern, the records they exchange, and their one
+error. A caller depends on the protocol it uses (the limiter on `LimitStore`, the key cache on
+`KeyStore`, ...); a store implements them all, as `Store`.
+
+    Lifecycle       ping, close
+    KeyStore        managed API keys (router/auth/api_keys.py, router/admin.py)
+    LimitStore      admit, settle, refresh_leases (router/limits.py)
+    SessionStore    pins and automation settings (router/sessions.py)
+    UsageStore      hourly usage buckets (router/usage.py)
 
 A managed API key is stored only as its SHA-256 digest: the plaintext exists once, in the answer
 that created it.
@@ -19,6 +27,19 @@ class StoreError(Exception):
     failed, never a key or a value; what a failure means to a client is decided above."""
 
 
+class Lifecycle(Protocol):
+    """Readiness and shutdown. Each method of every store protocol is one bounded operation (a
+    timeout covers all of it) and raises StoreError, never a driver's exception."""
+
+    async def ping(self) -> bool:
+        """Whether the store answers now (readiness); never raises."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+# -- Managed API keys ------------------------------------------------------------------------------
+
 @dataclass(frozen=True, slots=True)
 class KeyRecord:
     """A managed API key as stored. `digest` is the SHA-256 of the key; times are epoch seconds."""
@@ -33,6 +54,37 @@ class KeyRecord:
     expires_at: float | None = None
     last_used_at: float | None = None
 
+
+class KeyStore(Protocol):
+    """Managed API keys: records by id, found by their key's digest."""
+
+    async def create_key(self, record: KeyRecord) -> None: ...
+
+    async def key_by_digest(self, digest: str) -> KeyRecord | None:
+        """The live record whose key hashes to `digest`, or None (unknown or revoked)."""
+        ...
+
+    async def key_by_id(self, key_id: str) -> KeyRecord | None:
+        """The live record of key `key_id`, or None (unknown or revoked)."""
+        ...
+
+    async def list_keys(self) -> list[KeyRecord]: ...
+
+    async def revoke_key(self, key_id: str) -> bool:
+        """Delete the key; False when there was no such key."""
+        ...
+
+    async def touch_keys(self, used: Mapping[str, float]) -> None:
+        """Record last-use times (key id -> epoch seconds) in one batch; unknown ids are skipped."""
+        ...
+
+    async def keys_version(self) -> str:
+        """An opaque token that changes whenever a key is created or revoked (or the store lost
+        its data): the change signal every replica polls to drop its cached keys."""
+        ...
+
+
+# -- Limits ----------------------------------------------------------------------------------------
 
 # The limit an Admission names when it refuses, in the order they are checked.
 LIMIT_NAMES = ("rpm", "tpm", "tokens_per_day", "concurrency")
@@ -53,8 +105,35 @@ class Admission:
     day_remaining: int
     day_reset_ms: int  # until the next UTC midnight
     in_flight: int
-    session: SessionState | None = None  # asked with the admission (Store.admit's `session`)
+    session: SessionState | None = None  # asked with the admission (LimitStore.admit's `session`)
 
+
+class LimitStore(Protocol):
+    """Per-principal limits: one call admits and charges a request, one settles it."""
+
+    async def admit(self, principal: str, limits: Limits, tokens: int, lease: str,
+                    lease_ttl_s: float, session: SessionQuery | None = None) -> Admission:
+        """Check every limit of `principal` and, only if all pass, charge them all: one request,
+        `tokens` (the estimate) against tpm and tokens_per_day, and a concurrency lease `lease`
+        that expires after `lease_ttl_s` unless refreshed. With `session`, answer it in the same
+        round trip (`Admission.session`, as SessionStore would), whether admitted or not; only
+        read then, since the request may be refused (see SessionStore.use_pin)."""
+        ...
+
+    def settle(self, principal: str, limits: Limits, token_delta: int,
+               lease: str | None) -> asyncio.Future[Any]:
+        """The request ended: release `lease` and adjust tpm and the day's tokens by
+        `token_delta` (actual - estimate). Under way when this returns, awaited or not (no task
+        per request): the future only reports the outcome, failing with StoreError."""
+        ...
+
+    async def refresh_leases(self, leases: Mapping[str, Sequence[str]],
+                             lease_ttl_s: float) -> None:
+        """Extend live leases (principal -> lease ids) by `lease_ttl_s` from now."""
+        ...
+
+
+# -- Sessions --------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
 class Pin:
@@ -83,7 +162,7 @@ class SessionState:
     """The answer: the user's stored settings (a JSON object, None when never set) and the pin;
     `available` is False when the store could not be asked (fail-open). `touched`: the pin
     already counts this request (False when it was only read, alongside an admission that
-    could refuse the request: see Store.use_pin)."""
+    could refuse the request: see SessionStore.use_pin)."""
 
     settings: dict[str, object] | None
     pin: Pin | None
@@ -93,6 +172,44 @@ class SessionState:
 
 SESSION_UNAVAILABLE = SessionState(None, None, available=False)
 
+
+class SessionStore(Protocol):
+    """Pins per (user, session id) with a sliding TTL, and each user's automation settings."""
+
+    async def session_state(self, query: SessionQuery) -> SessionState:
+        """The user's settings and the touched pin (one more request, last use now, TTL
+        slid). LimitStore.admit with `session` only reads them, since it may refuse the
+        request."""
+        ...
+
+    def use_pin(self, user: str, session_id: str, ttl_s: float) -> asyncio.Future[Any]:
+        """One more request on the pin (if it still exists), as session_state's touch: for an
+        admitted request whose pin was only read with its admission. Under way when this
+        returns, as LimitStore.settle's: the future only reports the outcome (StoreError)."""
+        ...
+
+    async def claim_pin(self, user: str, session_id: str, backend: str, route: str,
+                        ttl_s: float, replaces: str | None, count: bool = True) -> Pin:
+        """Pin the session to `backend` unless another replica got there first: with
+        `replaces` None only if no pin exists (SET NX), else only if the pin still names
+        `replaces`. Returns the pin that holds afterwards (ours or the winner's). `count`:
+        this request is one more on that pin (a new pin starts at one request regardless)."""
+        ...
+
+    async def get_pin(self, user: str, session_id: str) -> Pin | None:
+        """The pin as it is, untouched."""
+        ...
+
+    async def delete_pin(self, user: str, session_id: str) -> bool: ...
+
+    async def get_settings(self, user: str) -> dict[str, object] | None: ...
+
+    async def put_settings(self, user: str, settings: Mapping[str, object]) -> None:
+        """Replace the user's stored settings (a JSON object)."""
+        ...
+
+
+# -- Usage -----------------------------------------------------------------------------------------
 
 HOUR_S = 3600  # a usage bucket
 
@@ -117,96 +234,8 @@ class UsageCount:
                           self.errors + later.errors)
 
 
-class Store(Protocol):
-    """Shared state. Each method is one bounded operation (a timeout covers all of it) and
-    raises StoreError, never a driver's exception."""
-
-    async def ping(self) -> bool:
-        """Whether the store answers now (readiness); never raises."""
-        ...
-
-    async def close(self) -> None: ...
-
-    async def create_key(self, record: KeyRecord) -> None: ...
-
-    async def key_by_digest(self, digest: str) -> KeyRecord | None:
-        """The live record whose key hashes to `digest`, or None (unknown or revoked)."""
-        ...
-
-    async def key_by_id(self, key_id: str) -> KeyRecord | None:
-        """The live record of key `key_id`, or None (unknown or revoked)."""
-        ...
-
-    async def list_keys(self) -> list[KeyRecord]: ...
-
-    async def revoke_key(self, key_id: str) -> bool:
-        """Delete the key; False when there was no such key."""
-        ...
-
-    async def touch_keys(self, used: Mapping[str, float]) -> None:
-        """Record last-use times (key id -> epoch seconds) in one batch; unknown ids are skipped."""
-        ...
-
-    async def keys_version(self) -> str:
-        """An opaque token that changes whenever a key is created or revoked (or the store lost
-        its data): the change signal every replica polls to drop its cached keys."""
-        ...
-
-    async def admit(self, principal: str, limits: Limits, tokens: int, lease: str,
-                    lease_ttl_s: float, session: SessionQuery | None = None) -> Admission:
-        """Check every limit of `principal` and, only if all pass, charge them all: one request,
-        `tokens` (the estimate) against tpm and tokens_per_day, and a concurrency lease `lease`
-        that expires after `lease_ttl_s` unless refreshed. With `session`, answer it in the same
-        round trip (`Admission.session`), whether admitted or not."""
-        ...
-
-    def settle(self, principal: str, limits: Limits, token_delta: int,
-               lease: str | None) -> asyncio.Future[Any]:
-        """The request ended: release `lease` and adjust tpm and the day's tokens by
-        `token_delta` (actual - estimate). Under way when this returns, awaited or not (no task
-        per request): the future only reports the outcome, failing with StoreError."""
-        ...
-
-    async def refresh_leases(self, leases: Mapping[str, Sequence[str]],
-                             lease_ttl_s: float) -> None:
-        """Extend live leases (principal -> lease ids) by `lease_ttl_s` from now."""
-        ...
-
-    # Sessions (router/sessions.py): pins per (user, session id) with a sliding TTL, and each
-    # user's automation settings.
-
-    async def session_state(self, query: SessionQuery) -> SessionState:
-        """The user's settings and the touched pin (one more request, last use now, TTL
-        slid). `admit` with `session` only reads them, since it may refuse the request."""
-        ...
-
-    def use_pin(self, user: str, session_id: str, ttl_s: float) -> asyncio.Future[Any]:
-        """One more request on the pin (if it still exists), as session_state's touch: for an
-        admitted request whose pin was only read with its admission. Under way when this
-        returns, as settle's: the future only reports the outcome (StoreError)."""
-        ...
-
-    async def claim_pin(self, user: str, session_id: str, backend: str, route: str,
-                        ttl_s: float, replaces: str | None, count: bool = True) -> Pin:
-        """Pin the session to `backend` unless another replica got there first: with
-        `replaces` None only if no pin exists (SET NX), else only if the pin still names
-        `replaces`. Returns the pin that holds afterwards (ours or the winner's). `count`:
-        this request is one more on that pin (a new pin starts at one request regardless)."""
-        ...
-
-    async def get_pin(self, user: str, session_id: str) -> Pin | None:
-        """The pin as it is, untouched."""
-        ...
-
-    async def delete_pin(self, user: str, session_id: str) -> bool: ...
-
-    async def get_settings(self, user: str) -> dict[str, object] | None: ...
-
-    async def put_settings(self, user: str, settings: Mapping[str, object]) -> None:
-        """Replace the user's stored settings (a JSON object)."""
-        ...
-
-    # Usage (router/usage.py): per-principal counts in hourly buckets (hours since the epoch).
+class UsageStore(Protocol):
+    """Per-principal counts in hourly buckets (hours since the epoch)."""
 
     async def add_usage(self, buckets: Mapping[int, Sequence[UsageCount]],
                         retention_s: float) -> None:
@@ -217,3 +246,11 @@ class Store(Protocol):
     async def usage(self, first_hour: int, end_hour: int) -> list[UsageCount]:
         """Per-principal sums over the buckets of hours [first_hour, end_hour)."""
         ...
+
+
+# -- All of them -----------------------------------------------------------------------------------
+
+class Store(Lifecycle, KeyStore, LimitStore, SessionStore, UsageStore, Protocol):
+    """Shared state: what `open_store` returns and MemoryStore and RedisStore implement. Code
+    that serves more than one concern (the app, the worker) holds a Store; the rest the
+    protocol it uses."""

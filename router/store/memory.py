@@ -1,4 +1,5 @@
-"""The embedded store: process memory, for one worker and for `make run`."""
+"""The embedded store: process memory, for one worker and for `make run`. It implements every
+protocol of base.py; its sections follow their order."""
 
 from __future__ import annotations
 
@@ -40,11 +41,15 @@ class MemoryStore:
         self._sweep_at = 1024  # pins held before expired ones are swept (amortised O(1))
         self._usage: dict[int, tuple[float, dict[str, UsageCount]]] = {}  # hour -> (expiry, ..)
 
+    # Lifecycle: nothing to connect to or close.
+
     async def ping(self) -> bool:
         return True
 
     async def close(self) -> None:
         return None
+
+    # Managed API keys.
 
     async def create_key(self, record: KeyRecord) -> None:
         self._keys[record.id] = record

@@ -22,6 +22,10 @@ such as the limiter's, can read it from the same slot):
     router:sess:{U}:ID      hash: session ID's pin (backend, route, created, last, n), sliding
                             TTL; U is a digest of the user, so a user's keys share one slot
                             and user names never show in a key listing (sessions.lua)
+    router:usage:{HOUR}     hash: an hour's per-principal counts, expiring after retention
+
+The store's methods come in the order of base.py's protocols (lifecycle, keys, limits,
+sessions, usage); how script calls reach Redis (EVALSHA, batching) is scripts.py's.
 """
 
 from __future__ import annotations
@@ -55,14 +59,19 @@ from router.store.base import (
 )
 from router.store.connect import connect, parse_store_url
 from router.store.resp import Command, RespLink
+from router.store.scripts import Script, ScriptBatch, quiet, resolve, run_scripts
 from router.tasks import spawn
 
 T = TypeVar("T")
 
+BATCH = 500  # key ids, usage counts or hours per round trip
+
+
+# -- Managed API keys ------------------------------------------------------------------------------
+
 IDS = "router:{keys}:ids"
 VERSION = "router:{keys}:version"
 EPOCH = "router:{keys}:epoch"
-BATCH = 500  # ids per round trip when listing or touching
 
 # Only a record that still exists gets its last-use time: a revoked key must stay deleted.
 TOUCH = """
@@ -78,31 +87,11 @@ if n == 1 or ARGV[2] == '1' then redis.call('INCR', KEYS[2]) end
 return n
 """
 
-
 # The epoch (set when missing) and the version, in one step on the {keys} slot.
 VERSION_READ = """
 redis.call('SET', KEYS[1], ARGV[1], 'NX')
 return redis.call('MGET', KEYS[1], KEYS[2])
 """
-
-
-# One hour's usage bucket: counters by field ("r:" requests, "p:" prompt and "c:" completion
-# tokens, "e:" errors, each followed by the principal id) and "u:" the principal's user.
-# ARGV: expiry (epoch s), the number of counters, counter/increment pairs, user field/value pairs.
-USAGE_ADD = """
-local n = tonumber(ARGV[2])
-for i = 3, 2 + 2 * n, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
-for i = 3 + 2 * n, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-redis.call('EXPIREAT', KEYS[1], ARGV[1])
-return 0
-"""
-USAGE_FIELDS = "rpce"  # requests, prompt, completion, errors: UsageCount's order
-
-
-def usage_key(hour: int) -> str:
-    """A bucket per hour (hours since the epoch), tagged by its hour: on a Cluster the hours
-    spread over the slots and each flush is a single-slot script."""
-    return f"router:usage:{{{hour}}}"
 
 
 def record_key(key_id: str) -> str:
@@ -113,8 +102,11 @@ def digest_key(digest: str) -> str:
     return f"router:keydigest:{digest}"
 
 
+# -- Limits ----------------------------------------------------------------------------------------
+
 LIMITS_LUA = (Path(__file__).parent / "limits.lua").read_text(encoding="utf-8")
 LIMITS_SHA = hashlib.sha1(LIMITS_LUA.encode(), usedforsecurity=False).hexdigest()
+LIMITS: Script = (LIMITS_SHA, LIMITS_LUA)
 
 
 def limit_keys(principal: str) -> list[str]:
@@ -123,11 +115,10 @@ def limit_keys(principal: str) -> list[str]:
     return [base + "rpm", base + "tpm", base + "conc", base + "day"]
 
 
+# -- Sessions --------------------------------------------------------------------------------------
+
 SESSIONS_LUA = (Path(__file__).parent / "sessions.lua").read_text(encoding="utf-8")
 SESSIONS_SHA = hashlib.sha1(SESSIONS_LUA.encode(), usedforsecurity=False).hexdigest()
-
-Script = tuple[str, str]  # (sha1, source): run by EVALSHA, by EVAL on NOSCRIPT
-LIMITS: Script = (LIMITS_SHA, LIMITS_LUA)
 SESSIONS: Script = (SESSIONS_SHA, SESSIONS_LUA)
 
 
@@ -152,107 +143,32 @@ def session_call(query: SessionQuery, op: str = "read") -> tuple[list[str], list
     return keys, [op, int(query.default_ttl_s * 1000)]
 
 
-ScriptCall = tuple[Script, list[str], list[EncodableT]]  # (script, keys, args)
-# Sends commands in one round trip: their replies in order, a server error as its exception.
-Send = Callable[[list[Command]], Awaitable[list[Any]]]
+# -- Usage -----------------------------------------------------------------------------------------
+
+# One hour's usage bucket: counters by field ("r:" requests, "p:" prompt and "c:" completion
+# tokens, "e:" errors, each followed by the principal id) and "u:" the principal's user.
+# ARGV: expiry (epoch s), the number of counters, counter/increment pairs, user field/value pairs.
+USAGE_ADD = """
+local n = tonumber(ARGV[2])
+for i = 3, 2 + 2 * n, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 3 + 2 * n, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIREAT', KEYS[1], ARGV[1])
+return 0
+"""
+USAGE_FIELDS = "rpce"  # requests, prompt, completion, errors: UsageCount's order
 
 
-def _evalsha(call: ScriptCall) -> Command:
-    (sha, _), keys, args = call
-    return ("EVALSHA", sha, len(keys), *keys, *args)
+def usage_key(hour: int) -> str:
+    """A bucket per hour (hours since the epoch), tagged by its hour: on a Cluster the hours
+    spread over the slots and each flush is a single-slot script."""
+    return f"router:usage:{{{hour}}}"
 
 
-def _eval(call: ScriptCall) -> Command:
-    (_, lua), keys, args = call
-    return ("EVAL", lua, len(keys), *keys, *args)
-
-
-async def _run_scripts(send: Send, calls: Sequence[ScriptCall]) -> list[Any]:
-    """The replies to script calls, sent by EVALSHA in one round trip. A script the server
-    lacks (NOSCRIPT: first use, a restarted or flushed Redis) costs one more: its calls go
-    again as EVAL, which also caches it for the next EVALSHA. Should that round trip fail,
-    its calls get the failure, the others keep their replies."""
-    replies = await send([_evalsha(call) for call in calls])
-    missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-    if missing:
-        try:
-            again = await send([_eval(calls[i]) for i in missing])
-        except (RedisError, OSError) as exc:
-            again = [exc] * len(missing)
-        for i, reply in zip(missing, again, strict=True):
-            replies[i] = reply
-    return replies
-
-
-class _ScriptBatch:
-    """Script calls made in the same event-loop turn leave together, as one pipeline: one
-    write and one read for all of them. redis-py costs ~100 µs of CPU per command; at 64
-    concurrent requests a batch spreads that over many admissions and settlements."""
-
-    def __init__(self, redis: Any, link: RespLink | None = None) -> None:
-        self._redis = redis
-        self._link = link  # a plain redis:// store: the lean connection (resp.py)
-        self._pending: list[tuple[ScriptCall, asyncio.Future[Any]]] = []
-
-    @property
-    def bounded(self) -> bool:
-        """Every call is bounded without a timer of its own: the lean link is up, and it drops
-        the connection (failing what waits) when a reply is overdue by the store timeout."""
-        return self._link is not None and self._link.connected
-
-    def call(self, script: Script, keys: list[str],
-             args: list[EncodableT]) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        if not self._pending:
-            loop.call_soon(self._flush)
-        self._pending.append(((script, keys, args), future))
-        return future
-
-    def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        if self._link is not None and self._link.connected:
-            # The lean link: written now, each reply settles its call from the protocol.
-            self._link.send([_evalsha(call) for call, _ in batch],
-                            [partial(self._replied, entry) for entry in batch])
-            return
-        spawn(self._run(batch), "store-batch")
-
-    def _replied(self, entry: tuple[ScriptCall, asyncio.Future[Any]], result: Any) -> None:
-        if isinstance(result, NoScriptError):  # the script is missing: _run_scripts loads it
-            spawn(self._run([entry]), "store-script-load")
-        else:
-            _settle(entry[1], result)
-
-    async def _run(self, batch: list[tuple[ScriptCall, asyncio.Future[Any]]]) -> None:
-        send = self._link.execute if self._link is not None else self._pipelined
-        try:
-            replies = await _run_scripts(send, [call for call, _ in batch])
-        except (RedisError, OSError) as exc:
-            replies = [exc] * len(batch)
-        for (_, future), reply in zip(batch, replies, strict=True):
-            _settle(future, reply)
-
-    async def _pipelined(self, commands: list[Command]) -> list[Any]:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for command in commands:
-                pipe.execute_command(*command)
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
-        return replies
-
-
-def _settle(future: asyncio.Future[Any], result: Any) -> None:
-    if future.done():  # its caller gave up (timeout, client gone)
-        return
-    if isinstance(result, (RedisError, OSError)):  # the driver's errors stop here
-        future.set_exception(StoreError(f"the store failed ({type(result).__name__})"))
-    elif isinstance(result, BaseException):
-        future.set_exception(result)
-    else:
-        future.set_result(result)
-
+# -- The store -------------------------------------------------------------------------------------
 
 class RedisStore:
+    """Every protocol of base.py, over one Redis, a Sentinel-watched master or a Cluster."""
+
     def __init__(self, url: str, *, timeout_s: float, max_connections: int = 64) -> None:
         self._timeout_s = timeout_s
         # The url's topology (one Redis, Sentinel, Cluster), timeouts, no retries: connect.py.
@@ -262,7 +178,9 @@ class RedisStore:
         # redis-py refuses EVALSHA in Cluster pipelines: there, each call goes alone.
         plain = parse_store_url(url).kind == "redis"  # not Sentinel, not Cluster
         self._link = RespLink(self._redis, timeout_s) if plain else None
-        self._batch = None if self._cluster else _ScriptBatch(self._redis, self._link)
+        self._batch = None if self._cluster else ScriptBatch(self._redis, self._link)
+
+    # How every operation runs: bounded in time, a driver's failure turned into StoreError.
 
     async def _call(self, what: str, op: Awaitable[T]) -> T:
         """The boundary: a timeout over the whole operation, driver errors -> StoreError."""
@@ -290,6 +208,37 @@ class RedisStore:
             raise _failure(what, exc) from exc
         return await self._call(what, make())
 
+    async def _script(self, script: Script, keys: list[str], args: list[EncodableT]) -> Any:
+        """EVALSHA, batched where the store can; a missing script is loaded (run_scripts)."""
+        if self._batch is not None:
+            return await self._batch.call(script, keys, args)
+        (reply,) = await run_scripts(self._one_at_a_time, [(script, keys, args)])
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    async def _one_at_a_time(self, commands: list[Command]) -> list[Any]:
+        """A Send for Cluster, whose pipelines redis-py refuses EVALSHA: a NOSCRIPT reply comes
+        back as a value, as from a pipeline; any other failure raises."""
+        replies: list[Any] = []
+        for command in commands:
+            try:
+                replies.append(await self._redis.execute_command(*command))  # type: ignore[no-untyped-call]
+            except NoScriptError as exc:
+                replies.append(exc)
+        return replies
+
+    def _sent(self, what: str, script: Script, keys: list[str],
+              args: list[EncodableT]) -> asyncio.Future[Any]:
+        """A call nobody waits for (settle, use_pin): under way when this returns; the future
+        only reports how it ended (StoreError). On the lean link: no task and no timer."""
+        batch = self._batch
+        if batch is not None and batch.bounded:
+            return batch.call(script, keys, args)
+        return _reported(self._call(what, self._script(script, keys, args)), what)
+
+    # Lifecycle.
+
     async def ping(self) -> bool:
         try:
             return bool(await self._idempotent("ping", self._redis.ping))
@@ -300,6 +249,8 @@ class RedisStore:
         if self._link is not None:
             self._link.close()
         await self._client.aclose()
+
+    # Managed API keys: single-slot calls (see the layout above).
 
     async def create_key(self, record: KeyRecord) -> None:
         async def op() -> None:
@@ -417,7 +368,7 @@ class RedisStore:
             except BaseException:
                 for reply in (limits_reply, session_reply):
                     if reply is not None:
-                        reply.add_done_callback(_quiet)
+                        reply.add_done_callback(quiet)
                 raise
         elif session is None:
             row = await self._call("admit", self._script(LIMITS, keys, args))
@@ -439,6 +390,32 @@ class RedisStore:
         row, srow = await asyncio.gather(self._script(LIMITS, keys, args),
                                          self._script(SESSIONS, skeys, sargs))
         return row, srow
+
+    def settle(self, principal: str, limits: Limits, token_delta: int,
+               lease: str | None) -> asyncio.Future[Any]:
+        args: list[EncodableT] = ["settle", limits.tpm or 0, limits.tokens_per_day or 0,
+                                  token_delta, lease or ""]
+        return self._sent("settle", LIMITS, limit_keys(principal), args)
+
+    async def refresh_leases(self, leases: Mapping[str, Sequence[str]],
+                             lease_ttl_s: float) -> None:
+        async def op() -> None:
+            if self._cluster:  # redis-py refuses EVALSHA in Cluster pipelines: one call each
+                await asyncio.gather(*(
+                    self._script(LIMITS, limit_keys(principal),
+                                        ["refresh", int(lease_ttl_s * 1000), *ids])
+                    for principal, ids in leases.items()))
+                return
+            # One round trip for all. The admissions that made these leases loaded the script;
+            # after a SCRIPT FLUSH the next admission reloads it and the next refresh succeeds.
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for principal, ids in leases.items():
+                    pipe.evalsha(LIMITS_SHA, 4, *limit_keys(principal), "refresh",
+                                 int(lease_ttl_s * 1000), *ids)
+                await pipe.execute()
+
+        if leases:
+            await self._idempotent("refresh leases", op)
 
     # Sessions: one script (sessions.lua); settings are read with the pin, in its slot.
 
@@ -523,61 +500,6 @@ class RedisStore:
             rows: list[dict[Any, Any]] = await pipe.execute()
         return rows
 
-    def settle(self, principal: str, limits: Limits, token_delta: int,
-               lease: str | None) -> asyncio.Future[Any]:
-        args: list[EncodableT] = ["settle", limits.tpm or 0, limits.tokens_per_day or 0,
-                                  token_delta, lease or ""]
-        return self._sent("settle", LIMITS, limit_keys(principal), args)
-
-    async def refresh_leases(self, leases: Mapping[str, Sequence[str]],
-                             lease_ttl_s: float) -> None:
-        async def op() -> None:
-            if self._cluster:  # redis-py refuses EVALSHA in Cluster pipelines: one call each
-                await asyncio.gather(*(
-                    self._script(LIMITS, limit_keys(principal),
-                                        ["refresh", int(lease_ttl_s * 1000), *ids])
-                    for principal, ids in leases.items()))
-                return
-            # One round trip for all. The admissions that made these leases loaded the script;
-            # after a SCRIPT FLUSH the next admission reloads it and the next refresh succeeds.
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for principal, ids in leases.items():
-                    pipe.evalsha(LIMITS_SHA, 4, *limit_keys(principal), "refresh",
-                                 int(lease_ttl_s * 1000), *ids)
-                await pipe.execute()
-
-        if leases:
-            await self._idempotent("refresh leases", op)
-
-    async def _script(self, script: Script, keys: list[str], args: list[EncodableT]) -> Any:
-        """EVALSHA, batched where the store can; a missing script is loaded (_run_scripts)."""
-        if self._batch is not None:
-            return await self._batch.call(script, keys, args)
-        (reply,) = await _run_scripts(self._one_at_a_time, [(script, keys, args)])
-        if isinstance(reply, BaseException):
-            raise reply
-        return reply
-
-    async def _one_at_a_time(self, commands: list[Command]) -> list[Any]:
-        """A Send for Cluster, whose pipelines redis-py refuses EVALSHA: a NOSCRIPT reply comes
-        back as a value, as from a pipeline; any other failure raises."""
-        replies: list[Any] = []
-        for command in commands:
-            try:
-                replies.append(await self._redis.execute_command(*command))  # type: ignore[no-untyped-call]
-            except NoScriptError as exc:
-                replies.append(exc)
-        return replies
-
-    def _sent(self, what: str, script: Script, keys: list[str],
-              args: list[EncodableT]) -> asyncio.Future[Any]:
-        """A call nobody waits for (settle, use_pin): under way when this returns; the future
-        only reports how it ended (StoreError). On the lean link: no task and no timer."""
-        batch = self._batch
-        if batch is not None and batch.bounded:
-            return batch.call(script, keys, args)
-        return _reported(self._call(what, self._script(script, keys, args)), what)
-
 
 def _failure(what: str, exc: BaseException) -> StoreError:
     if isinstance(exc, TimeoutError):  # the store timeout (asyncio's)
@@ -590,21 +512,15 @@ def _cause(exc: BaseException) -> BaseException | None:
     return None if isinstance(exc, TimeoutError) else exc
 
 
-def _quiet(future: asyncio.Future[Any]) -> None:
-    """Nobody awaits this reply any more: retrieve its error so asyncio does not report it."""
-    if not future.cancelled():
-        future.exception()
-
-
 def _reported(op: Awaitable[Any], name: str) -> asyncio.Future[Any]:
     """Run `op` in the background; its outcome (a StoreError included) goes to the future."""
     future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
     async def run() -> None:
         try:
-            _settle(future, await op)
+            resolve(future, await op)
         except StoreError as exc:
-            _settle(future, exc)
+            resolve(future, exc)
 
     spawn(run(), name)
     return future
@@ -612,29 +528,6 @@ def _reported(op: Awaitable[Any], name: str) -> asyncio.Future[Any]:
 
 def _text(value: bytes | str) -> str:
     return value if isinstance(value, str) else value.decode()
-
-
-def _settings(raw: bytes | str | None) -> dict[str, object] | None:
-    if raw is None:
-        return None
-    try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
-def _pin(row: Sequence[Any]) -> Pin | None:
-    """sessions.lua's {backend, route, created, last, n, expires} -> Pin (None: no pin)."""
-    backend, route, created, last, n, expires = row
-    if backend is None:
-        return None
-    return Pin(_text(backend), _text(route), int(created) / 1000, int(last) / 1000, int(n),
-               int(expires) / 1000)
-
-
-def _state(row: Sequence[Any], touched: bool = False) -> SessionState:
-    return SessionState(_settings(row[0]), _pin(row[1:]), touched=touched)
 
 
 def _fields(record: KeyRecord) -> dict[FieldT, EncodableT]:
@@ -674,6 +567,29 @@ def _record(fields: Mapping[str, str]) -> KeyRecord | None:
         )
     except (KeyError, ValueError, TypeError):
         return None
+
+
+def _settings(raw: bytes | str | None) -> dict[str, object] | None:
+    if raw is None:
+        return None
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _pin(row: Sequence[Any]) -> Pin | None:
+    """sessions.lua's {backend, route, created, last, n, expires} -> Pin (None: no pin)."""
+    backend, route, created, last, n, expires = row
+    if backend is None:
+        return None
+    return Pin(_text(backend), _text(route), int(created) / 1000, int(last) / 1000, int(n),
+               int(expires) / 1000)
+
+
+def _state(row: Sequence[Any], touched: bool = False) -> SessionState:
+    return SessionState(_settings(row[0]), _pin(row[1:]), touched=touched)
 
 
 def _usage_counts(row: Mapping[Any, Any]) -> list[UsageCount]:

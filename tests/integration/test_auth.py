@@ -13,7 +13,7 @@ from typing import Any
 import jwt
 import pytest
 
-from router.config import ConfigError
+from router.config import ConfigError, load_config
 from tests.conftest import ADMIN_KEY, ADMIN_KEY_ENTRY, KEY, OTHER_KEY, USER_MSG, router_config
 from tests.unit.test_router_jwt import (
     ALGORITHMS,
@@ -334,6 +334,27 @@ async def test_a_token_minted_from_a_yaml_key_ends_when_a_reload_removes_the_key
     assert await r.worker.watcher.reload("test")
     await expect_401(r, doomed["access_token"], "no longer configured")
     assert await chat_status(r, kept["access_token"]) == 200
+
+
+async def test_a_reload_that_cannot_read_a_key_file_changes_nothing(start_router, tmp_path):
+    """The key files are read while the new config loads: one that is gone refuses the reload,
+    and tokens signed with the key in use keep verifying."""
+    section, key = jwt_section("RS256", tmp_path)
+    cfg = config(section)
+    r = await start_router(cfg)
+    token = jwt.encode(claims(), key, algorithm="RS256")
+    assert await chat_status(r, token) == 200
+    before = r.worker.ref.current
+    gone = str(tmp_path / "rotated-away.pem")
+    cfg["auth"]["jwt"] = {**section, "public_key_file": gone}
+    r.write_config(cfg)
+    assert not await r.worker.watcher.reload("test")
+    assert r.worker.ref.current is before
+    assert await chat_status(r, token) == 200
+    with pytest.raises(ConfigError) as info:
+        await asyncio.to_thread(load_config, r.path)
+    (problem,) = info.value.problems
+    assert problem.render().startswith(f"auth.jwt.public_key_file: cannot read {gone}: ")
 
 
 async def test_a_token_minted_from_a_yaml_key_follows_the_key_as_reloaded(
