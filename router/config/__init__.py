@@ -15,28 +15,38 @@ from pydantic import ValidationError
 from router.config.files import FileProblems, read_files
 from router.config.loader import Loaded, Path, Problem, load_text
 from router.config.model import (
+    AnthropicProviderConfig,
     ApiKeyConfig,
+    AzureProviderConfig,
     BackendConfig,
     Config,
+    GeminiProviderConfig,
+    HttpProviderConfig,
     Limits,
     MockProviderConfig,
     OpenAIProviderConfig,
     ProviderConfig,
     RouteConfig,
+    TranslatedProviderConfig,
 )
 from router.locs import input_path
 
 __all__ = [
+    "AnthropicProviderConfig",
     "ApiKeyConfig",
+    "AzureProviderConfig",
     "BackendConfig",
     "Config",
     "ConfigError",
+    "GeminiProviderConfig",
+    "HttpProviderConfig",
     "Limits",
     "MockProviderConfig",
     "OpenAIProviderConfig",
     "Problem",
     "ProviderConfig",
     "RouteConfig",
+    "TranslatedProviderConfig",
     "load_config",
     "parse_config",
 ]

@@ -234,8 +234,9 @@ class AuthConfig(Frozen):
     admin_claim: AdminClaim | None = None
 
 
-class OpenAIProviderConfig(Frozen):
-    type: Literal["openai"]
+class HttpProviderConfig(Frozen):
+    """What every provider that reaches its upstream over HTTP has."""
+
     base_url: str = Field(pattern=r"^https?://[^\s]+$")
     api_key: str | None = Field(None, repr=False)
     headers: dict[str, str] = Field(default_factory=dict, repr=False)
@@ -246,10 +247,71 @@ class OpenAIProviderConfig(Frozen):
     ca_file: str | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
-    def _ca_file_needs_https(self) -> OpenAIProviderConfig:
+    def _ca_file_needs_https(self) -> HttpProviderConfig:
         if self.ca_file is not None and not self.base_url.startswith("https://"):
             raise ValueError("ca_file needs an https:// base_url")
         return self
+
+
+class OpenAIProviderConfig(HttpProviderConfig):
+    type: Literal["openai"]
+    # Several keys of one account or project, used in turn: one answered 401/403 or 429 rests
+    # (for the answer's Retry-After, else `key_cooldown_s`) and the request goes on the next.
+    api_keys: tuple[str, ...] = Field((), repr=False)
+    key_cooldown_s: float = Field(60.0, gt=0, le=86400)
+    organization: str | None = Field(None, min_length=1, max_length=256)
+    project: str | None = Field(None, min_length=1, max_length=256)
+
+    @model_validator(mode="after")
+    def _one_key_field(self) -> OpenAIProviderConfig:
+        if self.api_key and self.api_keys:
+            raise ValueError("give api_key or api_keys, not both")
+        if any(not key for key in self.api_keys):
+            raise ValueError("api_keys holds an empty key")
+        return self
+
+
+class AzureProviderConfig(HttpProviderConfig):
+    """Azure OpenAI: `{base_url}/openai/deployments/{model}/chat/completions?api-version=...`,
+    the backend's `model` naming the deployment. Authenticated by `api_key` (the `api-key`
+    header) or `azure_ad_token` (a Microsoft Entra ID bearer token)."""
+
+    type: Literal["azure"]
+    api_version: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    azure_ad_token: str | None = Field(None, repr=False)
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> AzureProviderConfig:
+        if self.api_key and self.azure_ad_token:
+            raise ValueError("give api_key or azure_ad_token, not both")
+        return self
+
+
+class TranslatedProviderConfig(HttpProviderConfig):
+    """A provider whose API is not OpenAI's: requests and answers are translated."""
+
+    # A parameter the API has no equivalent for (`n` > 1, penalties, ...): refused with a 400
+    # naming it, or left out when this is true.
+    drop_unsupported: bool = False
+
+
+class AnthropicProviderConfig(TranslatedProviderConfig):
+    """Anthropic's Messages API (`{base_url}/v1/messages`)."""
+
+    type: Literal["anthropic"]
+    base_url: str = Field("https://api.anthropic.com", pattern=r"^https?://[^\s]+$")
+    anthropic_version: str = Field("2023-06-01", min_length=1, max_length=64)
+    anthropic_beta: str | None = Field(None, min_length=1, max_length=512)
+    # Anthropic requires max_tokens: sent when the client gives none.
+    default_max_tokens: int = Field(4096, ge=1)
+
+
+class GeminiProviderConfig(TranslatedProviderConfig):
+    """Google's Gemini API (`{base_url}/v1beta/models/{model}:generateContent`)."""
+
+    type: Literal["gemini"]
+    base_url: str = Field("https://generativelanguage.googleapis.com",
+                          pattern=r"^https?://[^\s]+$")
 
 
 class MockProviderConfig(Frozen):
@@ -261,7 +323,7 @@ class MockProviderConfig(Frozen):
 
 
 ProviderConfig = Annotated[
-    OpenAIProviderConfig | MockProviderConfig, Field(discriminator="type")
+    OpenAIProviderConfig | AzureProviderConfig | MockProviderConfig, Field(discriminator="type")
 ]
 
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from router.config import MockProviderConfig, OpenAIProviderConfig, ProviderConfig
+from router.config import (
+    AzureProviderConfig,
+    MockProviderConfig,
+    OpenAIProviderConfig,
+    ProviderConfig,
+)
 from router.providers.base import Exchange, Provider, UpstreamCall
 from router.providers.mock import MockProvider
-from router.providers.openai import OpenAIProvider
+from router.providers.openai import AzureProvider, OpenAIProvider
 from router.upstream import UpstreamClient
 
 __all__ = ["Exchange", "Provider", "UpstreamCall", "build_provider"]
@@ -15,6 +20,8 @@ def build_provider(name: str, config: ProviderConfig, client: UpstreamClient,
                    probe_timeout_s: float) -> Provider:
     if isinstance(config, OpenAIProviderConfig):
         return OpenAIProvider(name, config, client, probe_timeout_s)
+    if isinstance(config, AzureProviderConfig):
+        return AzureProvider(name, config, client, probe_timeout_s)
     if isinstance(config, MockProviderConfig):
         return MockProvider(name, config)
     raise TypeError(f"no provider for {type(config).__name__}")

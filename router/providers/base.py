@@ -17,6 +17,7 @@ class UpstreamCall:
     stream: bool
     request_id: str
     timeouts: Timeouts
+    max_response_bytes: int = 64 << 20  # a provider that reads a whole answer reads no more
 
 
 @dataclass(slots=True)

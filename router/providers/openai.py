@@ -1,50 +1,151 @@
-"""Any OpenAI-compatible server: the request body goes as JSON, the answer's bytes pass through."""
+"""OpenAI's API, spoken natively: any OpenAI-compatible server (`openai`) and Azure OpenAI
+(`azure`, the same API under a deployment path). The request body goes as JSON, the answer's
+bytes pass through."""
 
 from __future__ import annotations
 
+import time
+from urllib.parse import quote
+
 from router import __version__
-from router.config import OpenAIProviderConfig
+from router.config import AzureProviderConfig, HttpProviderConfig, OpenAIProviderConfig
 from router.jsonbody import dump_json
 from router.providers.base import Exchange, UpstreamCall, parse_retry_after
-from router.upstream import UpstreamClient
+from router.upstream import UpstreamClient, UpstreamResponse
+
+# Answers that say "not with this key": with several keys, the next one is tried at once.
+KEY_REFUSED = frozenset({401, 403, 429})
 
 
 class OpenAIProvider:
-    def __init__(self, name: str, config: OpenAIProviderConfig, client: UpstreamClient,
+    def __init__(self, name: str, config: HttpProviderConfig, client: UpstreamClient,
                  probe_timeout_s: float = 2.0) -> None:
         self.name = name
         self._client = client
-        base = config.base_url.rstrip("/")
-        self._url = f"{base}/chat/completions"
-        self._models_url = f"{base}/models"
+        self._base = config.base_url.rstrip("/")
+        self._url = f"{self._base}/chat/completions"
+        self._models_url = f"{self._base}/models"
         self._probe = config.probe
         self._ca_file = config.ca_file
         self._probe_timeout_s = probe_timeout_s
-        headers = {"User-Agent": f"router/{__version__}", **config.headers,
-                   "Content-Type": "application/json", "Accept-Encoding": "identity"}
-        if config.api_key:
-            headers["Authorization"] = f"Bearer {config.api_key}"
-        self._headers = headers
-        self.secrets = tuple(v for v in (config.api_key, *config.headers.values()) if v)
-        self._probe_headers = {k: v for k, v in headers.items() if k != "Content-Type"}
+        self._headers = {"User-Agent": f"router/{__version__}", **config.headers,
+                         "Content-Type": "application/json", "Accept-Encoding": "identity"}
+        self._keys = Keys(())
+        self.secrets: tuple[str, ...] = tuple(v for v in config.headers.values() if v)
+        if isinstance(config, OpenAIProviderConfig):
+            if config.organization:
+                self._headers["OpenAI-Organization"] = config.organization
+            if config.project:
+                self._headers["OpenAI-Project"] = config.project
+            keys = config.api_keys or ((config.api_key,) if config.api_key else ())
+            if len(keys) == 1:
+                name, value = self.credential(keys[0])
+                self._headers[name] = value
+            else:
+                self._keys = Keys(keys, config.key_cooldown_s)
+            self.secrets += keys
+
+    def url(self, call: UpstreamCall) -> str:
+        return self._url
+
+    def credential(self, key: str) -> tuple[str, str]:
+        return "Authorization", f"Bearer {key}"
 
     async def open(self, call: UpstreamCall) -> Exchange:
         headers = dict(self._headers)
         headers["Accept"] = "text/event-stream" if call.stream else "application/json"
         headers["x-request-id"] = call.request_id
-        resp = await self._client.post(self._url, headers, dump_json(call.body),
-                                       call.timeouts, self._ca_file)
-        return Exchange(
-            status=resp.status,
-            content_type=resp.headers.get("Content-Type", "application/json"),
-            chunks=resp.iter_chunks(),
-            close=resp.close,
-            retry_after_s=parse_retry_after(resp.headers.get("Retry-After")),
-        )
+        url, body = self.url(call), dump_json(call.body)
+        keys = self._keys
+        if not keys.keys:
+            return _exchange(await self._client.post(url, headers, body, call.timeouts,
+                                                     self._ca_file))
+        tried = 0
+        while True:
+            key = keys.next()
+            name, value = self.credential(key)
+            headers[name] = value
+            resp = await self._client.post(url, headers, body, call.timeouts, self._ca_file)
+            tried += 1
+            if resp.status not in KEY_REFUSED:
+                return _exchange(resp)
+            keys.rest(key, parse_retry_after(resp.headers.get("Retry-After")))
+            if tried >= len(keys.keys) or keys.all_resting():
+                return _exchange(resp)  # every key refused: the answer is the last one's
+            resp.close()
 
     async def probe(self) -> bool | None:
         if not self._probe:
             return None
-        status = await self._client.get_status(self._models_url, self._probe_headers,
+        headers = {k: v for k, v in self._headers.items() if k != "Content-Type"}
+        if self._keys.keys:
+            name, value = self.credential(self._keys.keys[0])
+            headers[name] = value
+        status = await self._client.get_status(self._models_url, headers,
                                                self._probe_timeout_s, self._ca_file)
         return 200 <= status < 300
+
+
+class AzureProvider(OpenAIProvider):
+    """`{base_url}/openai/deployments/{model}/chat/completions?api-version=...`: the backend's
+    model names the deployment."""
+
+    def __init__(self, name: str, config: AzureProviderConfig, client: UpstreamClient,
+                 probe_timeout_s: float = 2.0) -> None:
+        super().__init__(name, config, client, probe_timeout_s)
+        self._version = quote(config.api_version, safe="")
+        self._models_url = f"{self._base}/openai/models?api-version={self._version}"
+        if config.api_key:
+            self._headers["api-key"] = config.api_key
+        elif config.azure_ad_token:
+            self._headers["Authorization"] = f"Bearer {config.azure_ad_token}"
+        self.secrets += tuple(v for v in (config.api_key, config.azure_ad_token) if v)
+        self._urls: dict[str, str] = {}
+
+    def url(self, call: UpstreamCall) -> str:
+        deployment = str(call.body.get("model") or "")
+        url = self._urls.get(deployment)
+        if url is None:
+            url = self._urls[deployment] = (
+                f"{self._base}/openai/deployments/{quote(deployment, safe='')}"
+                f"/chat/completions?api-version={self._version}")
+        return url
+
+
+class Keys:
+    """A provider's API keys, used in turn; a key that was refused rests for a while."""
+
+    def __init__(self, keys: tuple[str, ...], cooldown_s: float = 60.0) -> None:
+        self.keys = keys
+        self._cooldown_s = cooldown_s
+        self._turn = 0
+        self._resting: dict[str, float] = {}  # key -> monotonic time it may be used again
+
+    def next(self) -> str:
+        """The next key in turn that is not resting (the one back soonest if all are)."""
+        now = time.monotonic()
+        n = len(self.keys)
+        for i in range(n):
+            key = self.keys[(self._turn + i) % n]
+            if self._resting.get(key, 0.0) <= now:
+                self._turn = (self._turn + i + 1) % n
+                return key
+        return min(self.keys, key=lambda k: self._resting[k])
+
+    def rest(self, key: str, seconds: float | None) -> None:
+        if len(self.keys) > 1:
+            self._resting[key] = time.monotonic() + (seconds or self._cooldown_s)
+
+    def all_resting(self) -> bool:
+        now = time.monotonic()
+        return all(self._resting.get(k, 0.0) > now for k in self.keys)
+
+
+def _exchange(resp: UpstreamResponse) -> Exchange:
+    return Exchange(
+        status=resp.status,
+        content_type=resp.headers.get("Content-Type", "application/json"),
+        chunks=resp.iter_chunks(),
+        close=resp.close,
+        retry_after_s=parse_retry_after(resp.headers.get("Retry-After")),
+    )

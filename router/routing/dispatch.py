@@ -208,7 +208,8 @@ async def attempt(route: Route, backend: Backend, out: Outbound, attempts: int,
     upstream_body["model"] = backend.model
     upstream_body.pop("session_id", None)
     hide_usage = stream and _ask_for_usage(upstream_body)
-    call = UpstreamCall(upstream_body, stream, out.request_id, route.timeouts)
+    call = UpstreamCall(upstream_body, stream, out.request_id, route.timeouts,
+                        out.max_response_bytes)
     state = backend.state
     state.inflight += 1
     exchange: Exchange | None = None

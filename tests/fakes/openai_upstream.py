@@ -31,6 +31,7 @@ class Seen:
     headers: dict[str, str]
     body: dict[str, Any]
     raw: bytes = b""  # the body's bytes as they arrived
+    path: str = ""  # with its query string
     t_disconnected: float | None = None
     t_finished: float | None = None
 
@@ -66,6 +67,8 @@ class Behaviour:
     echo_auth: bool = False
     malformed: bool = False
     models_500: bool = False
+    deny_key: str | None = None  # a request with this API key gets 401
+    limit_key: str | None = None  # ... gets 429 with Retry-After: 30
 
 
 class BadDirective(ValueError):
@@ -99,6 +102,10 @@ def parse_behaviour(spec: str | None) -> Behaviour:
                     b.malformed = True
                 case "models-500":
                     b.models_500 = True
+                case "deny-key":
+                    b.deny_key = arg
+                case "limit-key":
+                    b.limit_key = arg
         except ValueError as exc:
             raise BadDirective(f"bad directive {part!r}") from exc
     return b
@@ -146,6 +153,12 @@ async def _send(
     return resp
 
 
+def _api_key(request: web.Request) -> str:
+    """The request's key: OpenAI's bearer token, or Azure's `api-key` header."""
+    auth = request.headers.get("Authorization", "")
+    return auth.removeprefix("Bearer ") if auth else request.headers.get("api-key", "")
+
+
 def _abort(request: web.Request) -> None:
     """Tear the connection down mid-body; aiohttp's own write_eof then fails quietly."""
     if request.transport is not None:
@@ -162,7 +175,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return await _send(request, 400, orjson.dumps(_error_body("bad JSON", "invalid_request")))
     if not isinstance(body, dict):
         body = {}
-    seen = Seen(t_received=t_received, headers=dict(request.headers), body=body, raw=raw)
+    seen = Seen(t_received=t_received, headers=dict(request.headers), body=body, raw=raw,
+                path=request.path_qs)
     rec.seen.append(seen)
     rec.inflight += 1
     rec.max_inflight = max(rec.max_inflight, rec.inflight)
@@ -191,6 +205,12 @@ async def _answer(request: web.Request, rec: Recorder, body: dict[str, Any]) -> 
         await asyncio.sleep(_HANG_SECONDS)
     if b.first_byte > 0:
         await asyncio.sleep(b.first_byte)
+    key = _api_key(request)
+    if b.deny_key is not None and key == b.deny_key:
+        return await _send(request, 401, orjson.dumps(_error_body("bad key", "invalid_api_key")))
+    if b.limit_key is not None and key == b.limit_key:
+        return await _send(request, 429, orjson.dumps(_error_body("slow down", "rate_limit")),
+                           {"Retry-After": "30"})
     if b.status is not None:
         headers = {"Retry-After": b.retry_after} if b.retry_after is not None else None
         payload = orjson.dumps(_error_body(f"fake failure {b.status}"))
@@ -352,6 +372,19 @@ async def models(request: web.Request) -> web.Response:
     return await _send(request, 200, orjson.dumps({"object": "list", "data": data}))
 
 
+async def azure_chat(request: web.Request) -> web.StreamResponse:
+    """Azure OpenAI's deployment path: the deployment is the model; api-version is required."""
+    if "api-version" not in request.query:
+        return await _send(request, 404, orjson.dumps(_error_body("Resource not found")))
+    return await chat_completions(request)
+
+
+async def azure_models(request: web.Request) -> web.Response:
+    if "api-version" not in request.query:
+        return await _send(request, 404, orjson.dumps(_error_body("Resource not found")))
+    return await models(request)
+
+
 async def control(request: web.Request) -> web.Response:
     body = orjson.loads(await request.read() or b"{}")
     behaviour = body.get("behaviour") if isinstance(body, dict) else None
@@ -366,6 +399,8 @@ def build_app(name: str = "fake") -> web.Application:
     app[NAME] = name
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_post("/openai/deployments/{deployment}/chat/completions", azure_chat)
+    app.router.add_get("/openai/models", azure_models)
     app.router.add_post("/_control", control)
     return app
 

@@ -1,0 +1,238 @@
+"""Providers whose upstream speaks another API than OpenAI's (Anthropic, Gemini): the request is
+written in that API's dialect, and its answer (a JSON body, or an event stream, event by event
+as each arrives) is read back as OpenAI's, so dispatch, fan-out, the relay and the limits see
+what they see from any OpenAI-compatible server.
+
+A dialect is the one file per API: `request()` builds the upstream request, `answer()` turns a
+whole JSON answer into a `chat.completion`, `stream()` makes the translator of one event stream,
+and `error()` turns an error body into OpenAI's `{"error": {...}}`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+
+from router import __version__
+from router.config import TranslatedProviderConfig
+from router.errors import RouterError, UpstreamError
+from router.providers.base import Exchange, UpstreamCall, parse_retry_after
+from router.providers.sse import DONE, MAX_EVENT_BYTES, EventCutter, data_event
+from router.upstream import UpstreamClient, UpstreamResponse
+
+log = logging.getLogger("router.providers")
+
+MAX_ERROR_BYTES = 64 * 1024
+_EVENT = re.compile(rb".*?(?:\r\n\r\n|\n\n|\r\r)", re.DOTALL)
+
+
+class Unsupported(RouterError):
+    """A request parameter the upstream's API has no equivalent for."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "unsupported_parameter"
+    log_level = logging.INFO
+
+    def __init__(self, param: str, provider: str, why: str = "") -> None:
+        super().__init__(f"`{param}` is not supported by the {provider} API{why}; leave it out "
+                         "(or set drop_unsupported on the provider)")
+        self.param = param
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """What goes to the upstream: the URL, the headers besides the provider's own, the body."""
+
+    url: str
+    body: bytes
+    headers: Mapping[str, str] | None = None
+
+
+class StreamTranslator(Protocol):
+    def feed(self, event: str, data: bytes) -> bytes:
+        """One whole upstream event (its `event:` name, "" if none, and its data) -> the
+        OpenAI events it makes now (possibly b""). Raises UpstreamError when the upstream
+        reports a failure in the stream."""
+        ...
+
+    def end(self) -> bytes:
+        """The upstream stream ended: the last events and `data: [DONE]`. Raises UpstreamError
+        when it ended before the API's own end of a complete answer."""
+        ...
+
+
+class Dialect(Protocol):
+    name: str  # the API's name in messages: "Anthropic", "Gemini"
+
+    def request(self, call: UpstreamCall) -> Request:
+        """Raises Unsupported for a parameter the API cannot take."""
+        ...
+
+    def answer(self, native: dict[str, Any], call: UpstreamCall) -> dict[str, Any]:
+        """A whole 2xx JSON answer -> a `chat.completion` object (UpstreamError if malformed)."""
+        ...
+
+    def stream(self, call: UpstreamCall) -> StreamTranslator: ...
+
+    def error(self, status: int, native: Any) -> dict[str, Any]:
+        """An error answer's parsed body (None when it was not JSON) -> `{"error": {...}}`."""
+        ...
+
+
+class ChunkWriter:
+    """The `chat.completion.chunk` events of one translated stream: each repeats the id,
+    creation time and model."""
+
+    __slots__ = ("head",)
+
+    def __init__(self, id_: str, model: str, created: int | None = None) -> None:
+        self.head = {"id": id_, "object": "chat.completion.chunk",
+                     "created": int(time.time()) if created is None else created,
+                     "model": model}
+
+    def delta(self, delta: dict[str, Any], index: int = 0,
+              finish_reason: str | None = None) -> bytes:
+        return data_event({**self.head, "choices": [{"index": index, "delta": delta,
+                                                      "logprobs": None,
+                                                      "finish_reason": finish_reason}]})
+
+    def usage(self, usage: dict[str, Any]) -> bytes:
+        return data_event({**self.head, "choices": [], "usage": usage})
+
+
+def wants_usage(call: UpstreamCall) -> bool:
+    """Whether the stream ends with a usage chunk (the router asks for it on the client's
+    behalf and hides it when the client did not ask)."""
+    options = call.body.get("stream_options")
+    return isinstance(options, dict) and bool(options.get("include_usage"))
+
+
+class TranslatedProvider:
+    """One upstream of a translated API, through the shared upstream pool."""
+
+    def __init__(self, name: str, config: TranslatedProviderConfig, dialect: Dialect,
+                 client: UpstreamClient, *, auth_headers: Mapping[str, str],
+                 probe_url: str | None, probe_timeout_s: float = 2.0) -> None:
+        self.name = name
+        self._dialect = dialect
+        self._client = client
+        self._ca_file = config.ca_file
+        self._probe_url = probe_url if config.probe else None
+        self._probe_timeout_s = probe_timeout_s
+        headers = {"User-Agent": f"router/{__version__}", **config.headers, **auth_headers,
+                   "Content-Type": "application/json", "Accept-Encoding": "identity"}
+        self._headers = headers
+        self._probe_headers = {k: v for k, v in headers.items() if k != "Content-Type"}
+        self.secrets = tuple(v for v in (config.api_key, *config.headers.values(),
+                                         *auth_headers.values()) if v)
+
+    async def open(self, call: UpstreamCall) -> Exchange:
+        req = self._dialect.request(call)
+        headers = dict(self._headers)
+        if req.headers:
+            headers.update(req.headers)
+        headers["Accept"] = "text/event-stream" if call.stream else "application/json"
+        headers["x-request-id"] = call.request_id
+        resp = await self._client.post(req.url, headers, req.body, call.timeouts, self._ca_file)
+        retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+        if resp.status >= 300:
+            # Overloaded (Anthropic's 529) is a 429 to the router: the backend rests, the next
+            # one is asked.
+            status = 429 if resp.status == 529 else resp.status
+            return Exchange(status, "application/json", self._error(resp), resp.close,
+                            retry_after)
+        if call.stream:
+            chunks = self._events(resp, self._dialect.stream(call))
+            return Exchange(resp.status, "text/event-stream", chunks, resp.close, retry_after)
+        return Exchange(resp.status, "application/json", self._json(resp, call), resp.close,
+                        retry_after)
+
+    async def probe(self) -> bool | None:
+        if self._probe_url is None:
+            return None
+        status = await self._client.get_status(self._probe_url, self._probe_headers,
+                                               self._probe_timeout_s, self._ca_file)
+        return 200 <= status < 300
+
+    async def _json(self, resp: UpstreamResponse, call: UpstreamCall) -> AsyncIterator[bytes]:
+        raw = await _read(resp, call.max_response_bytes)
+        try:
+            native = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise UpstreamError("upstream answered with invalid JSON") from None
+        if not isinstance(native, dict):
+            raise UpstreamError("upstream answered with a JSON value that is not an object")
+        yield orjson.dumps(self._dialect.answer(native, call))
+
+    async def _error(self, resp: UpstreamResponse) -> AsyncIterator[bytes]:
+        raw = await _read(resp, MAX_ERROR_BYTES)
+        try:
+            native = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            native = None
+        yield orjson.dumps(self._dialect.error(resp.status, native))
+
+    async def _events(self, resp: UpstreamResponse, translator: StreamTranslator
+                      ) -> AsyncIterator[bytes]:
+        cutter = EventCutter()
+        async for chunk in resp.iter_chunks():
+            events = cutter.feed(chunk)
+            if not events:
+                continue
+            out = b"".join(translator.feed(*_split(event.group()))
+                           for event in _EVENT.finditer(events))
+            if out:
+                yield out
+        if cutter.pending.strip():
+            out = translator.feed(*_split(cutter.pending))  # a last event without its blank line
+            if out:
+                yield out
+        yield translator.end()
+
+
+def _split(event: bytes) -> tuple[str, bytes]:
+    """An SSE event's name ("" when it has none) and its data (`data:` lines joined)."""
+    name = ""
+    data: list[bytes] = []
+    for line in event.splitlines():
+        if line.startswith(b"data:"):
+            value = line[5:]
+            data.append(value[1:] if value.startswith(b" ") else value)
+        elif line.startswith(b"event:"):
+            name = line[6:].strip().decode("utf-8", "replace")
+    return name, b"\n".join(data)
+
+
+async def _read(resp: UpstreamResponse, limit: int) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in resp.iter_chunks():
+        size += len(chunk)
+        if size > limit:
+            raise UpstreamError("upstream response is too large")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def parse_data(data: bytes) -> dict[str, Any]:
+    """An event's data as a JSON object, or UpstreamError."""
+    if len(data) > MAX_EVENT_BYTES:
+        raise UpstreamError("upstream event is too large")
+    try:
+        parsed = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise UpstreamError("upstream sent an event that is not JSON") from None
+    if not isinstance(parsed, dict):
+        raise UpstreamError("upstream sent an event that is not a JSON object")
+    return parsed
+
+
+__all__ = ["DONE", "ChunkWriter", "Dialect", "Request", "StreamTranslator", "TranslatedProvider",
+           "Unsupported", "parse_data", "wants_usage"]
