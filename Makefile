@@ -47,8 +47,10 @@ SOAK_S ?= 600
 soak: $(STAMP) system-deps
 	SOAK_S=$(SOAK_S) $(BIN)/python -m pytest tests/e2e/test_soak.py -q -s
 
+# `make bench ARGS=--quick`: flags for `router bench` (`router bench --help` lists them).
+ARGS ?=
 bench: $(STAMP)
-	$(BIN)/python -m tests.bench
+	$(BIN)/router bench $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

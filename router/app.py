@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from router import admin, handlers, sessions
+from router import routes
 from router.errors import (
     HttpError,
     InternalError,
@@ -30,7 +30,7 @@ from router.log import redact, redact_message, redact_path
 from router.metrics import Metrics
 from router.relay import ActiveStreams
 from router.runtime import RuntimeRef
-from router.schema import SAFE_ID, OpenApiDocument, openapi_document, parse_chat_request
+from router.schema import SAFE_ID, OpenApiDocument, parse_chat_request
 from router.sessions import Sessions
 from router.stages import (
     Admit,
@@ -74,9 +74,9 @@ access = logging.getLogger("router.access")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-# Everything else requires a credential: forgetting to protect a new route is impossible.
-# (And `metrics.path`, /metrics by default: build_app adds it.)
-UNAUTHENTICATED = frozenset({"/healthz", "/readyz", "/openapi.json"})
+# The route table's open endpoints. Everything else requires a credential: forgetting to protect
+# a new route is impossible. (`metrics.path` moves /metrics: build_app serves the moved table.)
+UNAUTHENTICATED = routes.open_paths(routes.ENDPOINTS)
 
 
 @web.middleware
@@ -230,29 +230,12 @@ def build_app(ref: RuntimeRef, store: Store, metrics: Metrics) -> web.Applicatio
     app[SESSIONS] = Sessions(store, metrics)
     app[CHAT] = chat_stages(app)
     app[USAGE] = UsageMeter(store, ref, metrics)
-    metrics_path = ref.current.config.metrics.path  # like the listener: fixed until restart
-    app[OPEN_PATHS] = UNAUTHENTICATED | {metrics_path}
-    doc = openapi_document(new_key=admin.NewKey, settings=sessions.AutomationSettings)
-    metrics_doc = doc["paths"].pop("/metrics")
-    if metrics.enabled:
-        doc["paths"][metrics_path] = metrics_doc
-    app[OPENAPI] = OpenApiDocument(doc)
+    # Like the listener, the metrics path is fixed until restart.
+    table = routes.endpoints(ref.current.config.metrics.path, metrics.enabled)
+    app[OPEN_PATHS] = routes.open_paths(table)
+    app[OPENAPI] = OpenApiDocument(routes.openapi_document(table))
     app.on_response_prepare.append(_stamp_request_id)
-    for prefix in ("/api/v1", "/v1"):
-        app.router.add_post(f"{prefix}/chat/completions", handlers.chat_completions)
-        app.router.add_get(f"{prefix}/models", handlers.list_models, allow_head=False)
-    app.router.add_post("/api/v1/auth/token", handlers.issue_token)
-    app.router.add_get("/api/v1/automation/settings", handlers.get_settings, allow_head=False)
-    app.router.add_put("/api/v1/automation/settings", handlers.put_settings)
-    app.router.add_get("/api/v1/sessions/{id}", handlers.get_session, allow_head=False)
-    app.router.add_delete("/api/v1/sessions/{id}", handlers.delete_session)
-    app.router.add_post("/api/v1/admin/keys", admin.create_key)
-    app.router.add_get("/api/v1/admin/keys", admin.list_keys, allow_head=False)
-    app.router.add_delete("/api/v1/admin/keys/{id}", admin.revoke_key)
-    app.router.add_get("/api/v1/admin/usage", admin.usage_report, allow_head=False)
-    app.router.add_get("/healthz", handlers.healthz, allow_head=False)
-    app.router.add_get("/readyz", handlers.readyz, allow_head=False)
-    app.router.add_get("/openapi.json", handlers.openapi, allow_head=False)
-    app.router.add_get(metrics_path, handlers.metrics_endpoint if metrics.enabled
-                       else handlers.metrics_disabled, allow_head=False)
+    for endpoint in table:
+        for path in endpoint.paths:
+            app.router.add_route(endpoint.method, path, endpoint.handler)
     return app

@@ -4,8 +4,6 @@ traceback."""
 from __future__ import annotations
 
 import argparse
-import importlib
-import os
 import sys
 from collections.abc import Sequence
 
@@ -54,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("--config", required=True, help="YAML config file")
     revoke.add_argument("id", help="the key's id (key_...)")
 
-    sub.add_parser("bench", help="direct-vs-router benchmark (tests/bench; --help for its flags)")
+    sub.add_parser("bench", help="direct-vs-router benchmark (--help for its flags)")
     return parser
 
 
@@ -158,14 +156,9 @@ def _print_keys(rows: list[dict[str, object]]) -> None:
 
 
 def _bench(argv: list[str]) -> int:
-    sys.path.insert(0, os.getcwd())  # the benchmark lives in the checkout, not the package
-    try:
-        bench = importlib.import_module("tests.bench.__main__")
-    except ImportError:
-        print("router bench: run it from a source checkout (it lives in tests/bench)",
-              file=sys.stderr)
-        return 2
-    return int(bench.main(argv))
+    from router.bench.runner import main as bench
+
+    return bench(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,5 +1,5 @@
 """The chat-completions request (OpenAI's fields plus `session_id`), its 422 `detail` list,
-and OpenAPI from it.
+and the OpenAPI schemas generated from the request models (routes.py adds the paths).
 
 The pydantic model validates; the request dict itself is what goes upstream, so fields the model
 does not name (stream_options, response_format, seed, user, ...) pass through untouched.
@@ -120,23 +120,16 @@ def _detail(exc: ValidationError, body: dict[str, Any]) -> list[dict[str, Any]]:
     return list(merged.values())
 
 
-def openapi_document(new_key: type[BaseModel] | None = None,
-                     settings: type[BaseModel] | None = None) -> dict[str, Any]:
-    """OpenAPI 3.1 of the public API, with the request schemas generated from the validators'
-    own models (`new_key` is the admin API's, `settings` the automation settings', passed in to
-    keep the modules acyclic)."""
+def openapi_components(models: Iterable[type[BaseModel]]) -> dict[str, Any]:
+    """The document's `components.schemas`: the request bodies' schemas generated from the
+    validators' own models (each under its class name, with the models they use), and the
+    shapes of the answers (errors, the 422 detail list, model list, completion, SSE event)."""
     ref = "#/components/schemas/{model}"
-    request_schema = ChatCompletionRequest.model_json_schema(ref_template=ref)
-    schemas: dict[str, Any] = request_schema.pop("$defs", {})
-    schemas["ChatCompletionRequest"] = request_schema
-    if new_key is not None:
-        key_schema = new_key.model_json_schema(ref_template=ref)
-        schemas.update(key_schema.pop("$defs", {}))
-        schemas["NewKey"] = key_schema
-    if settings is not None:
-        settings_schema = settings.model_json_schema(ref_template=ref)
-        schemas.update(settings_schema.pop("$defs", {}))
-        schemas["AutomationSettings"] = settings_schema
+    schemas: dict[str, Any] = {}
+    for model in models:
+        schema = model.model_json_schema(ref_template=ref)
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
     schemas["ValidationError"] = {
         "type": "object",
         "required": ["detail"],
@@ -168,25 +161,6 @@ def openapi_document(new_key: type[BaseModel] | None = None,
                            "created": {"type": "integer"}, "owned_by": {"type": "string"}},
         }}},
     }
-
-    def error(description: str) -> dict[str, Any]:
-        return {"description": description, "content": {"application/json": {
-            "schema": {"$ref": "#/components/schemas/Error"}}}}
-
-    def protected(op: dict[str, Any]) -> dict[str, Any]:
-        """What authentication itself may answer, on every operation that needs a credential."""
-        return {**op, "security": [{"bearer": []}], "responses": {
-            "401": error("Missing or invalid credential (`WWW-Authenticate: Bearer`)"),
-            "403": error("The credential may not do this (e.g. `insufficient_scope`)"),
-            "503": error("The identity provider or the store is unreachable; see Retry-After"),
-            **op["responses"]}}
-
-    invalid = {"description": "Validation Error", "content": {"application/json": {
-        "schema": {"$ref": "#/components/schemas/ValidationError"}}}}
-    # What reading a request body may answer before it is validated.
-    body_errors = {"408": error("The body did not arrive in time"),
-                   "413": error("Body too large"),
-                   "415": error("Unsupported Content-Encoding")}
     schemas["ChatCompletion"] = {"type": "object", "description": "The upstream's answer, "
                                  "relayed as it came (OpenAI's chat.completion object)"}
     schemas["ServerSentEvent"] = {
@@ -194,128 +168,7 @@ def openapi_document(new_key: type[BaseModel] | None = None,
         "wrote it; the last is `data: [DONE]`, or one `event: error` whose data is an Error",
         "properties": {"event": {"type": "string"}, "data": {"type": "string"},
                        "id": {"type": "string"}, "retry": {"type": "integer", "minimum": 0}}}
-    chat_responses = {
-        "200": {"description": "Successful Response", "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletion"}},
-            "text/event-stream": {"schema": {"$ref": "#/components/schemas/ServerSentEvent"}},
-        }},
-        "422": invalid,
-        **body_errors,
-        "403": error("Model not allowed for this credential, or a missing scope"),
-        "404": error("Unknown model"),
-        "409": error("The session belongs to another model"),
-        "429": error("Rate limit of the credential (`rate_limit_exceeded`), or every "
-                     "upstream answered 429 (`upstream_rate_limited`); see Retry-After"),
-        "502": error("Upstream failure"),
-        "503": error("No backend available, too many open streams, or the identity "
-                     "provider is unreachable; see Retry-After"),
-        "504": error("Upstream timeout"),
-    }
-    chat = protected({
-        "summary": "Create Chat Completion",
-        "description": "OpenAI chat completions plus `session_id`. Streams (SSE) when `stream` "
-                       "is true, or when it is absent and `Accept` prefers text/event-stream.",
-        "requestBody": {"required": True, "content": {"application/json": {
-            "schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}},
-        "responses": chat_responses,
-    })
-    models = protected({
-        "summary": "List models",
-        "responses": {"200": {"description": "Model aliases the caller may use", "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/ModelList"}}}}},
-    })
-    probe = {"responses": {"200": {"description": "OK"}, "503": {"description": "Not ready"}}}
-    token = protected({
-        "summary": "Exchange an API key or IdP access token for a router JWT",
-        "responses": {"200": {"description": "OAuth2-style token answer", "content": {
-            "application/json": {"schema": {"type": "object", "properties": {
-                "access_token": {"type": "string"}, "token_type": {"const": "Bearer"},
-                "expires_in": {"type": "integer"}}}}}},
-            "403": error("A router JWT cannot be exchanged"),
-            "404": error("Token issuance is not configured")},
-    })
-    settings_body = {"application/json": {
-        "schema": {"$ref": "#/components/schemas/AutomationSettings"}}}
-    automation = {
-        "get": protected({
-            "summary": "The caller's automation settings (stored, else the defaults)",
-            "responses": {"200": {"description": "Settings in effect",
-                                  "content": settings_body}}}),
-        "put": protected({
-            "summary": "Replace the caller's automation settings",
-            "requestBody": {"required": True, "content": settings_body},
-            "responses": {"200": {"description": "Settings in effect", "content": settings_body},
-                          **body_errors, "422": invalid}}),
-    }
-    session_id = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
-    session = {
-        "get": protected({
-            "summary": "A session of the caller: pinned backend, route, created, last used, "
-                       "requests, expires (epoch seconds)",
-            "parameters": session_id,
-            "responses": {"200": {"description": "The session"},
-                          "404": error("No such session of the caller")}}),
-        "delete": protected({
-            "summary": "End a session of the caller (its pin is forgotten)",
-            "parameters": session_id,
-            "responses": {"204": {"description": "Deleted"},
-                          "404": error("No such session of the caller")}}),
-    }
-    not_admin = error("Not an admin (`admin_required`)")
-    admin_keys = {
-        "post": protected({
-            "summary": "Create an API key (the plaintext is shown once)",
-            "requestBody": {"required": True, "content": {"application/json": {
-                "schema": {"$ref": "#/components/schemas/NewKey"}}}},
-            "responses": {"201": {"description": "The new key, with `key` shown once"},
-                          **body_errors, "403": not_admin, "422": invalid}}),
-        "get": protected({
-            "summary": "List API keys (never a key or its hash)",
-            "responses": {"200": {"description": "Key records"}, "403": not_admin}}),
-    }
-    revoke = {"delete": protected({
-        "summary": "Revoke an API key",
-        "parameters": [{"name": "id", "in": "path", "required": True,
-                        "schema": {"type": "string"}}],
-        "responses": {"204": {"description": "Revoked"}, "403": not_admin,
-                      "404": error("No such key")}})}
-    instant = {"anyOf": [{"type": "string", "format": "date-time"},
-                         {"type": "string", "pattern": r"^[0-9]{1,11}(\.[0-9]{0,9})?$"},
-                         {"const": ""}],
-               "description": "ISO 8601 (no zone: UTC) or unix seconds; empty or absent: the "
-                              "default. `to` after `from`, at most 366 days apart"}
-    usage = {"get": protected({
-        "summary": "Per-principal requests, tokens and errors, summed over the hours that "
-                   "overlap [from, to) (default: the last 24 hours)",
-        "parameters": [{"name": "from", "in": "query", "required": False, "schema": instant},
-                       {"name": "to", "in": "query", "required": False, "schema": instant}],
-        "responses": {"200": {"description": "The usage report"}, "403": not_admin,
-                      "422": invalid}})}
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "router", "version": "1"},
-        "paths": {
-            "/api/v1/chat/completions": {"post": chat},
-            "/v1/chat/completions": {"post": {**chat, "summary": "Create Chat Completion (alias)"}},
-            "/api/v1/models": {"get": models},
-            "/v1/models": {"get": {**models, "summary": "List models (alias)"}},
-            "/api/v1/auth/token": {"post": token},
-            **({"/api/v1/automation/settings": automation} if settings is not None else {}),
-            "/api/v1/sessions/{id}": session,
-            **({"/api/v1/admin/keys": admin_keys, "/api/v1/admin/keys/{id}": revoke,
-                "/api/v1/admin/usage": usage}
-               if new_key is not None else {}),
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
-                "200": {"description": "Prometheus text format"}}}},
-            "/healthz": {"get": {"summary": "Liveness", **probe}},
-            "/readyz": {"get": {"summary": "Readiness", **probe}},
-        },
-        "components": {
-            "schemas": schemas,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
-                                           "description": "API key `sk-...`"}},
-        },
-    }
+    return schemas
 
 
 class OpenApiDocument:

@@ -10,7 +10,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -42,6 +41,7 @@ from router.config import Config, ConfigError, load_config
 from router.errors import BadRequest, InternalError, RouterError
 from router.log import setup_logging
 from router.metrics import DisabledMetrics, Metrics
+from router.open_files import raise_open_files_limit
 from router.prober import probe_forever
 from router.routing.health import BackendState
 from router.runtime import RuntimeRef, build_runtime
@@ -84,31 +84,13 @@ def serve(path: str, overrides: Overrides, *, worker: bool = False) -> int:
     config = overrides.apply(load_config(path))
     setup_logging(config.logging)
     if not worker:  # workers inherit the supervisor's limit
-        _raise_fd_limit(config.server.max_streams)
+        raise_open_files_limit(config)
     if config.server.workers > 1 and not worker:
         return _supervise(path, config, overrides)
     _announce(config, worker)
     _install_uvloop()
     asyncio.run(_run_worker(path, config, overrides, reuse_port=config.server.workers > 1))
     return 0
-
-
-def _raise_fd_limit(max_streams: int) -> None:
-    """Every stream holds two sockets (client and upstream): lift the soft limit on open files
-    to the hard one (a common soft default is 1024: about 500 streams), and say so when even
-    the hard limit is short of `server.max_streams`. Workers inherit it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError) as exc:
-            log.warning("could not raise the open-files limit from %d: %s", soft, exc)
-    needed = 2 * max_streams + 256
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        log.warning("open-files limit %d is below the %d that server.max_streams %d needs; "
-                    "raise it (LimitNOFILE= in the systemd unit, ulimit -n)", soft, needed,
-                    max_streams)
 
 
 def _announce(config: Config, worker: bool) -> None:

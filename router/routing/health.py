@@ -7,7 +7,8 @@ State is per process and survives config reloads for backends whose name is unch
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from router.config.model import EjectionConfig
 
@@ -23,6 +24,8 @@ class BackendState:
     ejected_until: float = 0.0
     resting_until: float = 0.0  # an upstream 429 asked us to wait: honoured even in panic
     probe_down: bool = False
+    # Where cool-downs and rests are measured from: the monotonic clock callers pass as `now`.
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False, compare=False)
 
     def available(self, now: float) -> bool:
         return not self.probe_down and now >= self.ejected_until and now >= self.resting_until
@@ -36,7 +39,7 @@ class BackendState:
 
     def record_success(self) -> None:
         self.consecutive_failures = 0
-        if self.ejected_until and time.monotonic() >= self.ejected_until:
+        if self.ejected_until and self.clock() >= self.ejected_until:
             self.ejections = 0
             self.ejected_until = 0.0
 
@@ -48,12 +51,12 @@ class BackendState:
         self.consecutive_failures = 0
         self.ejections += 1
         cooldown = min(policy.base_cooldown_s * self.ejections, policy.max_cooldown_s)
-        self.ejected_until = time.monotonic() + cooldown
+        self.ejected_until = self.clock() + cooldown
         return True
 
     def rest(self, seconds: float) -> None:
         """An upstream asked us to back off (429 Retry-After)."""
-        self.resting_until = max(self.resting_until, time.monotonic() + seconds)
+        self.resting_until = max(self.resting_until, self.clock() + seconds)
 
 
 class TtfbWindow:

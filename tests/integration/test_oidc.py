@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -28,7 +29,7 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from router.auth.oidc import OidcClient
-from router.config.model import OAuth2Config
+from router.config.model import IntrospectionConfig, OAuth2Config
 from router.errors import IdpUnavailable, Unauthorized
 from router.state import USAGE
 from tests.conftest import (
@@ -254,16 +255,33 @@ async def test_an_unknown_kid_storm_fetches_the_jwks_at_most_once(idp, start_rou
     await ok(r, idp.token())
 
 
-async def test_the_refetch_window_reopens_after_jwks_min_refetch_s(idp, start_router):
-    r = await start_router(oidc_config(idp.issuer, jwks_min_refetch_s=1))
-    await ok(r, idp.token())
-    stranger = idp.token(headers={"kid": "stranger"})
-    await refused(r, stranger, "unknown key")
-    await refused(r, stranger, "unknown key")
-    assert idp.calls["jwks"] == 2
-    await asyncio.sleep(1.05)
-    await refused(r, stranger, "unknown key")
-    assert idp.calls["jwks"] == 3
+@contextlib.asynccontextmanager
+async def clocked_client(idp: FakeIdp, now: list[float], **oauth2: Any
+                         ) -> AsyncIterator[OidcClient]:
+    """The router's client of `idp`, started, on a clock the test moves (`now[0]`): windows and
+    cache lifetimes pass without waiting for them."""
+    client = OidcClient(OAuth2Config(issuer=idp.issuer, audience=AUDIENCE, **oauth2),
+                        clock=lambda: now[0])
+    client.start()
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def test_the_refetch_window_reopens_after_jwks_min_refetch_s(idp):
+    now = [1000.0]
+    async with clocked_client(idp, now, jwks_min_refetch_s=1) as client:
+        await client.jwt_claims(idp.token())  # joins the start-up fetch
+        stranger = idp.token(headers={"kid": "stranger"})
+        for _ in range(2):
+            with pytest.raises(Unauthorized, match="unknown key"):
+                await client.jwt_claims(stranger)
+        assert idp.calls["jwks"] == 2
+        now[0] += 1.05
+        with pytest.raises(Unauthorized, match="unknown key"):
+            await client.jwt_claims(stranger)
+        assert idp.calls["jwks"] == 3
 
 
 async def test_a_new_key_works_after_exactly_one_refetch(idp, start_router):
@@ -493,24 +511,29 @@ async def test_introspection_with_refused_client_credentials_is_503(idp, start_r
     assert status == 503, body
 
 
-async def test_opaque_cache_lives_until_token_exp_at_most_the_ttl(idp, start_router):
-    r = await start_router(introspecting(idp, cache_ttl_s=0.3))
+async def test_opaque_cache_lives_until_token_exp_at_most_the_ttl(idp):
+    now = [1000.0]
+    introspection = IntrospectionConfig(url=f"{idp.url}/introspect", client_id=CLIENT_ID,
+                                        client_secret=CLIENT_SECRET)
     token = idp.opaque()
-    await ok(r, token)
-    await ok(r, token)
-    assert idp.calls["introspect"] == 1
-    await asyncio.sleep(0.35)
-    await ok(r, token)
-    assert idp.calls["introspect"] == 2
-    r2 = await start_router(introspecting(idp, cache_ttl_s=300))
-    # Whole seconds: at least 2 s left, so the two calls below fit well inside it.
-    short = idp.opaque(exp=int(time.time()) + 3)
-    await ok(r2, short)
-    await ok(r2, short)
-    assert idp.calls["introspect"] == 3
-    await asyncio.sleep(max(0.0, idp.tokens[short]["exp"] - time.time()) + 0.05)
-    await ok(r2, short)  # within the leeway, but the cache entry has lapsed
-    assert idp.calls["introspect"] == 4
+    async with clocked_client(idp, now, introspection=introspection,
+                              cache_ttl_s=0.3) as client:
+        await client.opaque_claims(token)
+        await client.opaque_claims(token)
+        assert idp.calls["introspect"] == 1
+        now[0] += 0.35
+        await client.opaque_claims(token)
+        assert idp.calls["introspect"] == 2
+    async with clocked_client(idp, now, introspection=introspection,
+                              cache_ttl_s=300) as client:
+        # Whole seconds: at most 3 s left, so the entry lives at most 3 s on the clock.
+        short = idp.opaque(exp=int(time.time()) + 3)
+        await client.opaque_claims(short)
+        await client.opaque_claims(short)
+        assert idp.calls["introspect"] == 3
+        now[0] += 3.05
+        await client.opaque_claims(short)  # still a live token, but the cache entry has lapsed
+        assert idp.calls["introspect"] == 4
 
 
 async def test_concurrent_requests_with_one_new_opaque_token_share_one_call(idp, start_router):

@@ -18,7 +18,7 @@ def eject(state: BackendState, policy: EjectionConfig = POLICY) -> float:
     """Fail until ejected; returns the cool-down that was applied (from the clock around it)."""
     for _ in range(policy.consecutive_failures - 1):
         assert state.record_failure(policy) is False
-    before = time.monotonic()
+    before = state.clock()
     assert state.record_failure(policy) is True
     return state.ejected_until - before
 
@@ -62,14 +62,15 @@ def test_a_success_resets_the_failure_count():
 
 def test_a_success_after_the_cooldown_restarts_the_growth():
     quick = EjectionConfig(consecutive_failures=1, base_cooldown_s=0.1, max_cooldown_s=1)
-    state = BackendState()
+    now = [1000.0]
+    state = BackendState(clock=lambda: now[0])
     eject(state, quick)
     eject(state, quick)
     assert state.ejections == 2
-    time.sleep(0.25)  # past the 0.2 s cool-down
+    now[0] += 0.25  # past the 0.2 s cool-down
     state.record_success()
     assert state.ejections == 0
-    assert state.available(time.monotonic())
+    assert state.available(now[0])
     assert 0.1 <= eject(state, quick) < 0.15  # base again, not base x 3
 
 

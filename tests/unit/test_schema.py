@@ -9,7 +9,8 @@ import pytest
 
 from router.errors import ValidationFailed
 from router.locs import input_path
-from router.schema import ChatCompletionRequest, openapi_document, parse_chat_request
+from router.routes import openapi_document
+from router.schema import ChatCompletionRequest, parse_chat_request
 
 SEED_FIELDS = {"model", "messages", "temperature", "top_p", "n", "stream", "stop", "max_tokens",
                "presence_penalty", "frequency_penalty", "tools", "tool_choice", "session_id"}
@@ -175,9 +176,8 @@ def test_openapi_describes_the_seed_request_and_the_422_shape():
 def test_openapi_document_is_valid_openapi_and_lists_every_endpoint():
     from openapi_spec_validator import validate
 
-    from router.admin import NewKey
 
-    doc = openapi_document(NewKey)
+    doc = openapi_document()
     validate(doc)
     assert {"/api/v1/chat/completions", "/v1/chat/completions", "/api/v1/models",
             "/api/v1/auth/token", "/api/v1/admin/keys", "/api/v1/admin/keys/{id}",
@@ -188,11 +188,9 @@ def test_openapi_document_is_valid_openapi_and_lists_every_endpoint():
 def test_the_served_document_names_the_routes_and_every_auth_answer():
     from openapi_spec_validator import validate
 
-    from router.admin import NewKey
     from router.schema import OpenApiDocument
-    from router.sessions import AutomationSettings
 
-    served = OpenApiDocument(openapi_document(NewKey, AutomationSettings))
+    served = OpenApiDocument(openapi_document())
     doc = orjson.loads(served.render(["b", "a"]))
     validate(doc)
     schemas = doc["components"]["schemas"]

@@ -1,11 +1,11 @@
 """Micro-benchmark: the lean client's HTTP/1.1 response parsing, now and at another revision.
 
-`python -m tests.bench.upstream_parser [REV]` (REV defaults to HEAD~1) loads
-router/upstream_lean.py as it was at REV (`git show`) and drives both versions' connection
-protocol the same way: `start`, then `data_received` per read, then the body chunks it queued.
-Two answers: a JSON completion as vLLM/uvicorn sends it, in one read; and a 100-event chunked
-SSE stream, one chunk per read. Rounds alternate the two; the best round of each is reported,
-with the ratio (below 1: now is faster).
+`python -m router.bench.upstream_parser [REV]` (REV defaults to HEAD~1; the package installed
+from a git checkout) loads router/upstream_lean.py as it was at REV (`git show`) and drives both
+versions' connection protocol the same way: `start`, then `data_received` per read, then the
+body chunks it queued. Two answers: a JSON completion as vLLM/uvicorn sends it, in one read; and
+a 100-event chunked SSE stream, one chunk per read. Rounds alternate the two; the best round of
+each is reported, with the ratio (below 1: now is faster).
 """
 
 from __future__ import annotations
@@ -17,9 +17,12 @@ import sys
 import time
 import types
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from router.upstream_lean import _Conn
+
+SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the checkout holding `router/`
 
 HEAD = (b"HTTP/1.1 200 OK\r\ndate: Thu, 03 Dec 2026 12:00:00 GMT\r\nserver: uvicorn\r\n"
         b"x-request-id: 6f1c2d3e4f5a6b7c\r\n")
@@ -65,7 +68,7 @@ def lean_parser(conn_class: Any) -> Callable[[list[bytes]], int]:
 
 def conn_at(rev: str) -> Any:
     source = subprocess.run(["git", "show", f"{rev}:router/upstream_lean.py"], check=True,
-                            capture_output=True, text=True).stdout
+                            capture_output=True, text=True, cwd=SOURCE_ROOT).stdout
     module = types.ModuleType("upstream_lean_at_rev")
     exec(compile(source, f"{rev}:router/upstream_lean.py", "exec"), module.__dict__)
     return module._Conn

@@ -1,6 +1,6 @@
 """`router serve` for the auth-cost figures, with one extra bench-only credential.
 
-``python -m tests.bench.auth_router --config FILE --port N`` serves exactly like
+``python -m router.bench.auth_router --config FILE --port N`` serves exactly like
 ``router serve``, except that ``Authorization: Bearer bench-no-auth`` skips authentication and
 yields a fixed principal: the router-without-auth baseline, measured in the same process, warm,
 next to every real credential. The hook costs one list compare and one coroutine frame; the real

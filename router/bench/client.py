@@ -374,7 +374,7 @@ async def sessions(host: str, port: int, key: str | None, model: str, count: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.bench.client")
+    parser = argparse.ArgumentParser(prog="python -m router.bench.client")
     parser.add_argument("mode", choices=["openloop", "closed", "ttfb", "hold", "sessions"])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)

@@ -1,10 +1,10 @@
 """`router bench --fanout`: what race and hedge do to tail latency, and what they cost upstream.
 
-Two upstreams with latency distributions (this module, run as ``python -m tests.bench.fanout``):
+Two upstreams with latency distributions (this module, run as ``python -m router.bench.fanout``):
 ``steady`` answers after FAST_MS (±20%), ``tail`` the same 90% of the time and after TAIL_MS
 the other 10%. One router (round robin over both) serves four routes: ``fanout: none``,
 ``race``, ``hedge`` after HEDGE_MS and ``hedge`` after the route's observed p95. Each gets the
-same open-loop load (tests/bench/client.py, non-streamed); the table shows its latency and how
+same open-loop load (router/bench/client.py, non-streamed); the table shows its latency and how
 many upstream requests one client request cost (counted by the upstreams themselves), and how
 many of those the router cancelled (the connection closed before the answer).
 
@@ -28,19 +28,19 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import orjson
 import yaml
 
-from tests.bench.upstream import COMPLETION, MODELS, SSE_FAST, _response
-from tests.redis_server import free_port
+from router.bench.harness import LOAD_CPU, ROUTER_CPU, Machine, Processes
+from router.bench.redis_server import free_port
+from router.bench.upstream import COMPLETION, MODELS, SSE_FAST, _response
 
 FAST_MS, TAIL_MS, TAIL_SHARE = 20.0, 300.0, 0.10
 HEDGE_MS = 50.0
 RATE, DURATION_S, WARMUP_S = 80.0, 5.0, 1.0  # 400 measured requests per route, 80 warm-up
 KEY = "sk-bench-" + "f" * 40
-ROUTER_CPU, LOAD_CPU = 0, 1
 MODES: tuple[tuple[str, str, dict[str, object]], ...] = (
     ("none (round robin)", "fo-none", {}),
     ("race (both)", "fo-race", {"fanout": "race"}),
@@ -134,7 +134,7 @@ async def serve(port: int, stats: Stats) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.bench.fanout")
+    parser = argparse.ArgumentParser(prog="python -m router.bench.fanout")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--fast-ms", type=float, default=FAST_MS)
     parser.add_argument("--tail-ms", type=float, default=TAIL_MS)
@@ -150,14 +150,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # -- the scenario -------------------------------------------------------------------------------
-
-class _Procs(Protocol):
-    def start(self, argv: list[str], **kwargs: object) -> subprocess.Popen[bytes]: ...
-
-
-class _Machine(Protocol):
-    def on(self, cpu: int, argv: list[str]) -> list[str]: ...
-
 
 def _read_port(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
     assert proc.stdout is not None
@@ -209,12 +201,12 @@ def _config(port: int, up_ports: dict[str, int]) -> dict[str, Any]:
     }
 
 
-def run(procs: _Procs, machine: _Machine, tmp: Path, notes: list[str]) -> list[tuple[str, ...]]:
+def run(procs: Processes, machine: Machine, tmp: Path, notes: list[str]) -> list[tuple[str, ...]]:
     """Start the two upstreams and a router, load each route in turn; one row per route."""
     ups: dict[str, int] = {}
     for name, share, seed in (("steady", 0.0, 1), ("tail", TAIL_SHARE, 2)):
         proc = procs.start(machine.on(LOAD_CPU, [
-            sys.executable, "-m", "tests.bench.fanout", "--fast-ms", str(FAST_MS),
+            sys.executable, "-m", "router.bench.fanout", "--fast-ms", str(FAST_MS),
             "--tail-ms", str(TAIL_MS), "--tail-share", str(share), "--seed", str(seed)]),
             stdout=subprocess.PIPE)
         ups[name] = _read_port(proc)
@@ -237,7 +229,7 @@ def run(procs: _Procs, machine: _Machine, tmp: Path, notes: list[str]) -> list[t
     rows: list[tuple[str, ...]] = []
     for label, model, _ in MODES:
         before = [_get(f"http://127.0.0.1:{p}/stats") for p in ups.values()]
-        argv = machine.on(LOAD_CPU, [sys.executable, "-m", "tests.bench.client", "openloop",
+        argv = machine.on(LOAD_CPU, [sys.executable, "-m", "router.bench.client", "openloop",
                                      "--port", str(port), "--key", KEY, "--model", model,
                                      "--rate", str(RATE), "--duration", str(DURATION_S),
                                      "--warmup", str(WARMUP_S)])

@@ -15,7 +15,7 @@ per session in the bench client); a conversation's first request here waits ``--
 before its first byte (cold), later ones ``--warm-ms`` (warm). ``GET /prefix-stats`` answers
 ``{"warm": n, "cold": n}`` so far.
 
-Run: ``python -m tests.bench.upstream --port 0``; it prints ``PORT <n>`` when listening.
+Run: ``python -m router.bench.upstream --port 0``; it prints ``PORT <n>`` when listening.
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ async def serve(host: str, port: int, hold_s: float, hold_gap: float,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.bench.upstream")
+    parser = argparse.ArgumentParser(prog="python -m router.bench.upstream")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--hold-s", type=float, default=120.0,

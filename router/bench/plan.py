@@ -1,0 +1,85 @@
+"""What one `router bench` run measures, from its command line."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Plan:
+    duration: float
+    rate: float
+    connections: int
+    ttfb_count: int
+    streams: int
+    profile: bool
+    auth: bool = False
+    auth_only: bool = False
+    auth_rounds: int = 3
+    auth_phase_s: float = 2.0
+    limits: bool = False
+    limits_only: bool = False
+    limits_rounds: int = 3
+    limits_phase_s: float = 5.0
+    sessions: bool = False
+    sessions_only: bool = False
+    fanout: bool = False
+    fanout_only: bool = False
+    metrics: bool = False
+    metrics_only: bool = False
+    metrics_rounds: int = 5
+    metrics_phase_s: float = 5.0
+
+
+# The optional measurements: (flag, what it measures), for --NAME and --NAME-only.
+EXTRAS = (
+    ("auth", "the per-request cost of each credential type (API key, HS256/RS256/ES256/EdDSA "
+             "router JWT; about 70 s)"),
+    ("limits", "the limiter's cost against a real redis-server (router with vs without "
+               "limits, same run; about 60 s)"),
+    ("sessions", "session pinning vs round robin on two upstreams simulating a prefix cache "
+                 "(about 10 s)"),
+    ("fanout", "fan-out: p99 of none, race and hedge over two upstreams, one with a heavy "
+               "tail (about 30 s)"),
+    ("metrics", "the per-request cost of metrics (and of the usage report): routers with "
+                "metrics off / on / on + usage, same run; about 100 s"),
+)
+
+
+def parse(argv: Sequence[str], description: str | None = None) -> Plan:
+    parser = argparse.ArgumentParser(prog="router bench", description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=10.0,
+                        help="seconds per measured load phase (default 10)")
+    parser.add_argument("--quick", action="store_true",
+                        help="3 s phases, 100 streamed requests: a smoke run")
+    parser.add_argument("--rate", type=float, default=300.0,
+                        help="open-loop rate for the latency figures (default 300 req/s)")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--streams", type=int, default=1000,
+                        help="streams held open for the RSS figure (default 1000)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also sample the router with py-spy under the c=64 load")
+    for name, what in EXTRAS:  # --NAME runs it with the rest, --NAME-only alone
+        parser.add_argument(f"--{name}", action="store_true", help=f"also measure {what}")
+        parser.add_argument(f"--{name}-only", action="store_true", help=f"measure only {what}")
+    argv = list(argv)
+    if argv[:1] == ["--"]:  # `router bench -- --quick`: argparse's REMAINDER keeps the `--`
+        argv = argv[1:]
+    args = parser.parse_args(argv)
+    duration = min(args.duration, 3.0) if args.quick else args.duration
+    duration = max(1.0, min(duration, 120.0))
+    return Plan(duration=duration, rate=max(1.0, min(args.rate, 5000.0)),
+                connections=max(1, min(args.connections, 1024)),
+                ttfb_count=100 if args.quick else 200,
+                streams=max(1, min(args.streams, 5000)), profile=args.profile,
+                auth=args.auth, auth_only=args.auth_only,
+                auth_rounds=1 if args.quick else 3, auth_phase_s=2.0,
+                limits=args.limits, limits_only=args.limits_only,
+                limits_rounds=1 if args.quick else 3, limits_phase_s=min(duration, 5.0),
+                fanout=args.fanout, fanout_only=args.fanout_only,
+                sessions=args.sessions, sessions_only=args.sessions_only,
+                metrics=args.metrics, metrics_only=args.metrics_only,
+                metrics_rounds=1 if args.quick else 5, metrics_phase_s=min(duration, 5.0))
