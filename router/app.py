@@ -39,12 +39,11 @@ from router.stages import (
     CountInFlight,
     FollowSession,
     Forward,
-    Next,
+    Pipeline,
     PlaceSession,
     Read,
     ReadSession,
     Relay,
-    link,
 )
 from router.state import (
     ANSWER_HEADERS,
@@ -200,10 +199,10 @@ async def _stamp_request_id(request: web.Request, response: web.StreamResponse) 
         response.headers["x-request-id"] = rid
 
 
-def chat_stages(app: web.Application) -> Next:
-    """The work of POST /chat/completions, outermost first (router/stages.py)."""
+def chat_stages(app: web.Application) -> Pipeline:
+    """The work of POST /chat/completions, in order (router/stages.py)."""
     sessions, metrics, streams = app[SESSIONS], app[METRICS], app[STREAMS]
-    return link([
+    return Pipeline([
         Read(parse_chat_request, streams),  # body, stream flag, the route when named
         BeginSession(sessions),  # what the admission asks about the session
         Admit(app[LIMITER]),  # limits: one store round trip; settled when the answer ends

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,7 +18,7 @@ from router.store import Store
 from router.usage import UsageMeter
 
 if TYPE_CHECKING:
-    from router.call import Call
+    from router.stages import Pipeline
 
 
 @dataclass(slots=True)
@@ -38,8 +37,8 @@ SESSIONS = web.AppKey("sessions", Sessions)
 OPENAPI = web.AppKey("openapi", OpenApiDocument)  # rendered once per set of routes
 USAGE = web.AppKey("usage", UsageMeter)
 OPEN_PATHS = web.AppKey("open_paths", frozenset)  # served without a credential
-# The chat endpoint's stages, linked (app.py).
-CHAT: web.AppKey[Callable[[Call], Awaitable[web.StreamResponse]]] = web.AppKey("chat")
+# The chat endpoint's stages (app.py).
+CHAT: web.AppKey[Pipeline] = web.AppKey("chat")
 
 REQUEST_ID = web.RequestKey("request_id", str)
 RUNTIME_NOW = web.RequestKey("runtime_now", Runtime)
