@@ -119,15 +119,20 @@ class TranslatedProvider:
 
     def __init__(self, name: str, config: TranslatedProviderConfig, dialect: Dialect,
                  client: UpstreamClient, *, auth_headers: Mapping[str, str],
-                 probe_url: str | None, probe_timeout_s: float = 2.0) -> None:
+                 probe_url: str | None, probe_timeout_s: float = 2.0,
+                 api_headers: Mapping[str, str] | None = None) -> None:
+        """`auth_headers` carry credentials (never shown to a client); `api_headers` are the
+        API's other fixed headers (a version, a feature flag), sent with every request and
+        probe too but not secret: an error message may quote them."""
         self.name = name
         self._dialect = dialect
         self._client = client
         self._ca_file = config.ca_file
         self._probe_url = probe_url if config.probe else None
         self._probe_timeout_s = probe_timeout_s
-        headers = {"User-Agent": f"router/{__version__}", **config.headers, **auth_headers,
-                   "Content-Type": "application/json", "Accept-Encoding": "identity"}
+        headers = {"User-Agent": f"router/{__version__}", **config.headers, **(api_headers or {}),
+                   **auth_headers, "Content-Type": "application/json",
+                   "Accept-Encoding": "identity"}
         self._headers = headers
         self._probe_headers = {k: v for k, v in headers.items() if k != "Content-Type"}
         self.secrets = tuple(v for v in (config.api_key, *config.headers.values(),
