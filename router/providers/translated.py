@@ -187,13 +187,25 @@ class TranslatedProvider:
     async def _events(self, resp: UpstreamResponse, translator: StreamTranslator
                       ) -> AsyncIterator[bytes]:
         cutter = EventCutter()
+        started = False  # something was yielded: the stream may be committed to the client
         async for chunk in resp.iter_chunks():
             events = cutter.feed(chunk)
             if not events:
                 continue
-            out = b"".join(translator.feed(*_split(event.group()))
-                           for event in _EVENT.finditer(events))
+            parts: list[bytes] = []
+            try:
+                for event in _EVENT.finditer(events):
+                    parts.append(translator.feed(*_split(event.group())))
+            except UpstreamError:
+                # A failure reported in the same read as the events before it: once the
+                # client has the stream's beginning, it gets those too, then the error. Before
+                # that, nothing is sent and the next backend may answer instead.
+                if started and any(parts):
+                    yield b"".join(parts)
+                raise
+            out = b"".join(parts)
             if out:
+                started = True
                 yield out
         if cutter.pending.strip():
             out = translator.feed(*_split(cutter.pending))  # a last event without its blank line
