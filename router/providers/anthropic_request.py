@@ -17,6 +17,9 @@ from router.providers.translated import Unsupported
 
 API = "Anthropic"
 
+TRANSLATED = frozenset({"model", "messages", "max_completion_tokens", "max_tokens", "stop",
+                        "temperature", "top_p", "top_k", "tools", "tool_choice",
+                        "parallel_tool_calls", "user", "response_format", "reasoning_effort"})
 # Parameters whose value here means "the default": accepted, nothing to send.
 NEUTRAL: dict[str, Any] = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0,
                            "logprobs": False, "top_logprobs": 0, "logit_bias": {}}
@@ -74,11 +77,8 @@ def messages_body(body: dict[str, Any], *, stream: bool, default_max_tokens: int
     _output_config(body, out, w)
     if stream:
         out["stream"] = True
-    handled = {"model", "messages", "max_completion_tokens", "max_tokens", "stop",
-               "temperature", "top_p", "top_k", "tools", "tool_choice",
-               "parallel_tool_calls", "user", "response_format", "reasoning_effort"}
     for name, value in body.items():
-        if value is None or name in handled or name in IGNORED:
+        if value is None or name in TRANSLATED or name in IGNORED:
             continue
         if name in NEUTRAL and _same(value, NEUTRAL[name]):
             continue
