@@ -13,6 +13,7 @@ import orjson
 
 from router.config import AnthropicProviderConfig
 from router.errors import UpstreamError
+from router.jsonbody import dump_json
 from router.providers.anthropic_request import API, messages_body
 from router.providers.base import UpstreamCall
 from router.providers.sse import DONE
@@ -74,7 +75,7 @@ class AnthropicDialect:
         body = messages_body(call.body, stream=call.stream,
                              default_max_tokens=self._default_max_tokens,
                              drop_unsupported=self._drop_unsupported)
-        return Request(self._url, orjson.dumps(body))
+        return Request(self._url, dump_json(body))  # integers past 64 bits go as sent
 
     def answer(self, native: dict[str, Any], call: UpstreamCall) -> dict[str, Any]:
         content = native.get("content")

@@ -147,7 +147,7 @@ def _output_config(body: dict[str, Any], out: dict[str, Any], w: _Writer) -> Non
         kind = fmt.get("type") if isinstance(fmt, dict) else fmt
         w.unsupported("response_format", f" (type {kind!r}; a json_schema is)")
     effort = body.get("reasoning_effort")
-    if effort in EFFORTS:
+    if isinstance(effort, str) and effort in EFFORTS:
         config["effort"] = effort
     elif effort is not None:
         w.unsupported("reasoning_effort", f" (value {effort!r}; low, medium, high or xhigh are)")

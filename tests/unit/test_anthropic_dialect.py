@@ -63,6 +63,12 @@ def test_max_tokens(given, sent):
     assert translate(given)["max_tokens"] == sent
 
 
+def test_an_integer_past_64_bits_goes_as_sent():
+    """Anthropic answers it with its own 400, as an OpenAI upstream would."""
+    request = dialect().request(call({"max_completion_tokens": 10**30}))
+    assert b'"max_tokens":1000000000000000000000000000000' in request.body
+
+
 def test_system_and_developer_messages_become_system():
     one = translate({"messages": [{"role": "system", "content": "be brief"}, *USER]})
     assert one["system"] == "be brief"
@@ -228,6 +234,8 @@ UNSUPPORTED = [
     ({"x_vendor_knob": 1}, "x_vendor_knob"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"reasoning_effort": "minimal"}, "reasoning_effort"),
+    ({"reasoning_effort": ["high"]}, "reasoning_effort"),
+    ({"response_format": "json"}, "response_format"),
     ({"tools": TOOLS, "tool_choice": {"type": "allowed_tools"}}, "tool_choice"),
     ({"messages": [*USER, {"role": "function", "name": "f", "content": "1"}]},
      "messages[1].role"),
