@@ -323,7 +323,8 @@ class MockProviderConfig(Frozen):
 
 
 ProviderConfig = Annotated[
-    OpenAIProviderConfig | AzureProviderConfig | MockProviderConfig, Field(discriminator="type")
+    OpenAIProviderConfig | AzureProviderConfig | AnthropicProviderConfig | MockProviderConfig,
+    Field(discriminator="type"),
 ]
 
 

@@ -119,15 +119,20 @@ class TranslatedProvider:
 
     def __init__(self, name: str, config: TranslatedProviderConfig, dialect: Dialect,
                  client: UpstreamClient, *, auth_headers: Mapping[str, str],
-                 probe_url: str | None, probe_timeout_s: float = 2.0) -> None:
+                 probe_url: str | None, probe_timeout_s: float = 2.0,
+                 api_headers: Mapping[str, str] | None = None) -> None:
+        """`auth_headers` carry credentials (never shown to a client); `api_headers` are the
+        API's other fixed headers (a version, a feature flag), sent with every request and
+        probe too but not secret: an error message may quote them."""
         self.name = name
         self._dialect = dialect
         self._client = client
         self._ca_file = config.ca_file
         self._probe_url = probe_url if config.probe else None
         self._probe_timeout_s = probe_timeout_s
-        headers = {"User-Agent": f"router/{__version__}", **config.headers, **auth_headers,
-                   "Content-Type": "application/json", "Accept-Encoding": "identity"}
+        headers = {"User-Agent": f"router/{__version__}", **config.headers, **(api_headers or {}),
+                   **auth_headers, "Content-Type": "application/json",
+                   "Accept-Encoding": "identity"}
         self._headers = headers
         self._probe_headers = {k: v for k, v in headers.items() if k != "Content-Type"}
         self.secrets = tuple(v for v in (config.api_key, *config.headers.values(),
@@ -182,13 +187,25 @@ class TranslatedProvider:
     async def _events(self, resp: UpstreamResponse, translator: StreamTranslator
                       ) -> AsyncIterator[bytes]:
         cutter = EventCutter()
+        started = False  # something was yielded: the stream may be committed to the client
         async for chunk in resp.iter_chunks():
             events = cutter.feed(chunk)
             if not events:
                 continue
-            out = b"".join(translator.feed(*_split(event.group()))
-                           for event in _EVENT.finditer(events))
+            parts: list[bytes] = []
+            try:
+                for event in _EVENT.finditer(events):
+                    parts.append(translator.feed(*_split(event.group())))
+            except UpstreamError:
+                # A failure reported in the same read as the events before it: once the
+                # client has the stream's beginning, it gets those too, then the error. Before
+                # that, nothing is sent and the next backend may answer instead.
+                if started and any(parts):
+                    yield b"".join(parts)
+                raise
+            out = b"".join(parts)
             if out:
+                started = True
                 yield out
         if cutter.pending.strip():
             out = translator.feed(*_split(cutter.pending))  # a last event without its blank line
