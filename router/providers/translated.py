@@ -23,7 +23,7 @@ from router import __version__
 from router.config import TranslatedProviderConfig
 from router.errors import RouterError, UpstreamError
 from router.providers.base import Exchange, UpstreamCall, parse_retry_after
-from router.providers.sse import DONE, MAX_EVENT_BYTES, EventCutter, data_event
+from router.providers.sse import DONE, MAX_EVENT_BYTES, EventCutter, carries_content, data_event
 from router.upstream import UpstreamClient, UpstreamResponse
 
 log = logging.getLogger("router.providers")
@@ -187,6 +187,10 @@ class TranslatedProvider:
     async def _events(self, resp: UpstreamResponse, translator: StreamTranslator
                       ) -> AsyncIterator[bytes]:
         cutter = EventCutter()
+        # The stream's beginning (the role chunk) is held until something with content follows
+        # it: an upstream that fails before its first token (an overload reported after its
+        # first event) leaves the stream uncommitted, so the next backend answers instead.
+        held = b""
         started = False  # something was yielded: the stream may be committed to the client
         async for chunk in resp.iter_chunks():
             events = cutter.feed(chunk)
@@ -204,14 +208,18 @@ class TranslatedProvider:
                     yield b"".join(parts)
                 raise
             out = b"".join(parts)
-            if out:
+            if not out:
+                continue
+            if not started:
+                held += out
+                if not carries_content(held):
+                    continue
+                out, held = held, b""
                 started = True
-                yield out
+            yield out
         if cutter.pending.strip():
-            out = translator.feed(*_split(cutter.pending))  # a last event without its blank line
-            if out:
-                yield out
-        yield translator.end()
+            held += translator.feed(*_split(cutter.pending))  # a last event without its end
+        yield held + translator.end()
 
 
 def _split(event: bytes) -> tuple[str, bytes]:

@@ -328,14 +328,14 @@ async def _stream(request: web.Request, b: Behaviour, body: dict[str, Any], p: P
         await send("content_block_start", {"type": "content_block_start", "index": index,
                                            "content_block": start})
         for delta in deltas:
+            if b.gap > 0:
+                await asyncio.sleep(b.gap)
             if b.error_mid is not None and sent >= b.error_mid:
                 await send("error", overloaded)
                 await resp.write_eof()
                 return resp
             if b.cut is not None and sent >= b.cut:
                 return abort()
-            if b.gap > 0:
-                await asyncio.sleep(b.gap)
             if b.ping:
                 await send("ping", {"type": "ping"})
             await send("content_block_delta", {"type": "content_block_delta", "index": index,

@@ -361,3 +361,18 @@ async def test_an_error_event_before_the_first_chunk_tries_the_next_backend(clau
     for _ in range(2):  # whichever is picked first, the answer is the good one's
         raw = await raw_stream(r, {"model": "m"})
         assert raw.endswith(DONE) and b"tok4" in raw
+
+
+async def test_an_overload_after_message_start_but_before_any_text_tries_the_next_backend(
+        claude_fakes, start_router):
+    """The role chunk is held until content follows it: an upstream that fails in a later
+    read, before its first token, has committed nothing, so the next backend answers."""
+    up = await claude_fakes()
+    r = await start_router(router_config(
+        {"claude": anthropic_provider(up, probe=False)},
+        {"m": route("error-mid:0+gap:0.05", "claude-x", strategy="round_robin", retries=1)}))
+    for _ in range(2):
+        raw = await raw_stream(r, {"model": "m"})
+        assert raw.endswith(DONE) and b"tok4" in raw
+        assert raw.count(b'"role":"assistant"') == 1
+    assert any(seen.body["model"].startswith("error-mid") for seen in up.seen)

@@ -643,11 +643,23 @@ async def test_an_error_in_the_first_read_sends_nothing():
 
 
 async def test_an_error_after_the_beginning_comes_after_the_events_read_with_it():
-    provider = build("a", config(), Client(200, b"", 1, pieces=[sse([START]),  # type: ignore[arg-type]
-                                                                sse([*TEXT, ERROR])]), 1.0)
+    provider = build("a", config(), Client(200, b"", 1, pieces=[  # type: ignore[arg-type]
+        sse([START]), sse([*TEXT]), sse([*TEXT, ERROR])]), 1.0)
     exchange = await provider.open(call({}, True))
-    got = [await anext(exchange.chunks), await anext(exchange.chunks)]
-    assert [c["choices"][0]["delta"] for c in chunks(b"".join(got))] == [
+    first = await anext(exchange.chunks)  # the role chunk, held until content followed it
+    assert [c["choices"][0]["delta"] for c in chunks(first)] == [
         {"role": "assistant", "content": ""}, {"content": "partial"}]
+    second = await anext(exchange.chunks)
+    assert [c["choices"][0]["delta"] for c in chunks(second)] == [{"content": "partial"}]
+    with pytest.raises(UpstreamError, match="overloaded_error"):
+        await anext(exchange.chunks)
+
+
+async def test_an_error_before_any_content_commits_nothing():
+    """The role chunk waits for content: an overload reported in a later read still comes
+    before the stream's first chunk, so dispatch tries the next backend."""
+    provider = build("a", config(), Client(200, b"", 1, pieces=[  # type: ignore[arg-type]
+        sse([START]), sse([*TEXT[:1], ERROR])]), 1.0)
+    exchange = await provider.open(call({}, True))
     with pytest.raises(UpstreamError, match="overloaded_error"):
         await anext(exchange.chunks)
