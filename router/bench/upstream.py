@@ -8,6 +8,8 @@ figure measured against it would measure the fake. This one answers from prebuil
   ``--hold-gap`` seconds for ``--hold-s`` seconds (the open-streams RSS measurement).
 * any other streamed model: a short SSE answer written at once, chunked.
 * ``GET`` anything: a model list (the router's probe, if enabled).
+* ``POST /v1/messages``: the same answers in Anthropic's Messages API (the translated-provider
+  figure); model ``bench-long`` streams 64 text deltas instead of 8 (on either path).
 
 With ``--prefill-ms`` (the sessions bench) streamed answers simulate a prefix (KV) cache: the
 process remembers each conversation it has seen, keyed by the text of its first message (unique
@@ -72,6 +74,41 @@ SSE_FIRST = _chunk(_sse_event({"role": "assistant", "content": ""}))
 SSE_TOKEN = _chunk(_sse_event({"content": "tok "}))
 SSE_END = (_chunk(_sse_event({}, "stop")) + _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
 SSE_FAST = SSE_HEAD + SSE_FIRST + SSE_TOKEN * 8 + SSE_END
+LONG_MODEL = b"bench-long"
+LONG_TOKENS = 64
+SSE_LONG = SSE_HEAD + SSE_FIRST + SSE_TOKEN * LONG_TOKENS + SSE_END
+
+
+def _anthropic_event(name: str, payload: dict[str, object]) -> bytes:
+    return _chunk(f"event: {name}\ndata: ".encode() + orjson.dumps(payload) + b"\n\n")
+
+
+def _anthropic_stream(tokens: int) -> bytes:
+    start = _anthropic_event("message_start", {"type": "message_start", "message": {
+        "id": "msg_bench", "type": "message", "role": "assistant", "model": "bench-claude",
+        "content": [], "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": 9, "output_tokens": 1}}})
+    block = _anthropic_event("content_block_start", {
+        "type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+    token = _anthropic_event("content_block_delta", {
+        "type": "content_block_delta", "index": 0,
+        "delta": {"type": "text_delta", "text": "tok "}})
+    end = (_anthropic_event("content_block_stop", {"type": "content_block_stop", "index": 0})
+           + _anthropic_event("message_delta", {
+               "type": "message_delta", "delta": {"stop_reason": "end_turn",
+                                                  "stop_sequence": None},
+               "usage": {"output_tokens": tokens}})
+           + _anthropic_event("message_stop", {"type": "message_stop"}) + b"0\r\n\r\n")
+    return SSE_HEAD + start + block + token * tokens + end
+
+
+ANTHROPIC_JSON = _response(orjson.dumps({
+    "id": "msg_bench", "type": "message", "role": "assistant", "model": "bench-claude",
+    "content": [{"type": "text", "text": "Hello! This is a fixed benchmark answer."}],
+    "stop_reason": "end_turn", "stop_sequence": None,
+    "usage": {"input_tokens": 9, "output_tokens": 9}}))
+ANTHROPIC_FAST = _anthropic_stream(8)
+ANTHROPIC_LONG = _anthropic_stream(LONG_TOKENS)
 
 
 class PrefixCache:
@@ -150,10 +187,16 @@ class _Connection(asyncio.Protocol):
         elif head.startswith(b"GET"):
             transport.write(MODELS)
         elif b'"stream":true' not in body and b'"stream": true' not in body:
-            transport.write(COMPLETION)
+            anthropic = head.startswith(b"POST /v1/messages")
+            transport.write(ANTHROPIC_JSON if anthropic else COMPLETION)
         else:
             model = _MODEL.search(body)
-            if model is not None and model.group(1) == HOLD_MODEL:
+            name = b"" if model is None else model.group(1)
+            if head.startswith(b"POST /v1/messages"):
+                transport.write(ANTHROPIC_LONG if name == LONG_MODEL else ANTHROPIC_FAST)
+            elif name == LONG_MODEL:
+                transport.write(SSE_LONG)
+            elif name == HOLD_MODEL:
                 transport.write(SSE_HEAD + SSE_FIRST)
                 self._hold_left = max(1, int(self._hold_s / self._hold_gap))
                 self._timer = asyncio.get_running_loop().call_later(self._hold_gap, self._tick)
