@@ -323,7 +323,8 @@ class MockProviderConfig(Frozen):
 
 
 ProviderConfig = Annotated[
-    OpenAIProviderConfig | AzureProviderConfig | MockProviderConfig, Field(discriminator="type")
+    OpenAIProviderConfig | AzureProviderConfig | GeminiProviderConfig | MockProviderConfig,
+    Field(discriminator="type"),
 ]
 
 

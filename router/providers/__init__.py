@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from router.config import (
     AzureProviderConfig,
+    GeminiProviderConfig,
     MockProviderConfig,
     OpenAIProviderConfig,
     ProviderConfig,
 )
+from router.providers import gemini
 from router.providers.base import Exchange, Provider, UpstreamCall
 from router.providers.mock import MockProvider
 from router.providers.openai import AzureProvider, OpenAIProvider
@@ -22,6 +24,8 @@ def build_provider(name: str, config: ProviderConfig, client: UpstreamClient,
         return OpenAIProvider(name, config, client, probe_timeout_s)
     if isinstance(config, AzureProviderConfig):
         return AzureProvider(name, config, client, probe_timeout_s)
+    if isinstance(config, GeminiProviderConfig):
+        return gemini.build(name, config, client, probe_timeout_s)
     if isinstance(config, MockProviderConfig):
         return MockProvider(name, config)
     raise TypeError(f"no provider for {type(config).__name__}")
