@@ -86,8 +86,8 @@ class GeminiDialect:
     def answer(self, native: dict[str, Any], call: UpstreamCall) -> dict[str, Any]:
         candidates = native.get("candidates")
         if isinstance(candidates, list) and candidates:
-            choices = sorted((_choice(cand, pos) for pos, cand in enumerate(candidates)
-                              if isinstance(cand, dict)), key=lambda c: c["index"])
+            choices = sorted((_choice(cand) for cand in candidates if isinstance(cand, dict)),
+                             key=lambda c: c["index"])
         elif _blocked(native):
             # The prompt itself was refused: one empty choice that says so.
             choices = [{"index": 0, "message": {"role": "assistant", "content": ""},
@@ -156,17 +156,16 @@ class GeminiStream:
         out: list[bytes] = []
         candidates = chunk.get("candidates")
         if isinstance(candidates, list) and candidates:
-            for pos, cand in enumerate(candidates):
+            for cand in candidates:
                 if isinstance(cand, dict):
-                    self._candidate(writer, cand, pos, out)
+                    self._candidate(writer, cand, out)
         elif _blocked(chunk) and 0 not in self._candidates:
             self._candidates[0] = _Candidate(finish="content_filter")
             out += (writer.delta(_ROLE), writer.delta({}, 0, "content_filter"))
         return b"".join(out)
 
-    def _candidate(self, writer: ChunkWriter, cand: dict[str, Any], pos: int,
-                   out: list[bytes]) -> None:
-        index = _index(cand, pos)
+    def _candidate(self, writer: ChunkWriter, cand: dict[str, Any], out: list[bytes]) -> None:
+        index = _index(cand)
         state = self._candidates.get(index)
         if state is None:
             state = self._candidates[index] = _Candidate()
@@ -197,14 +196,14 @@ class GeminiStream:
         return b"".join(out)
 
 
-def _choice(cand: dict[str, Any], pos: int) -> dict[str, Any]:
+def _choice(cand: dict[str, Any]) -> dict[str, Any]:
     text, calls = _parts(cand)
     message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls
                                else None}
     if calls:
         message["tool_calls"] = calls
     reason = _str(cand.get("finishReason"))
-    return {"index": _index(cand, pos), "message": message, "logprobs": None,
+    return {"index": _index(cand), "message": message, "logprobs": None,
             "finish_reason": finish_reason(reason, bool(calls))}
 
 
@@ -284,9 +283,10 @@ def _blocked(native: dict[str, Any]) -> bool:
     return isinstance(feedback, dict) and bool(feedback.get("blockReason"))
 
 
-def _index(cand: dict[str, Any], pos: int) -> int:
+def _index(cand: dict[str, Any]) -> int:
+    """A candidate's index: absent is 0 (proto3 JSON leaves default values out)."""
     index = cand.get("index")
-    return index if isinstance(index, int) and index >= 0 else pos
+    return index if isinstance(index, int) and index >= 0 else 0
 
 
 def _count(value: Any) -> int:
