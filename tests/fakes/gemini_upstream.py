@@ -398,12 +398,12 @@ async def _stream(request: web.Request, b: Behaviour, answer: Answer) -> web.Str
         if b.cut is not None and k >= b.cut:
             _abort(request)
             return resp
+        if k and b.gap:
+            await asyncio.sleep(b.gap)
         if b.error_mid and k == 2:
             await resp.write(failure)
             await resp.write_eof()
             return resp
-        if k and b.gap:
-            await asyncio.sleep(b.gap)
         if k and b.ping:
             await resp.write(b": ping\r\n\r\n")
         # Gemini ends its SSE lines with CRLF.
