@@ -48,9 +48,8 @@ def gemini_provider(fake: Fake, **extra: Any) -> dict[str, Any]:
 
 @pytest.fixture
 async def gem(gemini_fakes, start_router):
-    """(router, fake): routes `g` (model gemini-x), `d` (the same with drop_unsupported),
-    and `m:<directives>`-style routes made on demand are not needed: a test sets the fake's
-    override for its directives."""
+    """(router, fake): route `g` (model gemini-x) and `d` (the same provider with
+    drop_unsupported); a test scripts the fake through its override (`script()`)."""
     up = await gemini_fakes()
     r = await start_router(router_config(
         {"g": gemini_provider(up), "gd": gemini_provider(up, drop_unsupported=True)},
