@@ -19,6 +19,7 @@ import orjson
 
 from router.config import GeminiProviderConfig
 from router.errors import UpstreamError
+from router.jsonbody import dump_json
 from router.providers.base import UpstreamCall
 from router.providers.gemini_request import API, THOUGHT, gemini_body
 from router.providers.translated import (
@@ -69,7 +70,7 @@ class GeminiDialect:
 
     def request(self, call: UpstreamCall) -> Request:
         return Request(self._url(str(call.body.get("model") or ""), call.stream),
-                       orjson.dumps(gemini_body(call.body, self._drop)))
+                       dump_json(gemini_body(call.body, self._drop)))
 
     def _url(self, model: str, stream: bool) -> str:
         url = self._urls.get((model, stream))

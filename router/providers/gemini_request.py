@@ -9,6 +9,7 @@ part, an image URL whose media type cannot be told) is always a 400: it is never
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -281,10 +282,7 @@ def _function_call(call: Any, where: str, call_names: dict[str, str]) -> dict[st
     if not isinstance(name, str) or not name:
         raise BadRequest(f"{where}.function.name: a function name is required")
     raw = function.get("arguments") if isinstance(function, dict) else None
-    try:
-        args = orjson.loads(raw) if isinstance(raw, str) and raw.strip() else {}
-    except orjson.JSONDecodeError:
-        args = None
+    args = _json(raw) if isinstance(raw, str) and raw.strip() else {}
     if not isinstance(args, dict):
         raise BadRequest(f"{where}.function.arguments: a JSON object is required")
     part: dict[str, Any] = {"functionCall": {"name": name, "args": args}}
@@ -313,8 +311,17 @@ def _function_response(message: Mapping[str, Any], call_names: Mapping[str, str]
     content = message.get("content")
     text = content if isinstance(content, str) else \
         "".join(p["text"] for p in _text_parts(content, where))
-    try:
-        parsed = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        parsed = None
+    parsed = _json(text)
     return {"name": name, "response": parsed if isinstance(parsed, dict) else {"content": text}}
+
+
+def _json(text: str) -> Any:
+    """A JSON text's value, or None when it is not JSON."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(text)  # integers past 64 bits, which orjson refuses
+    except ValueError:
+        return None

@@ -154,7 +154,8 @@ class TranslatedProvider:
             # one is asked.
             status = 429 if resp.status == 529 else resp.status
             if status == 429 and retry_after is None and self._retry_hint is not None:
-                # The wait is in the body: read it now, while the backend's rest is decided.
+                # The wait is in the body: read it now, as the backend's rest is decided
+                # from the Exchange's head, before anyone reads its body.
                 try:
                     native = _loads(await _read(resp, MAX_ERROR_BYTES))
                 except BaseException:

@@ -251,3 +251,17 @@ def test_parameters_without_equivalent_are_refused_or_dropped(params):
 
 def test_harmless_values_of_those_parameters_pass():
     assert body(logprobs=False, modalities=["text"]) == body()
+
+
+def test_integers_past_64_bits_stay_whole():
+    big = 2**70
+    native = gemini_body({"messages": [
+        {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {
+            "name": "f", "arguments": f'{{"id": {big}}}'}}]},
+        {"role": "tool", "tool_call_id": "c", "content": f'{{"next": {big}}}'}],
+        "seed": big}, False)
+    assert native["contents"][0]["parts"][0]["functionCall"]["args"] == {"id": big}
+    assert native["contents"][1]["parts"][0]["functionResponse"]["response"] == {"next": big}
+    sent = GeminiDialect("https://g").request(call({"model": "m", "messages": USER,
+                                                    "seed": big})).body
+    assert f'"seed":{big}'.encode() in sent
