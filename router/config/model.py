@@ -323,7 +323,8 @@ class MockProviderConfig(Frozen):
 
 
 ProviderConfig = Annotated[
-    OpenAIProviderConfig | AzureProviderConfig | AnthropicProviderConfig | MockProviderConfig,
+    OpenAIProviderConfig | AzureProviderConfig | AnthropicProviderConfig | GeminiProviderConfig
+    | MockProviderConfig,
     Field(discriminator="type"),
 ]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -114,18 +114,26 @@ def wants_usage(call: UpstreamCall) -> bool:
     return isinstance(options, dict) and bool(options.get("include_usage"))
 
 
+# How long a rate-limited upstream asks to be left alone, read from its error body (an API
+# that says so in the body rather than in a Retry-After header).
+RetryHint = Callable[[Any], float | None]
+
+
 class TranslatedProvider:
     """One upstream of a translated API, through the shared upstream pool."""
 
     def __init__(self, name: str, config: TranslatedProviderConfig, dialect: Dialect,
                  client: UpstreamClient, *, auth_headers: Mapping[str, str],
                  probe_url: str | None, probe_timeout_s: float = 2.0,
-                 api_headers: Mapping[str, str] | None = None) -> None:
+                 api_headers: Mapping[str, str] | None = None,
+                 retry_hint: RetryHint | None = None) -> None:
         """`auth_headers` carry credentials (never shown to a client); `api_headers` are the
         API's other fixed headers (a version, a feature flag), sent with every request and
-        probe too but not secret: an error message may quote them."""
+        probe too but not secret: an error message may quote them. `retry_hint` reads how
+        long to wait from a 429's body, for an API that says it there, not in Retry-After."""
         self.name = name
         self._dialect = dialect
+        self._retry_hint = retry_hint
         self._client = client
         self._ca_file = config.ca_file
         self._probe_url = probe_url if config.probe else None
@@ -151,6 +159,17 @@ class TranslatedProvider:
             # Overloaded (Anthropic's 529) is a 429 to the router: the backend rests, the next
             # one is asked.
             status = 429 if resp.status == 529 else resp.status
+            if status == 429 and retry_after is None and self._retry_hint is not None:
+                # The wait is in the body: read it now, as the backend's rest is decided
+                # from the Exchange's head, before anyone reads its body.
+                try:
+                    native = _loads(await _read(resp, MAX_ERROR_BYTES))
+                except BaseException:
+                    resp.close()  # no Exchange will own it
+                    raise
+                retry_after = self._retry_hint(native)
+                body = _once(orjson.dumps(self._dialect.error(resp.status, native)))
+                return Exchange(status, "application/json", body, resp.close, retry_after)
             return Exchange(status, "application/json", self._error(resp), resp.close,
                             retry_after)
         if call.stream:
@@ -177,11 +196,7 @@ class TranslatedProvider:
         yield orjson.dumps(self._dialect.answer(native, call))
 
     async def _error(self, resp: UpstreamResponse) -> AsyncIterator[bytes]:
-        raw = await _read(resp, MAX_ERROR_BYTES)
-        try:
-            native = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            native = None
+        native = _loads(await _read(resp, MAX_ERROR_BYTES))
         yield orjson.dumps(self._dialect.error(resp.status, native))
 
     async def _events(self, resp: UpstreamResponse, translator: StreamTranslator
@@ -235,6 +250,18 @@ def _split(event: bytes) -> tuple[str, bytes]:
     return name, b"\n".join(data)
 
 
+def _loads(raw: bytes) -> Any:
+    """An error body parsed, or None when it is not JSON."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
 async def _read(resp: UpstreamResponse, limit: int) -> bytes:
     parts: list[bytes] = []
     size = 0
@@ -259,5 +286,5 @@ def parse_data(data: bytes) -> dict[str, Any]:
     return parsed
 
 
-__all__ = ["DONE", "ChunkWriter", "Dialect", "Request", "StreamTranslator", "TranslatedProvider",
-           "Unsupported", "parse_data", "wants_usage"]
+__all__ = ["DONE", "ChunkWriter", "Dialect", "Request", "RetryHint", "StreamTranslator",
+           "TranslatedProvider", "Unsupported", "parse_data", "wants_usage"]
