@@ -68,14 +68,20 @@ class Limiter:
         # A failed settlement: the lease expires on its own, the charge stays at the estimate.
         self._settled = count_failure(metrics, "settle", "settle a request's limits")
 
+    @staticmethod
+    def limits(principal: Principal) -> bool:
+        """Whether the principal has any limit (else admission needs no store call)."""
+        limits = principal.limits
+        return bool(limits.rpm or limits.tpm or limits.concurrency or limits.tokens_per_day)
+
     async def admit(self, principal: Principal, body: Mapping[str, Any], config: Config,
                     session: SessionQuery | None = None) -> Ticket | None:
         """Charge every limit of `principal` or raise RateLimited (nothing charged); None when
         the principal has no limits (no store call at all). `session` is answered in the same
         round trip (`Ticket.session`; SESSION_UNAVAILABLE when the store failed)."""
-        limits = principal.limits
-        if not (limits.rpm or limits.tpm or limits.concurrency or limits.tokens_per_day):
+        if not self.limits(principal):
             return None
+        limits = principal.limits
         prompt = prompt_estimate(body)
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
         if isinstance(max_tokens, float) and max_tokens.is_integer() and max_tokens < 2**31:

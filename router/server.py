@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import logging
 import os
@@ -101,6 +102,24 @@ def _announce(config: Config, worker: bool) -> None:
               file=sys.stderr, flush=True)
 
 
+# The collector's youngest generation is collected after this many new container objects.
+# Python's default, 700, is a collection every few requests under load; measured with `router
+# bench` (c=64, one worker): 5,000 cut the collector's time from about 7 to 1.4 µs per request.
+GC_GEN0_THRESHOLD = 5000
+
+
+def settle_heap() -> None:
+    """Once the worker is serving: what start-up built (modules, config, routing table, the
+    app) lives as long as the process, so the collector stops walking it (`gc.freeze`): a full
+    collection then looks only at what requests created since (measured: 4 ms instead of 20).
+    Requests allocate many short-lived objects, so the youngest generation is collected less
+    often (GC_GEN0_THRESHOLD)."""
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+
 def _install_uvloop() -> None:
     try:
         import uvloop
@@ -119,6 +138,7 @@ async def _run_worker(path: str, config: Config, overrides: Overrides, *,
         await worker.upstream.close()
         await worker.store.close()
         raise
+    settle_heap()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     delayed = False  # SIGTERM (an orchestrator) gets the drain delay; SIGINT (a terminal) not

@@ -149,9 +149,9 @@ class Session:
 class Sessions:
     """Pins and users' automation settings, on the store every replica shares.
 
-    A chat request goes through `begin` (before admission), `read` (after it), `place` (once
-    its route is known) and `follow` (once a backend answered); the session and settings
-    endpoints use the rest."""
+    A chat request goes through `begin` (before admission), `fetch` (unless the admission asked
+    for it) and `read` (after it), `name` and `place` (once its route is known) and `follow`
+    (once a backend answered); the session and settings endpoints use the rest."""
 
     def __init__(self, store: SessionStore, metrics: Metrics,
                  cache: SettingsCache | None = None) -> None:
@@ -168,20 +168,23 @@ class Sessions:
                 return Session(None, None, SessionState(stored, None))
         return Session(session_id, SessionQuery(user, session_id, config.sessions.ttl_s))
 
-    async def read(self, session: Session, asked: SessionState | None, config: Config
-                   ) -> Settings:
-        """The session's state and the user's settings in effect. `asked`: what the admission
-        brought back, if the query went with it; else one call now."""
+    async def fetch(self, session: Session, config: Config) -> None:
+        """The session's state in one store call, when the admission did not ask for it."""
+        assert session.query is not None
+        try:
+            session.state = await self._store.session_state(session.query)
+        except StoreError:
+            if not serve_without_store(self._metrics, config, "session"):
+                raise
+            session.state = SESSION_UNAVAILABLE
+
+    def read(self, session: Session, asked: SessionState | None, config: Config) -> Settings:
+        """The user's settings in effect, from the session's state: `asked` (what the
+        admission brought back, if the query went with it), else what `fetch` read, else the
+        settings this worker knew."""
         if session.query is not None:
             if asked is not None:
                 session.state = asked
-            else:
-                try:
-                    session.state = await self._store.session_state(session.query)
-                except StoreError:
-                    if not serve_without_store(self._metrics, config, "session"):
-                        raise
-                    session.state = SESSION_UNAVAILABLE
             if session.state.available:
                 self._cache.put(session.query.user, session.state.settings)
         session.settings = effective(session.state.settings, config.sessions)

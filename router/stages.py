@@ -2,11 +2,14 @@
 app.py lists them, outermost first, into one `Pipeline` per endpoint, which ends in the stage
 that answers (`Relay`).
 
-A stage that must act when the answer ends (settle the limits, count the request out, release
-the upstream answer) has an `end(call)`: it runs once the answer is over, however it ended
-(answered, failed, or the client left), for every stage that ran, the last one first, as a
-middleware's `finally` would. The pipeline runs the stages one after another rather than nested
-inside each other, so a request that waits on I/O resumes through two frames, not ten.
+A stage is called with the call and returns None when it is done, or an awaitable when it must
+wait (a body to read, a store to ask, an upstream to answer): most requests pass most stages
+without waiting, and then without the cost of a coroutine. A stage that must act when the answer
+ends (settle the limits, count the request out, release the upstream answer) has an
+`end(call)`: it runs once the answer is over, however it ended (answered, failed, or the client
+left), for every stage that ran, the last one first, as a middleware's `finally` would. The
+pipeline runs the stages one after another rather than nested inside each other, so a request
+that waits on I/O resumes through two frames, not ten.
 """
 
 from __future__ import annotations
@@ -23,21 +26,24 @@ from router.errors import Forbidden, ModelNotFound, Overloaded, RouterError
 from router.limits import Limiter
 from router.metrics import Metrics
 from router.relay import ActiveStreams, relay_json, relay_stream
-from router.routing.dispatch import Outbound, dispatch
+from router.routing.dispatch import Opened, Outbound, dispatch
 from router.routing.fanout import fan_out
 from router.routing.table import Route
 from router.runtime import Runtime
 from router.sessions import Sessions, inject_first_event, inject_json
 from router.state import ANSWER_HEADERS
 from router.store import StoreError
+from router.store.base import SessionState
 
-Answer = Callable[[Call], Awaitable[web.StreamResponse]]
+# The last stage: the response, or an awaitable of it (a stream is written as it arrives).
+Answer = Callable[[Call], web.StreamResponse | Awaitable[web.StreamResponse]]
 
 
 class Stage:
-    """One step of the work: reads the call, sets its part of it (or raises a RouterError)."""
+    """One step of the work: reads the call, sets its part of it (or raises a RouterError).
+    Returns None when done, or an awaitable that finishes the step."""
 
-    async def __call__(self, call: Call) -> None:
+    def __call__(self, call: Call) -> Awaitable[None] | None:
         raise NotImplementedError
 
     def end(self, call: Call) -> None:
@@ -60,9 +66,12 @@ class Pipeline:
         ran = 0
         try:
             for stage in self._stages:
-                await stage(call)
+                pending = stage(call)
+                if pending is not None:
+                    await pending
                 ran += 1
-            return await self._answer(call)
+            answer = self._answer(call)
+            return answer if isinstance(answer, web.StreamResponse) else await answer
         except (RouterError, StoreError):
             call.request[ANSWER_HEADERS] = call.headers
             raise
@@ -94,7 +103,10 @@ class Read(Stage):
         self.parse = parse
         self.streams = streams
 
-    async def __call__(self, call: Call) -> None:
+    def __call__(self, call: Call) -> Awaitable[None]:
+        return self._read(call)
+
+    async def _read(self, call: Call) -> None:
         server = call.runtime.config.server
         body = self.parse(await read_body(call.request, server.max_body_bytes,
                                           server.body_timeout_s))
@@ -117,7 +129,7 @@ class BeginSession(Stage):
     def __init__(self, sessions: Sessions) -> None:
         self.sessions = sessions
 
-    async def __call__(self, call: Call) -> None:
+    def __call__(self, call: Call) -> None:
         call.session = self.sessions.begin(call.principal.user, call.body.get("session_id"),
                                            call.runtime.config)
 
@@ -129,7 +141,12 @@ class Admit(Stage):
     def __init__(self, limiter: Limiter) -> None:
         self.limiter = limiter
 
-    async def __call__(self, call: Call) -> None:
+    def __call__(self, call: Call) -> Awaitable[None] | None:
+        if not self.limiter.limits(call.principal):
+            return None  # no limits: no store call (ticket None)
+        return self._admit(call)
+
+    async def _admit(self, call: Call) -> None:
         session = call.session
         ticket = call.ticket = await self.limiter.admit(
             call.principal, call.body, call.runtime.config,
@@ -148,11 +165,24 @@ class ReadSession(Stage):
     def __init__(self, sessions: Sessions) -> None:
         self.sessions = sessions
 
-    async def __call__(self, call: Call) -> None:
-        assert call.session is not None
+    def __call__(self, call: Call) -> Awaitable[None] | None:
+        session = call.session
+        assert session is not None
         ticket = call.ticket
-        settings = await self.sessions.read(call.session, None if ticket is None
-                                            else ticket.session, call.runtime.config)
+        asked = None if ticket is None else ticket.session
+        if asked is None and session.query is not None:
+            return self._fetch(call)  # not asked with an admission: one store call now
+        self._settle(call, asked)
+        return None
+
+    async def _fetch(self, call: Call) -> None:
+        assert call.session is not None
+        await self.sessions.fetch(call.session, call.runtime.config)
+        self._settle(call, None)
+
+    def _settle(self, call: Call, asked: SessionState | None) -> None:
+        assert call.session is not None
+        settings = self.sessions.read(call.session, asked, call.runtime.config)
         if call.model is None and settings.default_model in call.runtime.table.routes:
             call.model = settings.default_model
 
@@ -160,7 +190,7 @@ class ReadSession(Stage):
 class ChooseRoute(Stage):
     """The route: the model asked for, else the config's `default_route`."""
 
-    async def __call__(self, call: Call) -> None:
+    def __call__(self, call: Call) -> None:
         runtime = call.runtime
         if call.route is None:
             call.route = route_for(runtime, call.principal,
@@ -174,12 +204,20 @@ class PlaceSession(Stage):
     def __init__(self, sessions: Sessions) -> None:
         self.sessions = sessions
 
-    async def __call__(self, call: Call) -> None:
+    def __call__(self, call: Call) -> Awaitable[None] | None:
         session, route = call.session, call.route
         assert session is not None and route is not None
         session_id = self.sessions.name(session, route)
-        if session_id is not None:
-            call.headers["x-session-id"] = session_id  # on an error answer too
+        if session_id is None or route.config.fanout == "all":
+            if session_id is not None:
+                call.headers["x-session-id"] = session_id
+            return None  # nothing to place: `all` asks every backend
+        call.headers["x-session-id"] = session_id  # on an error answer too
+        return self._place(call)
+
+    async def _place(self, call: Call) -> None:
+        session, route = call.session, call.route
+        assert session is not None and route is not None
         call.prefer = await self.sessions.place(session, call.principal.user, route,
                                                 call.runtime.config, call.runtime.table)
 
@@ -190,7 +228,7 @@ class CountInFlight(Stage):
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
-    async def __call__(self, call: Call) -> None:
+    def __call__(self, call: Call) -> None:
         assert call.route is not None
         self.metrics.in_flight(call.route.name).inc()
 
@@ -207,7 +245,10 @@ class Forward(Stage):
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
-    async def __call__(self, call: Call) -> None:
+    def __call__(self, call: Call) -> Awaitable[None]:
+        return self._forward(call)
+
+    async def _forward(self, call: Call) -> None:
         route = call.route
         assert route is not None
         out = Outbound(call.body, call.stream, call.request_id,
@@ -236,14 +277,21 @@ class FollowSession(Stage):
     def __init__(self, sessions: Sessions) -> None:
         self.sessions = sessions
 
-    async def __call__(self, call: Call) -> None:
+    def __call__(self, call: Call) -> Awaitable[None] | None:
+        session, opened = call.session, call.opened
+        assert session is not None and opened is not None
+        if session.created and session.id is not None:
+            inject = inject_first_event if call.stream else inject_json
+            opened.first = inject(opened.first, session.id)
+        if session.placed is None or session.placed is opened.backend:
+            return None  # answered where it was placed: the pin stays
+        return self._follow(call)
+
+    async def _follow(self, call: Call) -> None:
         session, route, opened = call.session, call.route, call.opened
         assert session is not None and route is not None and opened is not None
         await self.sessions.follow(session, call.principal.user, route, opened.backend,
                                    call.runtime.config)
-        if session.created and session.id is not None:
-            inject = inject_first_event if call.stream else inject_json
-            opened.first = inject(opened.first, session.id)
 
 
 class Relay:
@@ -254,11 +302,14 @@ class Relay:
         self.streams = streams
         self.metrics = metrics
 
-    async def __call__(self, call: Call) -> web.StreamResponse:
+    def __call__(self, call: Call) -> web.StreamResponse | Awaitable[web.StreamResponse]:
         opened = call.opened
         assert opened is not None
         if not call.stream:
             return relay_json(opened, call.headers)
+        return self._stream(call, opened)
+
+    async def _stream(self, call: Call, opened: Opened) -> web.StreamResponse:
         try:
             return await relay_stream(call.request, opened, call.headers, self.streams,
                                       self.metrics)

@@ -57,9 +57,11 @@ class OpenAIProvider:
         headers["x-request-id"] = call.request_id
         url, body = self.url(call), dump_json(call.body)
         keys = self._keys
-        if not keys.keys:
-            return _exchange(await self._client.post(url, headers, body, call.timeouts,
-                                                     self._ca_file))
+        if not keys.keys:  # every request's path: written out, not a call of _exchange
+            resp = await self._client.post(url, headers, body, call.timeouts, self._ca_file)
+            return Exchange(resp.status, resp.headers.get("Content-Type", "application/json"),
+                            resp.iter_chunks(), resp.close,
+                            parse_retry_after(resp.headers.get("Retry-After")))
         tried = 0
         while True:
             key = keys.next()
