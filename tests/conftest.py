@@ -21,6 +21,8 @@ from aiohttp import web
 import router.store.redis  # noqa: F401 - reads its Lua files at import: before any event loop
 from router.config import load_config
 from router.server import Worker
+from tests.fakes import anthropic_upstream
+from tests.fakes.gemini_upstream import start_gemini
 from tests.fakes.openai_upstream import Recorder, start_fake
 from tests.redis_server import RedisServer, start_redis
 
@@ -69,6 +71,49 @@ async def fakes() -> AsyncIterator[Callable[..., Awaitable[Fake]]]:
     yield start
     for runner in runners:
         await runner.cleanup()
+
+
+ANTHROPIC_KEY = "sk-ant-test-0123456789abcdef"
+GEMINI_KEY = "AIza-test-gemini-key-0123456789"
+
+
+@pytest.fixture
+async def claude_fakes() -> AsyncIterator[Callable[..., Awaitable[Fake]]]:
+    """`await claude_fakes(name)`: a fake Anthropic Messages API on a free port."""
+    runners: list[web.AppRunner] = []
+
+    async def start(name: str = "claude") -> Fake:
+        runner, url, recorder = await anthropic_upstream.start_fake()
+        runners.append(runner)
+        return Fake(name, url, recorder)
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def gemini_fakes() -> AsyncIterator[Callable[..., Awaitable[Fake]]]:
+    """`await gemini_fakes(name)`: a fake Gemini API on a free port."""
+    runners: list[web.AppRunner] = []
+
+    async def start(name: str = "gem") -> Fake:
+        runner, url, recorder = await start_gemini()
+        runners.append(runner)
+        return Fake(name, url, recorder)
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+def anthropic_provider(fake: Fake, **extra: Any) -> dict[str, Any]:
+    return {"type": "anthropic", "base_url": fake.base_url, "api_key": ANTHROPIC_KEY, **extra}
+
+
+def gemini_provider(fake: Fake, **extra: Any) -> dict[str, Any]:
+    return {"type": "gemini", "base_url": fake.base_url, "api_key": GEMINI_KEY,
+            "probe": False, **extra}
 
 
 def router_config(providers: dict[str, Any], routes: dict[str, Any],

@@ -31,6 +31,8 @@ class Plan:
     metrics_only: bool = False
     metrics_rounds: int = 5
     metrics_phase_s: float = 5.0
+    translate: bool = False
+    translate_only: bool = False
 
 
 # The optional measurements: (flag, what it measures), for --NAME and --NAME-only.
@@ -43,6 +45,8 @@ EXTRAS = (
                  "(about 10 s)"),
     ("fanout", "fan-out: p99 of none, race and hedge over two upstreams, one with a heavy "
                "tail (about 30 s)"),
+    ("translate", "the CPU per streamed chunk of a translated provider (Anthropic) against "
+                  "passthrough (about 40 s)"),
     ("metrics", "the per-request cost of metrics (and of the usage report): routers with "
                 "metrics off / on / on + usage, same run; about 100 s"),
 )
@@ -82,4 +86,5 @@ def parse(argv: Sequence[str], description: str | None = None) -> Plan:
                 fanout=args.fanout, fanout_only=args.fanout_only,
                 sessions=args.sessions, sessions_only=args.sessions_only,
                 metrics=args.metrics, metrics_only=args.metrics_only,
-                metrics_rounds=1 if args.quick else 5, metrics_phase_s=min(duration, 5.0))
+                metrics_rounds=1 if args.quick else 5, metrics_phase_s=min(duration, 5.0),
+                translate=args.translate, translate_only=args.translate_only)

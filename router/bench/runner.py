@@ -38,6 +38,12 @@ with a heavy tail, and one router whose routes over both use `fanout: none`, `ra
 a fixed delay and `hedge` after the observed p95; p50/p95/p99 of each under the same open-loop
 load, and the upstream requests each client request cost. `--fanout-only` runs just that.
 
+`--translate` adds what a translated provider costs per streamed chunk
+(router/bench/translate_cost.py): streams of 8 and of 64 tokens from an OpenAI-compatible
+upstream (passed through) and from an Anthropic-style one (translated event by event), router CPU
+per stream from /proc; the slope between the two lengths is the CPU per chunk (target: translated
+<= 2x passthrough). `--translate-only` runs just that.
+
 `--profile` adds a py-spy sample of the router under the 64-connection load (own time per
 function). Not a test: `make test` never runs it.
 """
@@ -52,7 +58,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from router.bench import auth_cost, direct, limits_cost, metrics_cost, pinning
+from router.bench import auth_cost, direct, limits_cost, metrics_cost, pinning, translate_cost
 from router.bench.harness import (
     LOAD_CPU,
     ROUTER_CPU,
@@ -82,10 +88,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sessions_rows: list[tuple[str, ...]] = []
     fanout_rows: list[tuple[str, ...]] = []
     metrics_rows: list[tuple[str, ...]] = []
+    translate_rows: list[tuple[str, ...]] = []
     with tempfile.TemporaryDirectory(prefix="router-bench-") as tmpdir, processes() as procs:
         tmp = Path(tmpdir)
         if not (plan.auth_only or plan.limits_only or plan.sessions_only or plan.fanout_only
-                or plan.metrics_only):
+                or plan.metrics_only or plan.translate_only):
             code, profile = direct.run(procs, machine, tmp, plan, rows, notes)
             if code:
                 return code
@@ -122,6 +129,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"router bench: {exc}", file=sys.stderr)
                 return 1
 
+        if plan.translate or plan.translate_only:
+            try:
+                translate_rows = translate_cost.run(procs, machine, tmp, plan, notes)
+            except RuntimeError as exc:
+                print(f"router bench: {exc}", file=sys.stderr)
+                return 1
+
     if rows:
         _table("", ["metric", "direct", "router", "router vs direct", "target"], rows)
     if auth_rows:
@@ -144,6 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         _table("Fan-out: none vs race vs hedge, two upstreams, one with a heavy tail", COLUMNS,
                fanout_rows)
+    if translate_rows:
+        _table("Translated provider: CPU per streamed chunk, Anthropic-style vs passthrough",
+               translate_cost.COLUMNS, translate_rows)
     if metrics_rows:
         _table("Metrics cost: the same router with metrics off, on, and on with the usage report",
                ["variant", "req/s", "vs metrics off", "added µs/req (req/s)", "router CPU/req",

@@ -3,10 +3,11 @@ against an OpenAI-compatible upstream whose bytes pass through.
 
 One router, four routes on the same fast upstream: OpenAI-style streams of 8 and of 64 tokens
 (passthrough) and Anthropic-style streams of 8 and of 64 text deltas (translated event by event
-into chat.completion.chunk events). Each is loaded with streamed requests at a fixed concurrency
-while the router's CPU time is read from /proc; the CPU per stream of the 64-token answer minus
-that of the 8-token one, over the 56 extra chunks, is the cost of one chunk, without the
-per-request work both lengths share.
+into chat.completion.chunk events), each token written on its own 1 ms after the last, as a
+model streams them (so every chunk is one read and one write for the router). Each route is
+loaded with streamed requests at a fixed concurrency while the router's CPU time is read from
+/proc; the CPU per stream of the 64-token answer minus that of the 8-token one, over the 56
+extra chunks, is the cost of one chunk, without the per-request work both lengths share.
 """
 
 from __future__ import annotations
@@ -24,16 +25,16 @@ from router.bench.harness import (
     start_upstream,
 )
 from router.bench.plan import Plan
-from router.bench.upstream import LONG_TOKENS
 
+LONG_TOKENS = 64
 SHORT_TOKENS = 8
 CONNECTIONS = 32
 # (route, provider, upstream model)
 ROUTES = (
-    ("pass-8", "up", "bench-stream"),
-    ("pass-64", "up", "bench-long"),
-    ("claude-8", "claude", "bench-stream"),
-    ("claude-64", "claude", "bench-long"),
+    ("pass-8", "up", f"bench-paced-{SHORT_TOKENS}"),
+    ("pass-64", "up", f"bench-paced-{LONG_TOKENS}"),
+    ("claude-8", "claude", f"bench-paced-{SHORT_TOKENS}"),
+    ("claude-64", "claude", f"bench-paced-{LONG_TOKENS}"),
 )
 COLUMNS = ["stream", "streams/s (64 tokens)", "router CPU per stream (8 / 64 tokens)",
            "CPU per chunk", "vs passthrough"]

@@ -9,7 +9,8 @@ figure measured against it would measure the fake. This one answers from prebuil
 * any other streamed model: a short SSE answer written at once, chunked.
 * ``GET`` anything: a model list (the router's probe, if enabled).
 * ``POST /v1/messages``: the same answers in Anthropic's Messages API (the translated-provider
-  figure); model ``bench-long`` streams 64 text deltas instead of 8 (on either path).
+  figure); a streamed model ``bench-paced-N`` (on either path) writes N tokens one by one, 1 ms
+  apart, as a model streams them.
 
 With ``--prefill-ms`` (the sessions bench) streamed answers simulate a prefix (KV) cache: the
 process remembers each conversation it has seen, keyed by the text of its first message (unique
@@ -74,16 +75,18 @@ SSE_FIRST = _chunk(_sse_event({"role": "assistant", "content": ""}))
 SSE_TOKEN = _chunk(_sse_event({"content": "tok "}))
 SSE_END = (_chunk(_sse_event({}, "stop")) + _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
 SSE_FAST = SSE_HEAD + SSE_FIRST + SSE_TOKEN * 8 + SSE_END
-LONG_MODEL = b"bench-long"
-LONG_TOKENS = 64
-SSE_LONG = SSE_HEAD + SSE_FIRST + SSE_TOKEN * LONG_TOKENS + SSE_END
+# `bench-paced-N`: N tokens, one write each PACE_GAP_S apart, as a model streams them: every
+# chunk reaches the router in a read of its own (the translated-provider figure).
+PACED_MODEL = re.compile(rb"bench-paced-(\d+)")
+PACE_GAP_S = 0.001
 
 
 def _anthropic_event(name: str, payload: dict[str, object]) -> bytes:
     return _chunk(f"event: {name}\ndata: ".encode() + orjson.dumps(payload) + b"\n\n")
 
 
-def _anthropic_stream(tokens: int) -> bytes:
+def _anthropic_parts(tokens: int) -> tuple[bytes, bytes, bytes]:
+    """An Anthropic Messages stream: (head and start events, one text delta, the end)."""
     start = _anthropic_event("message_start", {"type": "message_start", "message": {
         "id": "msg_bench", "type": "message", "role": "assistant", "model": "bench-claude",
         "content": [], "stop_reason": None, "stop_sequence": None,
@@ -99,7 +102,7 @@ def _anthropic_stream(tokens: int) -> bytes:
                                                   "stop_sequence": None},
                "usage": {"output_tokens": tokens}})
            + _anthropic_event("message_stop", {"type": "message_stop"}) + b"0\r\n\r\n")
-    return SSE_HEAD + start + block + token * tokens + end
+    return SSE_HEAD + start + block, token, end
 
 
 ANTHROPIC_JSON = _response(orjson.dumps({
@@ -107,8 +110,8 @@ ANTHROPIC_JSON = _response(orjson.dumps({
     "content": [{"type": "text", "text": "Hello! This is a fixed benchmark answer."}],
     "stop_reason": "end_turn", "stop_sequence": None,
     "usage": {"input_tokens": 9, "output_tokens": 9}}))
-ANTHROPIC_FAST = _anthropic_stream(8)
-ANTHROPIC_LONG = _anthropic_stream(LONG_TOKENS)
+_A_FIRST, ANTHROPIC_TOKEN, _A_END = _anthropic_parts(8)
+ANTHROPIC_FAST = _A_FIRST + ANTHROPIC_TOKEN * 8 + _A_END
 
 
 class PrefixCache:
@@ -146,6 +149,7 @@ class _Connection(asyncio.Protocol):
         self._hold_gap = hold_gap
         self._timer: asyncio.TimerHandle | None = None
         self._hold_left = 0
+        self._drip_parts = (b"", b"", 1.0)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -192,14 +196,22 @@ class _Connection(asyncio.Protocol):
         else:
             model = _MODEL.search(body)
             name = b"" if model is None else model.group(1)
-            if head.startswith(b"POST /v1/messages"):
-                transport.write(ANTHROPIC_LONG if name == LONG_MODEL else ANTHROPIC_FAST)
-            elif name == LONG_MODEL:
-                transport.write(SSE_LONG)
+            anthropic = head.startswith(b"POST /v1/messages")
+            paced = PACED_MODEL.fullmatch(name)
+            if paced is not None:
+                tokens = int(paced.group(1))
+                if anthropic:
+                    first, token, end = _anthropic_parts(tokens)
+                else:
+                    first, token, end = SSE_HEAD + SSE_FIRST, SSE_TOKEN, SSE_END
+                transport.write(first)
+                self._drip(token, end, tokens + 1, PACE_GAP_S)
+            elif anthropic:
+                transport.write(ANTHROPIC_FAST)
             elif name == HOLD_MODEL:
                 transport.write(SSE_HEAD + SSE_FIRST)
-                self._hold_left = max(1, int(self._hold_s / self._hold_gap))
-                self._timer = asyncio.get_running_loop().call_later(self._hold_gap, self._tick)
+                self._drip(SSE_TOKEN, SSE_END, max(1, int(self._hold_s / self._hold_gap)),
+                           self._hold_gap)
             elif self._cache is not None:  # later requests wait: answers stay in order
                 delay = self._cache.delay(body)
                 self._timer = asyncio.get_running_loop().call_later(delay, self._delayed)
@@ -214,17 +226,24 @@ class _Connection(asyncio.Protocol):
         if self._buf:
             self.data_received(b"")
 
+    def _drip(self, token: bytes, end: bytes, ticks: int, gap: float) -> None:
+        """`ticks - 1` tokens then `end`, one write every `gap` seconds."""
+        self._drip_parts = (token, end, gap)
+        self._hold_left = ticks
+        self._timer = asyncio.get_running_loop().call_later(gap, self._tick)
+
     def _tick(self) -> None:
         transport = self._transport
         if transport is None:
             self._timer = None
             return
+        token, end, gap = self._drip_parts
         self._hold_left -= 1
         if self._hold_left > 0:
-            transport.write(SSE_TOKEN)
-            self._timer = asyncio.get_running_loop().call_later(self._hold_gap, self._tick)
+            transport.write(token)
+            self._timer = asyncio.get_running_loop().call_later(gap, self._tick)
             return
-        transport.write(SSE_END)
+        transport.write(end)
         self._timer = None
         if self._buf:
             self.data_received(b"")

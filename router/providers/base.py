@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 
+from router.errors import UpstreamError
 from router.upstream import Timeouts
 
 
@@ -40,6 +41,18 @@ class Provider(Protocol):
     async def probe(self) -> bool | None:
         """True/False for up/down; None when this provider has nothing to probe."""
         ...
+
+
+async def read_all(chunks: AsyncIterator[bytes], limit: int) -> bytes:
+    """A whole body, or UpstreamError past `limit` bytes."""
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise UpstreamError("upstream response is too large")
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def leaks_secret(text: str, secrets: tuple[str, ...], fragment: int = 8) -> bool:

@@ -22,8 +22,8 @@ import orjson
 from router import __version__
 from router.config import TranslatedProviderConfig
 from router.errors import RouterError, UpstreamError
-from router.providers.base import Exchange, UpstreamCall, parse_retry_after
-from router.providers.sse import DONE, MAX_EVENT_BYTES, EventCutter, carries_content, data_event
+from router.providers.base import Exchange, UpstreamCall, parse_retry_after, read_all
+from router.providers.sse import DONE, MAX_EVENT_BYTES, EventCutter, carries_content
 from router.upstream import UpstreamClient, UpstreamResponse
 
 log = logging.getLogger("router.providers")
@@ -88,23 +88,23 @@ class Dialect(Protocol):
 
 class ChunkWriter:
     """The `chat.completion.chunk` events of one translated stream: each repeats the id,
-    creation time and model."""
+    creation time and model, encoded once."""
 
-    __slots__ = ("head",)
+    __slots__ = ("_prefix",)
 
     def __init__(self, id_: str, model: str, created: int | None = None) -> None:
-        self.head = {"id": id_, "object": "chat.completion.chunk",
-                     "created": int(time.time()) if created is None else created,
-                     "model": model}
+        head = orjson.dumps({"id": id_, "object": "chat.completion.chunk",
+                             "created": int(time.time()) if created is None else created,
+                             "model": model})
+        self._prefix = b"data: " + head[:-1] + b',"choices":['  # ...then the choice, "]}"
 
     def delta(self, delta: dict[str, Any], index: int = 0,
               finish_reason: str | None = None) -> bytes:
-        return data_event({**self.head, "choices": [{"index": index, "delta": delta,
-                                                      "logprobs": None,
-                                                      "finish_reason": finish_reason}]})
+        return self._prefix + orjson.dumps({"index": index, "delta": delta, "logprobs": None,
+                                            "finish_reason": finish_reason}) + b"]}\n\n"
 
     def usage(self, usage: dict[str, Any]) -> bytes:
-        return data_event({**self.head, "choices": [], "usage": usage})
+        return self._prefix + b'],"usage":' + orjson.dumps(usage) + b"}\n\n"
 
 
 def wants_usage(call: UpstreamCall) -> bool:
@@ -163,7 +163,7 @@ class TranslatedProvider:
                 # The wait is in the body: read it now, as the backend's rest is decided
                 # from the Exchange's head, before anyone reads its body.
                 try:
-                    native = _loads(await _read(resp, MAX_ERROR_BYTES))
+                    native = _loads(await read_all(resp.iter_chunks(), MAX_ERROR_BYTES))
                 except BaseException:
                     resp.close()  # no Exchange will own it
                     raise
@@ -186,7 +186,7 @@ class TranslatedProvider:
         return 200 <= status < 300
 
     async def _json(self, resp: UpstreamResponse, call: UpstreamCall) -> AsyncIterator[bytes]:
-        raw = await _read(resp, call.max_response_bytes)
+        raw = await read_all(resp.iter_chunks(), call.max_response_bytes)
         try:
             native = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -196,7 +196,7 @@ class TranslatedProvider:
         yield orjson.dumps(self._dialect.answer(native, call))
 
     async def _error(self, resp: UpstreamResponse) -> AsyncIterator[bytes]:
-        native = _loads(await _read(resp, MAX_ERROR_BYTES))
+        native = _loads(await read_all(resp.iter_chunks(), MAX_ERROR_BYTES))
         yield orjson.dumps(self._dialect.error(resp.status, native))
 
     async def _events(self, resp: UpstreamResponse, translator: StreamTranslator
@@ -260,17 +260,6 @@ def _loads(raw: bytes) -> Any:
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:
     yield data
-
-
-async def _read(resp: UpstreamResponse, limit: int) -> bytes:
-    parts: list[bytes] = []
-    size = 0
-    async for chunk in resp.iter_chunks():
-        size += len(chunk)
-        if size > limit:
-            raise UpstreamError("upstream response is too large")
-        parts.append(chunk)
-    return b"".join(parts)
 
 
 def parse_data(data: bytes) -> dict[str, Any]:

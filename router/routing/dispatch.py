@@ -25,7 +25,7 @@ from router.errors import (
 )
 from router.metrics import Metrics
 from router.providers import Exchange, UpstreamCall
-from router.providers.base import leaks_secret
+from router.providers.base import leaks_secret, read_all
 from router.providers.sse import carries_content
 from router.routing.table import Backend, Route
 from router.tasks import spawn
@@ -240,7 +240,7 @@ async def attempt(route: Route, backend: Backend, out: Outbound, attempts: int,
         else:
             # A JSON answer's head is its first byte; the body may take the whole timeout_s.
             ttfb = time.monotonic() - started
-            first = await _read_all(exchange, out.max_response_bytes)
+            first = await read_all(exchange.chunks, out.max_response_bytes)
             tokens = count_tokens(check_json(first), route, backend, metrics)
         state.record_ttfb(ttfb)
         metrics.first_byte(route.name, backend.name, ttfb)
@@ -292,17 +292,6 @@ async def _until_content(exchange: Exchange) -> bytes:
     return b"".join(parts)
 
 
-async def _read_all(exchange: Exchange, limit: int) -> bytes:
-    parts: list[bytes] = []
-    size = 0
-    async for chunk in exchange.chunks:
-        size += len(chunk)
-        if size > limit:
-            raise UpstreamError("upstream response is too large")
-        parts.append(chunk)
-    return b"".join(parts)
-
-
 def check_json(body: bytes) -> dict[str, Any]:
     """A 2xx JSON answer that does not parse is an upstream failure: the next backend may do."""
     try:
@@ -340,7 +329,7 @@ async def _refusal(route: Route, backend: Backend, exchange: Exchange) -> Router
         # Upstream trouble, or the router's own upstream credentials: never the client's fault.
         raise UpstreamError(f"upstream answered HTTP {status}")
     try:
-        raw = await _read_all(exchange, MAX_ERROR_BODY)
+        raw = await read_all(exchange.chunks, MAX_ERROR_BODY)
         parsed = orjson.loads(raw)
         error = parsed["error"]
         message = str(error.get("message", ""))

@@ -6,40 +6,28 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import openai
 import pytest
 
-from tests.conftest import KEY, USER_MSG, Fake, eventually, openai_provider, router_config
-from tests.fakes import anthropic_upstream
+from tests.conftest import (
+    ANTHROPIC_KEY,
+    KEY,
+    USER_MSG,
+    anthropic_provider,
+    eventually,
+    openai_provider,
+    router_config,
+)
 
-API_KEY = "sk-ant-test-0123456789abcdef"
+API_KEY = ANTHROPIC_KEY
 TOOLS: list[Any] = [{"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",
     "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}}}]
 TEXT5 = "".join(f"tok{i} " for i in range(5))
 PROMPT = len(USER_MSG[0]["content"]) // 4 + 1  # the fake's count of "hello there"
 DONE = b"data: [DONE]\n\n"
-
-
-@pytest.fixture
-async def claude_fakes() -> AsyncIterator[Callable[..., Awaitable[Fake]]]:
-    runners = []
-
-    async def start(name: str = "claude") -> Fake:
-        runner, url, recorder = await anthropic_upstream.start_fake()
-        runners.append(runner)
-        return Fake(name, url, recorder)
-
-    yield start
-    for runner in runners:
-        await runner.cleanup()
-
-
-def anthropic_provider(fake: Fake, **extra: Any) -> dict[str, Any]:
-    return {"type": "anthropic", "base_url": fake.base_url, "api_key": API_KEY, **extra}
 
 
 def route(*models: str, provider: str = "claude", **extra: Any) -> dict[str, Any]:

@@ -5,16 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import openai
 import pytest
 
-from tests.conftest import KEY, USER_MSG, Fake, eventually, router_config, sse_events
-from tests.fakes.gemini_upstream import SIGNATURE, start_gemini
+from tests.conftest import (
+    GEMINI_KEY,
+    KEY,
+    USER_MSG,
+    Fake,
+    eventually,
+    gemini_provider,
+    router_config,
+    sse_events,
+)
+from tests.fakes.gemini_upstream import SIGNATURE
 
-GEMINI_KEY = "AIza-test-gemini-key-0123456789"
 TOOLS: list[Any] = [{"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city.",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -23,27 +31,6 @@ TEXT5 = "tok0 tok1 tok2 tok3 tok4 "
 PROMPT = len(USER_MSG[0]["content"]) // 4 + 1  # what the fake counts for "hello there"
 DONE = b"data: [DONE]\n\n"
 
-Start = Callable[..., Awaitable[Fake]]
-
-
-@pytest.fixture
-async def gemini_fakes() -> AsyncIterator[Start]:
-    """`await gemini_fakes(name)`: a fake Gemini upstream on a free port."""
-    runners = []
-
-    async def start(name: str = "gem") -> Fake:
-        runner, url, recorder = await start_gemini()
-        runners.append(runner)
-        return Fake(name, url, recorder)
-
-    yield start
-    for runner in runners:
-        await runner.cleanup()
-
-
-def gemini_provider(fake: Fake, **extra: Any) -> dict[str, Any]:
-    return {"type": "gemini", "base_url": fake.base_url, "api_key": GEMINI_KEY,
-            "probe": False, **extra}
 
 
 @pytest.fixture
