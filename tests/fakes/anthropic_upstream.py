@@ -31,6 +31,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from tests.fakes.directives import parse_directives
 from tests.fakes.openai_upstream import RECORDER, Recorder, Seen
 
 _HANG_SECONDS = 3600.0
@@ -67,53 +68,7 @@ class Behaviour:
 
 
 def parse_behaviour(spec: str | None) -> Behaviour:
-    b = Behaviour()
-    for part in (spec or "").split("+"):
-        name, _, arg = part.strip().partition(":")
-        match name:
-            case "chunks":
-                b.chunks = int(arg)
-            case "gap":
-                b.gap = float(arg)
-            case "first-byte":
-                b.first_byte = float(arg)
-            case "status":
-                b.status = int(arg)
-            case "retry-after":
-                b.retry_after = str(int(float(arg))) if arg else "1"
-            case "tools":
-                b.tools = int(arg)
-            case "preamble":
-                b.preamble = True
-            case "whole-input":
-                b.whole_input = True
-            case "thinking":
-                b.thinking = True
-            case "cache":
-                b.cache = int(arg)
-            case "ping":
-                b.ping = True
-            case "error-start":
-                b.error_start = True
-            case "error-mid":
-                b.error_mid = int(arg)
-            case "cut":
-                b.cut = int(arg)
-            case "no-stop":
-                b.no_stop = True
-            case "split":
-                b.split = int(arg)
-            case "crlf":
-                b.crlf = True
-            case "hang":
-                b.hang = True
-            case "malformed":
-                b.malformed = True
-            case "reason":
-                b.reason = arg
-            case "answer-model":
-                b.answer_model = arg
-    return b
+    return parse_directives(spec, Behaviour())
 
 
 def error_body(status: int, message: str) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from aiohttp import web
 from google.genai import types
 from pydantic import TypeAdapter
 
+from tests.fakes.directives import parse_directives
 from tests.fakes.openai_upstream import Recorder, Seen
 
 MODEL_VERSION = "gemini-fake-001"
@@ -84,49 +85,7 @@ class Behaviour:
 
 
 def parse_behaviour(spec: str | None) -> Behaviour:
-    b = Behaviour()
-    for part in (spec or "").split("+"):
-        name, _, arg = part.strip().partition(":")
-        match name:
-            case "chunks":
-                b.chunks = int(arg)
-            case "calls":
-                b.calls = int(arg)
-            case "signature":
-                b.signature = True
-            case "call-id":
-                b.call_id = True
-            case "thought":
-                b.thought = True
-            case "finish":
-                b.finish = arg
-            case "no-finish":
-                b.no_finish = True
-            case "blocked":
-                b.blocked = True
-            case "ping":
-                b.ping = True
-            case "gap":
-                b.gap = float(arg)
-            case "first-byte":
-                b.first_byte = float(arg)
-            case "error-mid":
-                b.error_mid = True
-            case "error-first":
-                b.error_first = True
-            case "status":
-                b.status = int(arg)
-            case "retry-after":
-                b.retry_after = arg or "1"
-            case "retry-delay":
-                b.retry_delay = int(arg)
-            case "cut":
-                b.cut = int(arg or 0)
-            case "cached":
-                b.cached = int(arg)
-            case "models-500":
-                b.models_500 = True
-    return b
+    return parse_directives(spec, Behaviour())
 
 
 def error_body(code: int, message: str, details: list[Any] | None = None) -> dict[str, Any]:

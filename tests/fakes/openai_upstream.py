@@ -17,6 +17,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from tests.fakes.directives import BadDirective, parse_directives
+
 CREATED = 1700000000
 TOOL_ARGUMENTS = '{"x": 1}'
 _TOOL_FRAGMENTS = ('{"x', '": ', "1}")
@@ -71,44 +73,9 @@ class Behaviour:
     limit_key: str | None = None  # ... gets 429 with Retry-After: 30
 
 
-class BadDirective(ValueError):
-    pass
-
-
 def parse_behaviour(spec: str | None) -> Behaviour:
     """Parse ``name[:arg]+name[:arg]...``; unknown names are ignored."""
-    b = Behaviour()
-    for part in (spec or "").split("+"):
-        name, _, arg = part.strip().partition(":")
-        try:
-            match name:
-                case "first-byte":
-                    b.first_byte = float(arg)
-                case "chunks":
-                    b.chunks = int(arg)
-                case "gap":
-                    b.gap = float(arg)
-                case "status":
-                    b.status = int(arg)
-                case "retry-after":
-                    b.retry_after = str(int(float(arg))) if arg else "1"
-                case "cut":
-                    b.cut = int(arg)
-                case "hang":
-                    b.hang = True
-                case "echo-auth":
-                    b.echo_auth = True
-                case "malformed":
-                    b.malformed = True
-                case "models-500":
-                    b.models_500 = True
-                case "deny-key":
-                    b.deny_key = arg
-                case "limit-key":
-                    b.limit_key = arg
-        except ValueError as exc:
-            raise BadDirective(f"bad directive {part!r}") from exc
-    return b
+    return parse_directives(spec, Behaviour())
 
 
 def _error_body(message: str, type_: str = "server_error") -> dict[str, Any]:
