@@ -55,7 +55,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from router.bench import auth_cost, direct, limits_cost, metrics_cost, pinning, translate_cost
@@ -83,12 +83,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     rows: list[tuple[str, str, str, str, str]] = []
     profile: list[tuple[str, float, float]] | str | None = None
-    auth_rows: list[tuple[str, ...]] = []
-    limits_rows: list[tuple[str, ...]] = []
-    sessions_rows: list[tuple[str, ...]] = []
-    fanout_rows: list[tuple[str, ...]] = []
-    metrics_rows: list[tuple[str, ...]] = []
-    translate_rows: list[tuple[str, ...]] = []
     with tempfile.TemporaryDirectory(prefix="router-bench-") as tmpdir, processes() as procs:
         tmp = Path(tmpdir)
         if not (plan.auth_only or plan.limits_only or plan.sessions_only or plan.fanout_only
@@ -96,45 +90,40 @@ def main(argv: Sequence[str] | None = None) -> int:
             code, profile = direct.run(procs, machine, tmp, plan, rows, notes)
             if code:
                 return code
-        if plan.auth or plan.auth_only:
-            try:
-                auth_rows = auth_cost.run(procs, machine, tmp, plan, notes)
-            except RuntimeError as exc:
-                print(f"router bench: {exc}", file=sys.stderr)
-                return 1
-        if plan.limits or plan.limits_only:
-            try:
-                limits_rows = limits_cost.run(procs, machine, tmp, plan, notes)
-            except RuntimeError as exc:
-                print(f"router bench: {exc}", file=sys.stderr)
-                return 1
-        if plan.sessions or plan.sessions_only:
-            try:
-                sessions_rows = pinning.run(procs, machine, tmp, notes)
-            except RuntimeError as exc:
-                print(f"router bench: {exc}", file=sys.stderr)
-                return 1
-        if plan.fanout or plan.fanout_only:
-            from router.bench import fanout
 
-            try:
-                fanout_rows = fanout.run(procs, machine, tmp, notes)
-            except RuntimeError as exc:
-                print(f"router bench: {exc}", file=sys.stderr)
-                return 1
-        if plan.metrics or plan.metrics_only:
-            try:
-                metrics_rows = metrics_cost.run(procs, machine, tmp, plan, notes)
-            except RuntimeError as exc:
-                print(f"router bench: {exc}", file=sys.stderr)
-                return 1
+        def fanout_run() -> list[tuple[str, ...]]:
+            from router.bench import fanout  # only when asked for
 
-        if plan.translate or plan.translate_only:
+            return fanout.run(procs, machine, tmp, notes)
+
+        extras: list[tuple[str, bool, Callable[[], list[tuple[str, ...]]]]] = [
+            ("auth", plan.auth or plan.auth_only,
+             lambda: auth_cost.run(procs, machine, tmp, plan, notes)),
+            ("limits", plan.limits or plan.limits_only,
+             lambda: limits_cost.run(procs, machine, tmp, plan, notes)),
+            ("sessions", plan.sessions or plan.sessions_only,
+             lambda: pinning.run(procs, machine, tmp, notes)),
+            ("fanout", plan.fanout or plan.fanout_only, fanout_run),
+            ("metrics", plan.metrics or plan.metrics_only,
+             lambda: metrics_cost.run(procs, machine, tmp, plan, notes)),
+            ("translate", plan.translate or plan.translate_only,
+             lambda: translate_cost.run(procs, machine, tmp, plan, notes)),
+        ]
+        extra_rows: dict[str, list[tuple[str, ...]]] = {}
+        for name, wanted, run in extras:
+            if not wanted:
+                continue
             try:
-                translate_rows = translate_cost.run(procs, machine, tmp, plan, notes)
+                extra_rows[name] = run()
             except RuntimeError as exc:
                 print(f"router bench: {exc}", file=sys.stderr)
                 return 1
+    auth_rows = extra_rows.get("auth", [])
+    limits_rows = extra_rows.get("limits", [])
+    sessions_rows = extra_rows.get("sessions", [])
+    fanout_rows = extra_rows.get("fanout", [])
+    metrics_rows = extra_rows.get("metrics", [])
+    translate_rows = extra_rows.get("translate", [])
 
     if rows:
         _table("", ["metric", "direct", "router", "router vs direct", "target"], rows)
