@@ -66,6 +66,7 @@ from router.state import (
     ServerStatus,
 )
 from router.store import Store, StoreError
+from router.tracing import trace_id
 from router.usage import UsageMeter
 
 log = logging.getLogger("router.app")
@@ -190,6 +191,7 @@ def log_access(request: web.Request, facts: Facts, status: int, started: float) 
         "completion_tokens": facts.tokens[1] if facts.tokens else None,
         "duration_ms": round((time.monotonic() - started) * 1000, 3),
         "error": facts.error,
+        "trace_id": trace_id(request.headers),
     }})
 
 

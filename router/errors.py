@@ -43,7 +43,10 @@ class RouterError(Exception):
 
 
 class ValidationFailed(RouterError):
-    """422 with a `detail` list: {"detail": [{"loc": [...], "msg": ..., "type": ...}, ...]}."""
+    """422 with a `detail` list, {"detail": [{"loc": [...], "msg": ..., "type": ...}, ...]},
+    and beside it an OpenAI-style `error` naming the first problem, which OpenAI's SDKs show as
+    the exception's message: {"message": "messages.0.role: ...", "type":
+    "invalid_request_error", "param": "messages.0.role", "code": "validation_error"}."""
 
     status = 422
     type = "invalid_request_error"
@@ -55,7 +58,19 @@ class ValidationFailed(RouterError):
         self.detail = list(detail)
 
     def body(self) -> dict[str, Any]:
-        return {"detail": self.detail}
+        first = self.detail[0] if self.detail else {}
+        loc = [str(part) for part in first.get("loc", ())]
+        if loc[:1] in (["body"], ["query"], ["path"]):
+            loc = loc[1:]
+        param = ".".join(loc) or None
+        message = str(first.get("msg", self.message))
+        if param is not None:
+            message = f"{param}: {message}"
+        if len(self.detail) > 1:
+            message += f" (and {len(self.detail) - 1} more in `detail`)"
+        return {"detail": self.detail,
+                "error": {"message": message, "type": self.type, "param": param,
+                          "code": self.code}}
 
 
 class BadRequest(RouterError):

@@ -12,7 +12,7 @@ from aiohttp import web
 from router import sessions
 from router.body import read_body
 from router.call import Call
-from router.errors import Forbidden, NotFound
+from router.errors import Forbidden, ModelNotFound, NotFound
 from router.metrics import CONTENT_TYPE
 from router.prober import publish_backend_up
 from router.schema import SAFE_ID
@@ -92,9 +92,20 @@ async def issue_token(request: web.Request) -> web.Response:
 async def list_models(request: web.Request) -> web.Response:
     runtime = request[RUNTIME_NOW]
     principal = request[PRINCIPAL]
-    data = [{"id": name, "object": "model", "created": 0, "owned_by": "router"}
-            for name in runtime.table.routes if principal.may_use(name)]
+    data = [_model(name) for name in runtime.table.routes if principal.may_use(name)]
     return _json({"object": "list", "data": data})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    """One route as a model object; a route this credential may not use is just as absent."""
+    name = request.match_info["id"]
+    if name not in request[RUNTIME_NOW].table.routes or not request[PRINCIPAL].may_use(name):
+        raise ModelNotFound(f"the model {name[:100]!r} does not exist")
+    return _json(_model(name))
+
+
+def _model(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "router"}
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:

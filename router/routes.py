@@ -6,6 +6,7 @@ turns it into the document's `paths`, so the two cannot drift apart.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -18,6 +19,7 @@ from router.schema import ChatCompletionRequest, openapi_components
 from router.sessions import AutomationSettings
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_PATTERN = re.compile(r"\{(\w+):[^}]*\}")
 METRICS_PATH = "/metrics"  # where the table serves metrics; `metrics.path` moves it
 
 
@@ -102,6 +104,15 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         summary="List models",
         responses={"200": {"description": "Model aliases the caller may use", "content": {
             "application/json": {"schema": _ref("ModelList")}}}})),
+    # A route's name may hold a slash ("org/model"): the id is the rest of the path.
+    Endpoint("GET", ("/api/v1/models/{id:.+}", "/v1/models/{id:.+}"), handlers.get_model,
+             Operation(
+                 summary="Retrieve a model",
+                 parameters=(ID_IN_PATH,),
+                 responses={"200": {"description": "A model alias the caller may use",
+                                    "content": {"application/json": {"schema": _ref("Model")}}},
+                            "404": _error("No such model for this credential "
+                                          "(`model_not_found`)")})),
     Endpoint("POST", ("/api/v1/auth/token",), handlers.issue_token, Operation(
         summary="Exchange an API key or IdP access token for a router JWT",
         responses={
@@ -190,6 +201,7 @@ def openapi_document(table: Sequence[Endpoint] = ENDPOINTS) -> dict[str, Any]:
             continue
         for n, path in enumerate(endpoint.paths):
             summary = endpoint.doc.summary if n == 0 else f"{endpoint.doc.summary} (alias)"
+            path = _PATTERN.sub(r"{\1}", path)  # `{id:.+}` is aiohttp's; OpenAPI has `{id}`
             paths.setdefault(path, {})[endpoint.method.lower()] = _operation(
                 endpoint.doc, summary, secured=not endpoint.open)
     models = [e.doc.body for e in table if e.doc is not None and e.doc.body is not None]

@@ -132,8 +132,13 @@ def openapi_components(models: Iterable[type[BaseModel]]) -> dict[str, Any]:
         schemas[model.__name__] = schema
     schemas["ValidationError"] = {
         "type": "object",
-        "required": ["detail"],
-        "properties": {"detail": {"type": "array", "items": {
+        "required": ["detail", "error"],
+        "properties": {"error": {"type": "object", "properties": {
+            "message": {"type": "string"},
+            "type": {"type": "string"},
+            "param": {"type": ["string", "null"]},
+            "code": {"type": "string"},
+        }}, "detail": {"type": "array", "items": {
             "type": "object",
             "required": ["loc", "msg", "type"],
             "properties": {
@@ -153,13 +158,16 @@ def openapi_components(models: Iterable[type[BaseModel]]) -> dict[str, Any]:
             "code": {"type": ["string", "null"]},
         }}},
     }
+    schemas["Model"] = {
+        "type": "object",
+        "required": ["id", "object", "created", "owned_by"],
+        "properties": {"id": {"type": "string"}, "object": {"const": "model"},
+                       "created": {"type": "integer"}, "owned_by": {"type": "string"}},
+    }
     schemas["ModelList"] = {
         "type": "object",
         "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {
-            "type": "object",
-            "properties": {"id": {"type": "string"}, "object": {"const": "model"},
-                           "created": {"type": "integer"}, "owned_by": {"type": "string"}},
-        }}},
+            "$ref": ref.format(model="Model")}}},
     }
     schemas["ChatCompletion"] = {"type": "object", "description": "The upstream's answer, "
                                  "relayed as it came (OpenAI's chat.completion object)"}

@@ -34,6 +34,7 @@ from router.sessions import Sessions, inject_first_event, inject_json
 from router.state import ANSWER_HEADERS
 from router.store import StoreError
 from router.store.base import SessionState
+from router.tracing import trace_headers
 
 # The last stage: the response, or an awaitable of it (a stream is written as it arrives).
 Answer = Callable[[Call], web.StreamResponse | Awaitable[web.StreamResponse]]
@@ -252,7 +253,8 @@ class Forward(Stage):
         route = call.route
         assert route is not None
         out = Outbound(call.body, call.stream, call.request_id,
-                       call.runtime.config.server.max_response_bytes, self.metrics)
+                       call.runtime.config.server.max_response_bytes, self.metrics,
+                       trace_headers(call.request.headers))
         if route.config.fanout == "none" or call.prefer is not None:
             opened = await dispatch(route, out, call.prefer)  # a pin ignores race and hedge
         else:

@@ -19,6 +19,7 @@ class UpstreamCall:
     request_id: str
     timeouts: Timeouts
     max_response_bytes: int = 64 << 20  # a provider that reads a whole answer reads no more
+    trace: tuple[tuple[str, str], ...] = ()  # the client's W3C trace context, sent as is
 
 
 @dataclass(slots=True)

@@ -55,6 +55,8 @@ class OpenAIProvider:
         headers = dict(self._headers)
         headers["Accept"] = "text/event-stream" if call.stream else "application/json"
         headers["x-request-id"] = call.request_id
+        for name, value in call.trace:
+            headers[name] = value
         url, body = self.url(call), dump_json(call.body)
         keys = self._keys
         if not keys.keys:  # every request's path: written out, not a call of _exchange

@@ -153,6 +153,8 @@ class TranslatedProvider:
             headers.update(req.headers)
         headers["Accept"] = "text/event-stream" if call.stream else "application/json"
         headers["x-request-id"] = call.request_id
+        for name, value in call.trace:
+            headers[name] = value
         resp = await self._client.post(req.url, headers, req.body, call.timeouts, self._ca_file)
         retry_after = parse_retry_after(resp.headers.get("Retry-After"))
         if resp.status >= 300:

@@ -61,6 +61,7 @@ class Outbound:
     request_id: str
     max_response_bytes: int
     metrics: Metrics
+    trace: tuple[tuple[str, str], ...] = ()  # the client's W3C trace context
 
 
 @dataclass(slots=True)
@@ -209,7 +210,7 @@ async def attempt(route: Route, backend: Backend, out: Outbound, attempts: int,
     upstream_body.pop("session_id", None)
     hide_usage = stream and _ask_for_usage(upstream_body)
     call = UpstreamCall(upstream_body, stream, out.request_id, route.timeouts,
-                        out.max_response_bytes)
+                        out.max_response_bytes, out.trace)
     state = backend.state
     state.inflight += 1
     exchange: Exchange | None = None

@@ -9,7 +9,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.conftest import KEY, USER_MSG, openai_provider, router_config
+from tests.conftest import KEY, OTHER_KEY, USER_MSG, openai_provider, router_config
 
 TOOLS: list[Any] = [{"type": "function", "function": {
     "name": "get_weather", "parameters": {"type": "object", "properties": {"x": {}}}}}]
@@ -110,8 +110,13 @@ async def test_sdk_sees_422_as_unprocessable_entity(sdk):
     with pytest.raises(openai.UnprocessableEntityError) as info:
         await client.chat.completions.create(model="m", messages=bad)
     assert info.value.status_code == 422
-    detail = info.value.body["detail"]  # type: ignore[index]
+    # The SDK keeps the `error` object as `.body`; the whole answer still has `detail`.
+    detail = info.value.response.json()["detail"]
     assert detail[0]["loc"] == ["body", "messages", 0, "role"]
+    # The SDK shows the error object's message, not a bare "Error code: 422".
+    assert info.value.message.startswith("Error code: 422 - messages.0.role: Input should be")
+    assert info.value.param == "messages.0.role"  # type: ignore[attr-defined]
+    assert info.value.code == "validation_error"  # type: ignore[attr-defined]
 
 
 async def test_sdk_sees_bad_key_as_authentication_error(sdk):
@@ -147,3 +152,29 @@ async def test_sdk_lists_models(sdk):
     client = await sdk()
     models = [m.id async for m in client.models.list()]
     assert sorted(models) == ["cut", "m", "mock"]
+
+
+@pytest.mark.parametrize("prefix", ["/v1", "/api/v1"])
+async def test_sdk_retrieves_a_model_it_may_use_and_nothing_else(sdk, prefix):
+    client = await sdk(prefix)
+    model = await client.models.retrieve("m")
+    assert (model.id, model.object, model.owned_by) == ("m", "model", "router")
+    with pytest.raises(openai.NotFoundError) as info:
+        await client.models.retrieve("no-such-route")
+    assert info.value.code == "model_not_found"  # type: ignore[attr-defined]
+    # The narrow key may use only the first route: another route is just as absent.
+    narrow = await sdk(prefix, key=OTHER_KEY)
+    assert (await narrow.models.retrieve("m")).id == "m"
+    with pytest.raises(openai.NotFoundError):
+        await narrow.models.retrieve("mock")
+
+
+async def test_a_model_whose_name_holds_a_slash_is_retrieved_whole(fakes, start_router):
+    up = await fakes("up")
+    r = await start_router(router_config(
+        {"up": openai_provider(up, probe=False)},
+        {"org/model-a": {"backends": [{"provider": "up", "model": "x"}]}}))
+    async with r.http.get(f"{r.url}/v1/models/org/model-a",
+                          headers={"Authorization": f"Bearer {KEY}"}) as resp:
+        assert resp.status == 200
+        assert (await resp.json())["id"] == "org/model-a"

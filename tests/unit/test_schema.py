@@ -26,7 +26,9 @@ def detail(body: Any) -> list[dict[str, Any]]:
     with pytest.raises(ValidationFailed) as info:
         parse(body)
     assert info.value.status == 422
-    assert info.value.body() == {"detail": info.value.detail}
+    answer = info.value.body()
+    assert answer["detail"] == info.value.detail  # exactly, beside the OpenAI-style error
+    assert set(answer) == {"detail", "error"}
     return info.value.detail
 
 
@@ -208,3 +210,16 @@ def test_the_served_document_names_the_routes_and_every_auth_answer():
     assert "429" in chat
     assert chat["200"]["content"]["text/event-stream"]["schema"] == {
         "$ref": "#/components/schemas/ServerSentEvent"}
+
+
+def test_a_422_carries_an_openai_style_error_naming_the_first_problem():
+    with pytest.raises(ValidationFailed) as info:
+        parse({"model": "m", "messages": [{"role": "wizard", "content": "hi"}]})
+    error = info.value.body()["error"]
+    assert error["param"] == "messages.0.role"
+    assert error["message"].startswith("messages.0.role: ")
+    assert (error["type"], error["code"]) == ("invalid_request_error", "validation_error")
+    with pytest.raises(ValidationFailed) as info:
+        parse([1, 2])  # the body itself: no parameter to name
+    error = info.value.body()["error"]
+    assert error["param"] is None and error["message"] == info.value.detail[0]["msg"]
