@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -30,7 +31,13 @@ from router.log import redact, redact_message, redact_path
 from router.metrics import Metrics
 from router.relay import ActiveStreams
 from router.runtime import RuntimeRef
-from router.schema import SAFE_ID, OpenApiDocument, parse_chat_request
+from router.schema import (
+    SAFE_ID,
+    OpenApiDocument,
+    parse_chat_request,
+    parse_completion_request,
+    parse_embedding_request,
+)
 from router.sessions import Sessions
 from router.stages import (
     Admit,
@@ -48,6 +55,8 @@ from router.stages import (
 from router.state import (
     ANSWER_HEADERS,
     CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
     FACTS,
     LIMITER,
     METRICS,
@@ -105,7 +114,7 @@ async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse
     finally:
         status.inflight -= 1
         code = resp.status if resp is not None else 499
-        if request.path.endswith("/chat/completions"):
+        if facts.endpoint is not None:
             request.app[METRICS].request_done(facts.route, facts.backend, code, facts.stream,
                                               time.monotonic() - started)
             if runtime.config.usage.enabled:
@@ -217,6 +226,20 @@ def chat_stages(app: web.Application) -> Pipeline:
     ], Relay(streams, metrics))
 
 
+def passthrough_stages(app: web.Application, parse: Callable[[bytes], dict[str, Any]], *,
+                       streamed: bool = True) -> Pipeline:
+    """The work of an endpoint that goes upstream without sessions or fan-out's merging
+    (embeddings, text completions), in order: the same stages as chat's but those."""
+    metrics, streams = app[METRICS], app[STREAMS]
+    return Pipeline([
+        Read(parse, streams, streamed=streamed),
+        Admit(app[LIMITER]),
+        ChooseRoute(),
+        CountInFlight(metrics),
+        Forward(metrics),
+    ], Relay(streams, metrics))
+
+
 def build_app(ref: RuntimeRef, store: Store, metrics: Metrics) -> web.Application:
     app = web.Application(
         middlewares=[pipeline],
@@ -230,6 +253,8 @@ def build_app(ref: RuntimeRef, store: Store, metrics: Metrics) -> web.Applicatio
     app[LIMITER] = Limiter(store, metrics, ref)
     app[SESSIONS] = Sessions(store, metrics)
     app[CHAT] = chat_stages(app)
+    app[EMBEDDINGS] = passthrough_stages(app, parse_embedding_request, streamed=False)
+    app[COMPLETIONS] = passthrough_stages(app, parse_completion_request)
     app[USAGE] = UsageMeter(store, ref, metrics)
     # Like the listener, the metrics path is fixed until restart.
     table = routes.endpoints(ref.current.config.metrics.path, metrics.enabled)

@@ -19,7 +19,7 @@ from router.state import FACTS, PRINCIPAL, REQUEST_ID, RUNTIME_NOW, Facts
 @dataclass(slots=True, eq=False)
 class Call:
     """A request to an upstream endpoint, from its parsed body to its relayed answer. The
-    first five fields are known when it starts; each stage reads what the stages before it
+    first six fields are known when it starts; each stage reads what the stages before it
     set and sets its own part (noted beside each field)."""
 
     request: web.Request
@@ -27,20 +27,23 @@ class Call:
     principal: Principal
     request_id: str
     facts: Facts  # what the access log and the request's metrics say about it
-    body: dict[str, Any] = field(default_factory=dict)  # read: validated, as the client sent it
-    stream: bool = False  # read
-    model: str | None = None  # read (the body's), else the user's default (sessions)
-    session: Session | None = None  # sessions (chat only)
-    ticket: Ticket | None = None  # admit: None when the principal has no limits
+    endpoint: str  # "chat", "embeddings", "completions"
+    body: dict[str, Any] = field(default_factory=dict)  # Read: validated, as the client sent it
+    stream: bool = False  # Read
+    model: str | None = None  # Read (the body's), else ReadSession (the user's default)
+    session: Session | None = None  # BeginSession, then the other session stages (chat only)
+    ticket: Ticket | None = None  # Admit: None when the principal has no limits
     headers: dict[str, str] = field(default_factory=dict)  # what the answer carries
-    route: Route | None = None  # choose_route
-    prefer: Backend | None = None  # sessions: the backend to ask first
-    opened: Opened | None = None  # forward: the committed upstream answer
+    route: Route | None = None  # Read (a model named in the body), else ChooseRoute
+    prefer: Backend | None = None  # PlaceSession: the backend to ask first
+    opened: Opened | None = None  # Forward: the committed upstream answer
 
     @classmethod
-    def of(cls, request: web.Request) -> Call:
+    def of(cls, request: web.Request, endpoint: str) -> Call:
+        facts = request[FACTS]
+        facts.endpoint = endpoint
         return cls(request, request[RUNTIME_NOW], request[PRINCIPAL], request[REQUEST_ID],
-                   request[FACTS])
+                   facts, endpoint)
 
     def used(self) -> Used | None:
         """What the request used, for its limits: nothing if no answer came."""

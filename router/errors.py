@@ -116,6 +116,15 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class UnsupportedEndpoint(RouterError):
+    """A route whose backends cannot serve this endpoint (embeddings on an Anthropic route)."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "unsupported_endpoint"
+    log_level = logging.INFO
+
+
 class MethodNotAllowed(RouterError):
     status = 405
     type = "invalid_request_error"

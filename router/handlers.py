@@ -18,6 +18,8 @@ from router.prober import publish_backend_up
 from router.schema import SAFE_ID
 from router.state import (
     CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
     METRICS,
     OPENAPI,
     PRINCIPAL,
@@ -31,7 +33,15 @@ from router.state import (
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """POST /chat/completions: its stages (app.py) do the work."""
-    return await request.app[CHAT](Call.of(request))
+    return await request.app[CHAT](Call.of(request, "chat"))
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    return await request.app[EMBEDDINGS](Call.of(request, "embeddings"))
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await request.app[COMPLETIONS](Call.of(request, "completions"))
 
 
 async def get_settings(request: web.Request) -> web.Response:

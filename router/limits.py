@@ -75,10 +75,12 @@ class Limiter:
         return bool(limits.rpm or limits.tpm or limits.concurrency or limits.tokens_per_day)
 
     async def admit(self, principal: Principal, body: Mapping[str, Any], config: Config,
-                    session: SessionQuery | None = None) -> Ticket | None:
+                    session: SessionQuery | None = None, *, completes: bool = True
+                    ) -> Ticket | None:
         """Charge every limit of `principal` or raise RateLimited (nothing charged); None when
         the principal has no limits (no store call at all). `session` is answered in the same
-        round trip (`Ticket.session`; SESSION_UNAVAILABLE when the store failed)."""
+        round trip (`Ticket.session`; SESSION_UNAVAILABLE when the store failed).
+        `completes`: the answer has completion tokens (not so for embeddings)."""
         if not self.limits(principal):
             return None
         limits = principal.limits
@@ -90,6 +92,8 @@ class Limiter:
         # store's counters take 64-bit integers, and no answer is longer.
         completion = min(max_tokens, MAX_COMPLETION) if isinstance(max_tokens, int) \
             and max_tokens > 0 else config.limits.default_max_tokens
+        if not completes:
+            completion = 0  # embeddings: the input is all there is
         lease = os.urandom(8).hex() if limits.concurrency else None
         ttl_s = config.limits.lease_ttl_s
         store = self._store
@@ -158,7 +162,11 @@ class Limiter:
 
 
 def prompt_estimate(body: Mapping[str, Any]) -> int:
-    """About one token per 4 characters of message content (text parts only)."""
+    """About one token per 4 characters of message content (text parts only), or of a
+    completion's `prompt` or an embedding's `input` (a token id counts as one token)."""
+    texts = body.get("prompt", body.get("input"))
+    if texts is not None:
+        return _texts_estimate(texts)
     chars = 0
     for message in body.get("messages") or ():
         content = message.get("content") if isinstance(message, dict) else None
@@ -168,6 +176,23 @@ def prompt_estimate(body: Mapping[str, Any]) -> int:
             chars += sum(len(p.get("text") or "") for p in content
                          if isinstance(p, dict) and isinstance(p.get("text"), str))
     return chars // 4
+
+
+def _texts_estimate(texts: object) -> int:
+    """A prompt or input: text, texts, token ids or lists of token ids (validated shapes)."""
+    if isinstance(texts, str):
+        return len(texts) // 4
+    if not isinstance(texts, list):
+        return 0
+    tokens = chars = 0
+    for item in texts:
+        if isinstance(item, str):
+            chars += len(item)
+        elif isinstance(item, list):
+            tokens += len(item)
+        else:
+            tokens += 1  # one token id
+    return tokens + chars // 4
 
 
 @dataclass(frozen=True, slots=True)

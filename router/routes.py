@@ -15,7 +15,12 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from router import admin, handlers
-from router.schema import ChatCompletionRequest, openapi_components
+from router.schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    openapi_components,
+)
 from router.sessions import AutomationSettings
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -97,9 +102,43 @@ CHAT = Operation(
         "504": _error("Upstream timeout"),
     })
 
+# What an endpoint that goes upstream may answer besides its own 200.
+UPSTREAM_ERRORS = {
+    "422": INVALID,
+    **BODY_ERRORS,
+    "400": _error("The model's backends do not serve this endpoint (`unsupported_endpoint`)"),
+    "403": _error("Model not allowed for this credential, or a missing scope"),
+    "404": _error("Unknown model"),
+    "429": _error("Rate limit of the credential, or every upstream answered 429; see "
+                  "Retry-After"),
+    "502": _error("Upstream failure"),
+    "503": _error("No backend available; see Retry-After"),
+    "504": _error("Upstream timeout"),
+}
+EMBEDDINGS = Operation(
+    summary="Create embeddings",
+    description="OpenAI embeddings through the router's routes (`model` names a route); "
+                "the upstream's answer is relayed as it came.",
+    body=EmbeddingRequest,
+    responses={"200": {"description": "Successful Response", "content": {
+        "application/json": {"schema": _ref("Embeddings")}}}, **UPSTREAM_ERRORS})
+COMPLETIONS = Operation(
+    summary="Create completion (legacy text completions)",
+    description="OpenAI's legacy text completions, passed through to OpenAI-compatible "
+                "backends. Streams (SSE) when `stream` is true, or when it is absent and "
+                "`Accept` prefers text/event-stream.",
+    body=CompletionRequest,
+    responses={"200": {"description": "Successful Response", "content": {
+        "application/json": {"schema": _ref("TextCompletion")},
+        "text/event-stream": {"schema": _ref("ServerSentEvent")}}}, **UPSTREAM_ERRORS})
+
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("POST", ("/api/v1/chat/completions", "/v1/chat/completions"),
              handlers.chat_completions, CHAT),
+    Endpoint("POST", ("/api/v1/embeddings", "/v1/embeddings"), handlers.embeddings,
+             EMBEDDINGS),
+    Endpoint("POST", ("/api/v1/completions", "/v1/completions"), handlers.completions,
+             COMPLETIONS),
     Endpoint("GET", ("/api/v1/models", "/v1/models"), handlers.list_models, Operation(
         summary="List models",
         responses={"200": {"description": "Model aliases the caller may use", "content": {

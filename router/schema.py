@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
@@ -82,14 +82,52 @@ class ChatCompletionRequest(_Open):
     session_id: str | None = Field(None, pattern=SAFE_ID_PATTERN)
 
 
-def parse_chat_request(raw: bytes) -> dict[str, Any]:
-    """Body bytes -> the validated request dict, or ValidationFailed with one entry per problem."""
-    body = load_json_object(raw)
-    try:
-        ChatCompletionRequest.model_validate(body)
-    except ValidationError as exc:
-        raise ValidationFailed(_detail(exc, body)) from None
-    return body
+# A prompt or an embedding input: text, texts, token ids, or lists of token ids.
+TokenIds = Annotated[list[Annotated[int, Field(ge=0), WHOLE]], Field(min_length=1)]
+Texts = str | Annotated[list[str], Field(min_length=1)] | TokenIds \
+    | Annotated[list[TokenIds], Field(min_length=1)]
+
+
+class EmbeddingRequest(_Open):
+    """Create embeddings (OpenAI dialect): `input` passes through as sent."""
+
+    model: str = Field(min_length=1, max_length=256)
+    input: Texts
+    dimensions: Annotated[int, Field(ge=1), WHOLE] | None = None
+    encoding_format: Literal["float", "base64"] | None = None
+    user: str | None = None
+
+
+class CompletionRequest(_Open):
+    """Create a (legacy) text completion (OpenAI dialect)."""
+
+    model: str = Field(min_length=1, max_length=256)
+    prompt: Texts
+    max_tokens: Annotated[int, Field(ge=0, le=2**31 - 1), WHOLE] | None = None
+    temperature: Number | None = Field(None, ge=0, le=2)
+    top_p: Number | None = Field(None, ge=0, le=1)
+    n: Annotated[int, Field(ge=1, le=128), WHOLE] | None = None
+    stream: bool | None = None
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+
+
+def _parser(model: type[BaseModel]) -> Callable[[bytes], dict[str, Any]]:
+    def parse(raw: bytes) -> dict[str, Any]:
+        body = load_json_object(raw)
+        try:
+            model.model_validate(body)
+        except ValidationError as exc:
+            raise ValidationFailed(_detail(exc, body)) from None
+        return body
+
+    parse.__doc__ = (f"Body bytes -> the validated request dict ({model.__name__}), or "
+                     "ValidationFailed with one entry per problem.")
+    return parse
+
+
+parse_chat_request = _parser(ChatCompletionRequest)
+parse_embedding_request = _parser(EmbeddingRequest)
+parse_completion_request = _parser(CompletionRequest)
 
 
 def parse_body(raw: bytes, model: type[M]) -> M:
@@ -171,6 +209,10 @@ def openapi_components(models: Iterable[type[BaseModel]]) -> dict[str, Any]:
     }
     schemas["ChatCompletion"] = {"type": "object", "description": "The upstream's answer, "
                                  "relayed as it came (OpenAI's chat.completion object)"}
+    schemas["Embeddings"] = {"type": "object", "description": "The upstream's answer, relayed "
+                             "as it came (OpenAI's list of embedding objects)"}
+    schemas["TextCompletion"] = {"type": "object", "description": "The upstream's answer, "
+                                 "relayed as it came (OpenAI's text_completion object)"}
     schemas["ServerSentEvent"] = {
         "type": "object", "description": "One event of the stream, relayed as the upstream "
         "wrote it; the last is `data: [DONE]`, or one `event: error` whose data is an Error",

@@ -35,8 +35,6 @@ from router.store import SessionStore, StoreError, is_shared
 from router.store.base import SESSION_UNAVAILABLE, Pin, SessionQuery, SessionState
 from router.tasks import count_failure, serve_without_store
 
-log = logging.getLogger("router.sessions")
-
 SESSION_ID_BYTES = 18  # 144 bits -> 24 URL-safe characters
 MIN_TTL_S, MAX_TTL_S = 60, 604800
 MAX_SETTINGS_BYTES = 16 * 1024

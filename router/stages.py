@@ -14,6 +14,7 @@ that waits on I/O resumes through two frames, not ten.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -22,7 +23,13 @@ from aiohttp import web
 from router.auth import Principal
 from router.body import read_body, wants_stream
 from router.call import Call
-from router.errors import Forbidden, ModelNotFound, Overloaded, RouterError
+from router.errors import (
+    Forbidden,
+    ModelNotFound,
+    Overloaded,
+    RouterError,
+    UnsupportedEndpoint,
+)
 from router.limits import Limiter
 from router.metrics import Metrics
 from router.relay import ActiveStreams, relay_json, relay_stream
@@ -37,6 +44,8 @@ from router.store.base import SessionState
 from router.tracing import trace_headers
 
 # The last stage: the response, or an awaitable of it (a stream is written as it arrives).
+log = logging.getLogger("router.stages")
+
 Answer = Callable[[Call], web.StreamResponse | Awaitable[web.StreamResponse]]
 
 
@@ -48,8 +57,9 @@ class Stage:
         raise NotImplementedError
 
     def end(self, call: Call) -> None:
-        """Runs when the answer has ended, if this stage ran; never raises. A stage that has
-        nothing to undo leaves it alone (the pipeline then skips it)."""
+        """Runs when the answer has ended, if this stage ran; should not raise (if it does,
+        it is logged and the other stages' ends still run). A stage that has nothing to undo
+        leaves it alone (the pipeline then skips it)."""
 
 
 class Pipeline:
@@ -82,7 +92,10 @@ class Pipeline:
                 ran -= 1
                 ender = ends[ran]
                 if ender is not None:
-                    ender.end(call)
+                    try:
+                        ender.end(call)
+                    except Exception:  # a bug: still give every other stage its end
+                        log.exception("the end of stage %s failed", type(ender).__name__)
 
 
 def route_for(runtime: Runtime, principal: Principal, name: str) -> Route:
@@ -100,9 +113,10 @@ class Read(Stage):
     so is the cap on open streams."""
 
     def __init__(self, parse: Callable[[bytes], dict[str, Any]],
-                 streams: ActiveStreams) -> None:
+                 streams: ActiveStreams, *, streamed: bool = True) -> None:
         self.parse = parse
         self.streams = streams
+        self.streamed = streamed  # False: the endpoint never streams (embeddings)
 
     def __call__(self, call: Call) -> Awaitable[None]:
         return self._read(call)
@@ -111,7 +125,8 @@ class Read(Stage):
         server = call.runtime.config.server
         body = self.parse(await read_body(call.request, server.max_body_bytes,
                                           server.body_timeout_s))
-        stream = wants_stream(body.get("stream"), call.request.headers.get("Accept"))
+        stream = self.streamed and wants_stream(body.get("stream"),
+                                                call.request.headers.get("Accept"))
         call.facts.stream = stream
         model = body.get("model")
         if model is not None:  # else the user's default model, known once settings are read
@@ -119,7 +134,8 @@ class Read(Stage):
             call.model = model
         if stream and len(self.streams) >= server.max_streams:
             raise Overloaded("too many open streams; retry shortly", headers={"Retry-After": "1"})
-        body["stream"] = stream
+        if self.streamed:
+            body["stream"] = stream
         call.body, call.stream = body, stream
 
 
@@ -151,7 +167,8 @@ class Admit(Stage):
         session = call.session
         ticket = call.ticket = await self.limiter.admit(
             call.principal, call.body, call.runtime.config,
-            session=None if session is None else session.query)
+            session=None if session is None else session.query,
+            completes=call.endpoint != "embeddings")
         if ticket is not None:
             call.headers.update(ticket.headers)
 
@@ -189,14 +206,21 @@ class ReadSession(Stage):
 
 
 class ChooseRoute(Stage):
-    """The route: the model asked for, else the config's `default_route`."""
+    """The route: the model asked for, else the user's default model, else the config's
+    `default_route`; it must serve the endpoint (400 `unsupported_endpoint` naming why)."""
 
     def __call__(self, call: Call) -> None:
         runtime = call.runtime
         if call.route is None:
             call.route = route_for(runtime, call.principal,
                                    call.model or runtime.table.default_route)
-        call.facts.route = call.route.name
+        route = call.route
+        call.facts.route = route.name
+        if call.endpoint not in route.endpoints:
+            raise UnsupportedEndpoint(
+                f"the model {route.name!r} does not serve {call.endpoint} (it serves "
+                f"{', '.join(sorted(route.endpoints))}: its backends' providers, or its "
+                "`endpoints`)")
 
 
 class PlaceSession(Stage):
@@ -254,7 +278,7 @@ class Forward(Stage):
         assert route is not None
         out = Outbound(call.body, call.stream, call.request_id,
                        call.runtime.config.server.max_response_bytes, self.metrics,
-                       trace_headers(call.request.headers))
+                       trace_headers(call.request.headers), call.endpoint)
         if route.config.fanout == "none" or call.prefer is not None:
             opened = await dispatch(route, out, call.prefer)  # a pin ignores race and hedge
         else:

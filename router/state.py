@@ -39,6 +39,8 @@ USAGE = web.AppKey("usage", UsageMeter)
 OPEN_PATHS = web.AppKey("open_paths", frozenset)  # served without a credential
 # The chat endpoint's stages (app.py).
 CHAT: web.AppKey[Pipeline] = web.AppKey("chat")
+EMBEDDINGS: web.AppKey[Pipeline] = web.AppKey("embeddings")
+COMPLETIONS: web.AppKey[Pipeline] = web.AppKey("completions")
 
 REQUEST_ID = web.RequestKey("request_id", str)
 RUNTIME_NOW = web.RequestKey("runtime_now", Runtime)
@@ -47,9 +49,10 @@ PRINCIPAL = web.RequestKey("principal", Principal)
 ANSWER_HEADERS = web.RequestKey("answer_headers", dict)
 @dataclass(slots=True)
 class Facts:
-    """What a chat request turned out to be, filled in as the handler learns it; the pipeline
-    labels the request's metrics and writes its access-log line from it."""
+    """What a request turned out to be, filled in as its stages learn it; the pipeline labels
+    the request's metrics and writes its access-log line from it."""
 
+    endpoint: str | None = None  # an upstream endpoint's requests are counted in the metrics
     route: str = UNKNOWN
     backend: str = "none"
     stream: bool = False

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 _TRACEPARENT = re.compile(r"(?!ff)[0-9a-f]{2}-(?!0{32})([0-9a-f]{32})-(?!0{16})[0-9a-f]{16}"
                           r"-[0-9a-f]{2}(?:-[ -~]*)?")
 MAX_TRACESTATE = 512
+_PRINTABLE_ASCII = re.compile(r"[ -~]*")
 
 Trace = tuple[tuple[str, str], ...]
 
@@ -21,7 +22,7 @@ def trace_headers(headers: Mapping[str, str]) -> Trace:
     if parent is None or _TRACEPARENT.fullmatch(parent) is None:
         return ()
     state = headers.get("tracestate")
-    if state is None or len(state) > MAX_TRACESTATE or not state.isprintable():
+    if state is None or len(state) > MAX_TRACESTATE or _PRINTABLE_ASCII.fullmatch(state) is None:
         return (("traceparent", parent),)
     return (("traceparent", parent), ("tracestate", state))
 

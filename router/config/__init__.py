@@ -125,6 +125,14 @@ def _cross_checks(config: Config) -> Iterator[tuple[Path, str]]:
             elif fallback == route_name:
                 yield ("routes", route_name, "fallbacks", i), "a route cannot fall back to itself"
         yield from _fanout_checks(route_name, route)
+        for i, endpoint in enumerate(route.endpoints or ()):
+            for backend in route.backends:
+                provider = config.providers.get(backend.provider)
+                if provider is not None and endpoint not in provider.ENDPOINTS:
+                    yield (("routes", route_name, "endpoints", i),
+                           f"provider {backend.provider!r} ({provider.type}) does not serve "
+                           f"{endpoint}")
+                    break
     if config.default_route is not None and config.default_route not in routes:
         yield ("default_route",), f"unknown route {config.default_route!r}"
     ids: set[str] = set()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -20,6 +20,9 @@ from router.config.store_url import REDIS_PREFIXES, parse_store_url
 
 Strategy = Literal["round_robin", "weighted", "least_busy", "latency", "random"]
 Fanout = Literal["none", "race", "hedge", "all"]
+# What a route serves: POST /v1/chat/completions, /v1/responses, /v1/embeddings, /v1/completions.
+EndpointKind = Literal["chat", "responses", "embeddings", "completions"]
+ALL_ENDPOINTS: frozenset[str] = frozenset(("chat", "responses", "embeddings", "completions"))
 PositiveInt = Annotated[int, Field(ge=1)]
 
 
@@ -255,6 +258,7 @@ class HttpProviderConfig(Frozen):
 
 class OpenAIProviderConfig(HttpProviderConfig):
     type: Literal["openai"]
+    ENDPOINTS: ClassVar[frozenset[str]] = ALL_ENDPOINTS
     # Several keys of one account or project, used in turn: one answered 401/403 or 429 rests
     # (for the answer's Retry-After, else `key_cooldown_s`) and the request goes on the next.
     api_keys: tuple[str, ...] = Field((), repr=False)
@@ -277,6 +281,7 @@ class AzureProviderConfig(HttpProviderConfig):
     header) or `azure_ad_token` (a Microsoft Entra ID bearer token)."""
 
     type: Literal["azure"]
+    ENDPOINTS: ClassVar[frozenset[str]] = ALL_ENDPOINTS
     api_version: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
     azure_ad_token: str | None = Field(None, repr=False)
 
@@ -289,6 +294,8 @@ class AzureProviderConfig(HttpProviderConfig):
 
 class TranslatedProviderConfig(HttpProviderConfig):
     """A provider whose API is not OpenAI's: requests and answers are translated."""
+
+    ENDPOINTS: ClassVar[frozenset[str]] = frozenset(("chat",))
 
     # A parameter the API has no equivalent for (`n` > 1, penalties, ...): refused with a 400
     # naming it, or left out when this is true.
@@ -316,6 +323,7 @@ class GeminiProviderConfig(TranslatedProviderConfig):
 
 class MockProviderConfig(Frozen):
     type: Literal["mock"]
+    ENDPOINTS: ClassVar[frozenset[str]] = frozenset(("chat", "embeddings", "completions"))
     latency_ms: float = Field(0.0, ge=0)
     chunks: int = Field(8, ge=1, le=10_000)
     chunk_gap_ms: float = Field(0.0, ge=0)
@@ -362,6 +370,8 @@ class RouteConfig(Frozen):
     backends: tuple[BackendConfig, ...] = Field(min_length=1)
     fallbacks: tuple[str, ...] = ()
     ejection: EjectionConfig = EjectionConfig()
+    # What the route serves; None: every endpoint all of its backends' providers serve.
+    endpoints: tuple[EndpointKind, ...] | None = Field(None, min_length=1)
 
 
 class HealthConfig(Frozen):

@@ -76,6 +76,9 @@ def parse_store_url(url: str) -> StoreUrl:
         {"sentinel_password"} if kind == "sentinel" else set())
     unknown = set(params) - allowed
     if unknown:
+        if "@" in query:  # an unencoded `?` in a password: what follows it is no parameter
+            raise ValueError(f"{scheme}:// url: a `?`, `#` or `/` in the password must be "
+                             "percent-encoded (%3F, %23, %2F)")
         hint = " (ssl_* parameters need a rediss scheme)" if not tls and unknown & TLS_PARAMS \
             else ""
         raise ValueError(f"{scheme}:// url: unknown parameter(s) {sorted(unknown)}{hint}")

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from router.errors import BadRequest
-from router.providers.translated import Unsupported
+from router.providers.translated import Unsupported, plain_call_id
 
 API = "Anthropic"
 
@@ -103,7 +103,7 @@ def _tools(body: dict[str, Any], out: dict[str, Any], w: _Writer) -> None:
     tools = body.get("tools")
     if not tools:
         return
-    out["tools"] = [_tool(tool, i) for i, tool in enumerate(tools)]
+    out["tools"] = [_tool(tool) for tool in tools]
     choice: dict[str, Any] | None = None
     given = body.get("tool_choice")
     if given in ("auto", "none"):
@@ -123,7 +123,7 @@ def _tools(body: dict[str, Any], out: dict[str, Any], w: _Writer) -> None:
         out["tool_choice"] = choice
 
 
-def _tool(tool: dict[str, Any], i: int) -> dict[str, Any]:
+def _tool(tool: dict[str, Any]) -> dict[str, Any]:
     function = tool["function"]  # validated: {name, description?, parameters?, ...}
     out: dict[str, Any] = {"name": function["name"]}
     if function.get("description"):
@@ -311,14 +311,15 @@ def _tool_use(call: Any, where: str) -> dict[str, Any]:
     if not isinstance(parsed, dict):
         raise BadRequest(f"`{where}.function.arguments` must be a JSON object (as a string): "
                          "Anthropic takes a tool call's input as an object")
-    return {"type": "tool_use", "id": call["id"], "name": function["name"], "input": parsed}
+    return {"type": "tool_use", "id": plain_call_id(call["id"]), "name": function["name"],
+            "input": parsed}
 
 
 def _tool_result(message: dict[str, Any], where: str, w: _Writer) -> dict[str, Any]:
     tool_call_id = message.get("tool_call_id")
     if not isinstance(tool_call_id, str) or not tool_call_id:
         raise BadRequest(f"`{where}.tool_call_id` is required in a tool message")
-    block: dict[str, Any] = {"type": "tool_result", "tool_use_id": tool_call_id}
+    block: dict[str, Any] = {"type": "tool_result", "tool_use_id": plain_call_id(tool_call_id)}
     content = message.get("content")
     if isinstance(content, str):
         if content:

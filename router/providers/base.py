@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 
-from router.errors import UpstreamError
+from router.errors import RouterError, UpstreamError
 from router.upstream import Timeouts
+
+
+class CannotServe(RouterError):
+    """This backend cannot take the request as asked (a parameter its API has no equivalent
+    for); another backend of the route may. Not a failure of the backend: the next one is
+    tried, and if none can, the client gets this error."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "unsupported_parameter"
+    log_level = logging.INFO
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +32,7 @@ class UpstreamCall:
     timeouts: Timeouts
     max_response_bytes: int = 64 << 20  # a provider that reads a whole answer reads no more
     trace: tuple[tuple[str, str], ...] = ()  # the client's W3C trace context, sent as is
+    endpoint: str = "chat"  # "chat", "embeddings", "completions": the upstream API to call
 
 
 @dataclass(slots=True)

@@ -21,9 +21,10 @@ from router.config import GeminiProviderConfig
 from router.errors import UpstreamError
 from router.jsonbody import dump_json
 from router.providers.base import UpstreamCall
-from router.providers.gemini_request import API, THOUGHT, gemini_body
+from router.providers.gemini_request import API, gemini_body
 from router.providers.translated import (
     DONE,
+    THOUGHT,
     ChunkWriter,
     Request,
     TranslatedProvider,

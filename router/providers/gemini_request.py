@@ -18,15 +18,12 @@ from urllib.parse import urlsplit
 import orjson
 
 from router.errors import BadRequest
-from router.providers.translated import Unsupported
+from router.providers.translated import THOUGHT, Unsupported
 
 API = "Gemini"
 # A tool call id made from a Gemini function call that carried a thought signature ends with
-# this separator and the signature: the client sends the id back with the call, and the
-# signature returns to Gemini with it (Gemini 3 refuses a conversation whose function calls
-# lost theirs).
-THOUGHT = "__thought__"
-
+# THOUGHT and the signature: the client sends the id back with the call, and the signature
+# returns to Gemini with it (Gemini 3 refuses a conversation whose function calls lost theirs).
 # Parameters that change nothing in the answer: not sent, never refused.
 _IGNORED = frozenset({"model", "stream", "stream_options", "user", "metadata", "store",
                       "service_tier", "prompt_cache_key", "safety_identifier"})

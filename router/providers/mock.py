@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,6 +27,11 @@ class MockProvider:
     async def open(self, call: UpstreamCall) -> Exchange:
         if self._config.latency_ms:
             await asyncio.sleep(self._config.latency_ms / 1000)
+        if call.endpoint == "embeddings":
+            return Exchange(200, "application/json", _once(orjson.dumps(_embeddings(call.body))),
+                            _noop)
+        if call.endpoint == "completions":
+            return self._completion(call)
         reply = self._reply(call.body)
         if call.stream:
             return Exchange(200, "text/event-stream", self._stream(call.body, reply), _noop)
@@ -33,6 +39,38 @@ class MockProvider:
 
     async def probe(self) -> bool | None:
         return None
+
+    def _completion(self, call: UpstreamCall) -> Exchange:
+        """A text completion (the legacy API): the same pieces, as `text`."""
+        body = call.body
+        pieces = self._pieces()
+        prompt = body.get("prompt")
+        prompt_tokens = len(prompt) // 4 + 1 if isinstance(prompt, str) else 1
+        head = {"id": f"cmpl-mock-{next(self._ids)}", "object": "text_completion",
+                "created": CREATED, "model": body.get("model")}
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(pieces),
+                 "total_tokens": prompt_tokens + len(pieces)}
+        if not call.stream:
+            answer = {**head, "choices": [{"index": 0, "text": "".join(pieces),
+                                           "logprobs": None, "finish_reason": "stop"}],
+                      "usage": usage}
+            return Exchange(200, "application/json", _once(orjson.dumps(answer)), _noop)
+
+        async def events() -> AsyncIterator[bytes]:
+            gap = self._config.chunk_gap_ms / 1000
+            for n, piece in enumerate(pieces):
+                if gap and n:
+                    await asyncio.sleep(gap)
+                yield data_event({**head, "choices": [{"index": 0, "text": piece,
+                                                       "logprobs": None,
+                                                       "finish_reason": None}]})
+            yield data_event({**head, "choices": [{"index": 0, "text": "", "logprobs": None,
+                                                   "finish_reason": "stop"}]})
+            if (body.get("stream_options") or {}).get("include_usage"):
+                yield data_event({**head, "choices": [], "usage": usage})
+            yield DONE
+
+        return Exchange(200, "text/event-stream", events(), _noop)
 
     def _pieces(self) -> list[str]:
         text = self._config.text or f"This is a mock reply from {self.name}."
@@ -91,6 +129,26 @@ class MockProvider:
         if (body.get("stream_options") or {}).get("include_usage"):
             yield data_event({**head, "choices": [], "usage": reply["usage"]})
         yield DONE
+
+
+EMBEDDING_DIMENSIONS = 8
+
+
+def _embeddings(body: dict[str, Any]) -> dict[str, Any]:
+    """One deterministic unit-ish vector per input, from its text's hash."""
+    texts = body.get("input")
+    items = [texts] if isinstance(texts, str) or (
+        isinstance(texts, list) and texts and isinstance(texts[0], int)) else list(texts or ())
+    size = int(body.get("dimensions") or EMBEDDING_DIMENSIONS)
+    data = []
+    for i, item in enumerate(items):
+        seed = zlib.crc32(orjson.dumps(item))
+        data.append({"object": "embedding", "index": i, "embedding": [
+            round(((seed >> (k % 24)) % 1000) / 1000 - 0.5, 3) for k in range(size)]})
+    tokens = sum(len(t) // 4 + 1 if isinstance(t, str) else len(t) if isinstance(t, list) else 1
+                 for t in items)
+    return {"object": "list", "data": data, "model": body.get("model"),
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
 def _tool_calls(body: dict[str, Any]) -> list[dict[str, Any]] | None:

@@ -11,10 +11,14 @@ from router import __version__
 from router.config import AzureProviderConfig, HttpProviderConfig, OpenAIProviderConfig
 from router.jsonbody import dump_json
 from router.providers.base import Exchange, UpstreamCall, parse_retry_after
+from router.providers.translated import without_signatures
 from router.upstream import UpstreamClient, UpstreamResponse
 
 # Answers that say "not with this key": with several keys, the next one is tried at once.
 KEY_REFUSED = frozenset({401, 403, 429})
+# Each endpoint's path under the API's root.
+PATHS = {"chat": "chat/completions", "embeddings": "embeddings", "completions": "completions",
+         "responses": "responses"}
 
 
 class OpenAIProvider:
@@ -23,7 +27,7 @@ class OpenAIProvider:
         self.name = name
         self._client = client
         self._base = config.base_url.rstrip("/")
-        self._url = f"{self._base}/chat/completions"
+        self._urls = {endpoint: f"{self._base}/{path}" for endpoint, path in PATHS.items()}
         self._models_url = f"{self._base}/models"
         self._probe = config.probe
         self._ca_file = config.ca_file
@@ -39,14 +43,14 @@ class OpenAIProvider:
                 self._headers["OpenAI-Project"] = config.project
             keys = config.api_keys or ((config.api_key,) if config.api_key else ())
             if len(keys) == 1:
-                name, value = self.credential(keys[0])
-                self._headers[name] = value
+                header, value = self.credential(keys[0])
+                self._headers[header] = value
             else:
                 self._keys = Keys(keys, config.key_cooldown_s)
             self.secrets += keys
 
     def url(self, call: UpstreamCall) -> str:
-        return self._url
+        return self._urls[call.endpoint]
 
     def credential(self, key: str) -> tuple[str, str]:
         return "Authorization", f"Bearer {key}"
@@ -58,6 +62,8 @@ class OpenAIProvider:
         for name, value in call.trace:
             headers[name] = value
         url, body = self.url(call), dump_json(call.body)
+        if b"__thought__" in body:  # a Gemini backend's tool call ids: the plain ids here
+            body = dump_json(without_signatures(call.body))
         keys = self._keys
         if not keys.keys:  # every request's path: written out, not a call of _exchange
             resp = await self._client.post(url, headers, body, call.timeouts, self._ca_file)
@@ -82,8 +88,8 @@ class OpenAIProvider:
         if not self._probe:
             return None
         headers = {k: v for k, v in self._headers.items() if k != "Content-Type"}
-        if self._keys.keys:
-            name, value = self.credential(self._keys.keys[0])
+        if self._keys.keys:  # a key that is not resting: a refused one says nothing of the rest
+            name, value = self.credential(self._keys.next())
             headers[name] = value
         status = await self._client.get_status(self._models_url, headers,
                                                self._probe_timeout_s, self._ca_file)
@@ -104,15 +110,15 @@ class AzureProvider(OpenAIProvider):
         elif config.azure_ad_token:
             self._headers["Authorization"] = f"Bearer {config.azure_ad_token}"
         self.secrets += tuple(v for v in (config.api_key, config.azure_ad_token) if v)
-        self._urls: dict[str, str] = {}
+        self._deployment_urls: dict[tuple[str, str], str] = {}
 
     def url(self, call: UpstreamCall) -> str:
-        deployment = str(call.body.get("model") or "")
-        url = self._urls.get(deployment)
+        key = (str(call.body.get("model") or ""), call.endpoint)
+        url = self._deployment_urls.get(key)
         if url is None:
-            url = self._urls[deployment] = (
-                f"{self._base}/openai/deployments/{quote(deployment, safe='')}"
-                f"/chat/completions?api-version={self._version}")
+            url = self._deployment_urls[key] = (
+                f"{self._base}/openai/deployments/{quote(key[0], safe='')}"
+                f"/{PATHS[call.endpoint]}?api-version={self._version}")
         return url
 
 

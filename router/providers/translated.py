@@ -10,7 +10,6 @@ and `error()` turns an error body into OpenAI's `{"error": {...}}`.
 
 from __future__ import annotations
 
-import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -21,24 +20,51 @@ import orjson
 
 from router import __version__
 from router.config import TranslatedProviderConfig
-from router.errors import RouterError, UpstreamError
-from router.providers.base import Exchange, UpstreamCall, parse_retry_after, read_all
+from router.errors import UpstreamError
+from router.providers.base import (
+    CannotServe,
+    Exchange,
+    UpstreamCall,
+    leaks_secret,
+    parse_retry_after,
+    read_all,
+)
 from router.providers.sse import DONE, MAX_EVENT_BYTES, EventCutter, carries_content
 from router.upstream import UpstreamClient, UpstreamResponse
-
-log = logging.getLogger("router.providers")
 
 MAX_ERROR_BYTES = 64 * 1024
 _EVENT = re.compile(rb".*?(?:\r\n\r\n|\n\n|\r\r)", re.DOTALL)
 
 
-class Unsupported(RouterError):
-    """A request parameter the upstream's API has no equivalent for."""
+# Gemini's thought signatures ride in the tool call ids it hands out (`<id>__thought__<sig>`),
+# so they come back with the conversation. Any other upstream gets the plain id: OpenAI's
+# allow 40 characters, Anthropic's only [A-Za-z0-9_-].
+THOUGHT = "__thought__"
 
-    status = 400
-    type = "invalid_request_error"
-    code = "unsupported_parameter"
-    log_level = logging.INFO
+
+def plain_call_id(call_id: str) -> str:
+    return call_id.partition(THOUGHT)[0]
+
+
+def without_signatures(body: dict[str, Any]) -> dict[str, Any]:
+    """The request with every tool call id made plain (a copy; `body` is left as it is)."""
+    messages = []
+    for message in body.get("messages") or ():
+        if isinstance(message, dict):
+            message = dict(message)
+            if isinstance(message.get("tool_call_id"), str):
+                message["tool_call_id"] = plain_call_id(message["tool_call_id"])
+            calls = message.get("tool_calls")
+            if isinstance(calls, list):
+                message["tool_calls"] = [
+                    {**c, "id": plain_call_id(c["id"])} if isinstance(c, dict)
+                    and isinstance(c.get("id"), str) else c for c in calls]
+        messages.append(message)
+    return {**body, "messages": messages}
+
+
+class Unsupported(CannotServe):
+    """A request parameter the upstream's API has no equivalent for."""
 
     def __init__(self, param: str, provider: str, why: str = "") -> None:
         super().__init__(f"`{param}` is not supported by the {provider} API{why}; leave it out "
@@ -203,40 +229,47 @@ class TranslatedProvider:
 
     async def _events(self, resp: UpstreamResponse, translator: StreamTranslator
                       ) -> AsyncIterator[bytes]:
-        cutter = EventCutter()
-        # The stream's beginning (the role chunk) is held until something with content follows
-        # it: an upstream that fails before its first token (an overload reported after its
-        # first event) leaves the stream uncommitted, so the next backend answers instead.
-        held = b""
-        started = False  # something was yielded: the stream may be committed to the client
-        async for chunk in resp.iter_chunks():
-            events = cutter.feed(chunk)
-            if not events:
-                continue
-            parts: list[bytes] = []
-            try:
-                for event in _EVENT.finditer(events):
-                    parts.append(translator.feed(*_split(event.group())))
-            except UpstreamError:
-                # A failure reported in the same read as the events before it: once the
-                # client has the stream's beginning, it gets those too, then the error. Before
-                # that, nothing is sent and the next backend may answer instead.
-                if started and any(parts):
-                    yield b"".join(parts)
-                raise
-            out = b"".join(parts)
-            if not out:
-                continue
-            if not started:
-                held += out
-                if not carries_content(held):
+        try:
+            cutter = EventCutter()
+            # The stream's beginning (the role chunk) is held until something with content
+            # follows it: an upstream that fails before its first token (an overload reported
+            # after its first event) leaves the stream uncommitted, so the next backend answers.
+            held = b""
+            started = False  # something was yielded: the stream may be committed to the client
+            async for chunk in resp.iter_chunks():
+                events = cutter.feed(chunk)
+                if not events:
                     continue
-                out, held = held, b""
-                started = True
-            yield out
-        if cutter.pending.strip():
-            held += translator.feed(*_split(cutter.pending))  # a last event without its end
-        yield held + translator.end()
+                parts: list[bytes] = []
+                try:
+                    for event in _EVENT.finditer(events):
+                        parts.append(translator.feed(*_split(event.group())))
+                except UpstreamError:
+                    # A failure reported in the same read as the events before it: once the
+                    # client has the stream's beginning, it gets those too, then the error.
+                    # Before that, nothing is sent and the next backend may answer instead.
+                    if started and any(parts):
+                        yield b"".join(parts)
+                    raise
+                out = b"".join(parts)
+                if not out:
+                    continue
+                if not started:
+                    held += out
+                    if not carries_content(held):
+                        continue
+                    out, held = held, b""
+                    started = True
+                yield out
+            if cutter.pending.strip():
+                held += translator.feed(*_split(cutter.pending))  # a last event without its end
+            yield held + translator.end()
+        except UpstreamError as exc:
+            # A failure the upstream reported that quotes one of this provider's secrets
+            # says so without quoting it.
+            if leaks_secret(exc.message, self.secrets):
+                raise UpstreamError("the upstream reported an error in its stream") from None
+            raise
 
 
 def _split(event: bytes) -> tuple[str, bytes]:

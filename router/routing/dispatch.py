@@ -25,7 +25,7 @@ from router.errors import (
 )
 from router.metrics import Metrics
 from router.providers import Exchange, UpstreamCall
-from router.providers.base import leaks_secret, read_all
+from router.providers.base import CannotServe, leaks_secret, read_all
 from router.providers.sse import carries_content
 from router.routing.table import Backend, Route
 from router.tasks import spawn
@@ -62,6 +62,7 @@ class Outbound:
     max_response_bytes: int
     metrics: Metrics
     trace: tuple[tuple[str, str], ...] = ()  # the client's W3C trace context
+    endpoint: str = "chat"
 
 
 @dataclass(slots=True)
@@ -210,7 +211,7 @@ async def attempt(route: Route, backend: Backend, out: Outbound, attempts: int,
     upstream_body.pop("session_id", None)
     hide_usage = stream and _ask_for_usage(upstream_body)
     call = UpstreamCall(upstream_body, stream, out.request_id, route.timeouts,
-                        out.max_response_bytes, out.trace)
+                        out.max_response_bytes, out.trace, out.endpoint)
     state = backend.state
     state.inflight += 1
     exchange: Exchange | None = None
@@ -255,6 +256,8 @@ async def attempt(route: Route, backend: Backend, out: Outbound, attempts: int,
             f"no first byte from upstream within {cfg.first_byte_timeout_s} s")) from None
     except UpstreamError as exc:
         _count_failure(route, backend, metrics, exc.code or "error")
+        raise Retryable(exc) from exc
+    except CannotServe as exc:  # this backend's API lacks a parameter: another may have it
         raise Retryable(exc) from exc
     finally:
         if not committed:

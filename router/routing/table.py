@@ -33,6 +33,9 @@ class Route:
     backends: tuple[Backend, ...]
     strategy: Strategy
     fallbacks: tuple[Route, ...] = field(default=())
+    # What it serves ("chat", "embeddings", ...): its config's `endpoints`, else what all of
+    # its backends' providers serve.
+    endpoints: frozenset[str] = field(default=frozenset(("chat",)))
     timeouts: Timeouts = field(init=False)
     ttfb: TtfbWindow = field(init=False, default_factory=TtfbWindow)  # recorded by hedges only
 
@@ -100,7 +103,10 @@ class RoutingTable:
                 )
                 for bc in rc.backends
             )
-            self.routes[name] = Route(name, rc, backends, STRATEGIES[rc.strategy]())
+            served = frozenset.intersection(*(config.providers[bc.provider].ENDPOINTS
+                                              for bc in rc.backends))
+            self.routes[name] = Route(name, rc, backends, STRATEGIES[rc.strategy](),
+                                      endpoints=frozenset(rc.endpoints or served))
         for name, rc in config.routes.items():
             self.routes[name].fallbacks = tuple(self.routes[f] for f in rc.fallbacks)
 

@@ -9,8 +9,11 @@ names such as ``gpt-x``) mean a normal answer.
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
+import struct
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,7 +135,23 @@ def _abort(request: web.Request) -> None:
         request.transport.abort()
 
 
+Answer = Callable[[web.Request, Recorder, dict[str, Any]], Awaitable[web.StreamResponse]]
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, _answer)
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, _embed)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, _complete)
+
+
+async def _serve(request: web.Request, answer: Answer) -> web.StreamResponse:
+    """Record the request, then answer it (and record how that ended)."""
     rec = request.app[RECORDER]
     t_received = time.monotonic()
     raw = await request.read()
@@ -148,7 +167,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     rec.inflight += 1
     rec.max_inflight = max(rec.max_inflight, rec.inflight)
     try:
-        resp = await _answer(request, rec, body)
+        resp = await answer(request, rec, body)
         seen.t_finished = time.monotonic()
         return resp
     except asyncio.CancelledError:
@@ -339,11 +358,89 @@ async def models(request: web.Request) -> web.Response:
     return await _send(request, 200, orjson.dumps({"object": "list", "data": data}))
 
 
+async def _failure(request: web.Request, b: Behaviour) -> web.StreamResponse | None:
+    """The scripted failure before any answer (a wait, an error status), if any."""
+    if b.first_byte > 0:
+        await asyncio.sleep(b.first_byte)
+    if b.status is None:
+        return None
+    headers = {"Retry-After": b.retry_after} if b.retry_after is not None else None
+    return await _send(request, b.status, orjson.dumps(_error_body(f"fake failure {b.status}")),
+                       headers)
+
+
+async def _embed(request: web.Request, rec: Recorder, body: dict[str, Any]
+                 ) -> web.StreamResponse:
+    """One vector per input (`dimensions` long, default 4); usage counts tokens as the chat
+    answer does (characters / 4 + 1 per text, one per token id)."""
+    b = parse_behaviour(rec.override if rec.override is not None else str(body.get("model")))
+    failed = await _failure(request, b)
+    if failed is not None:
+        return failed
+    texts = body.get("input")
+    items = [texts] if isinstance(texts, str) or (
+        isinstance(texts, list) and texts and isinstance(texts[0], int)) else list(texts or [])
+    size = int(body.get("dimensions") or 4)
+    if body.get("encoding_format") == "base64":
+        vector: Any = base64.b64encode(struct.pack(f"<{size}f", *([0.25] * size))).decode()
+    else:
+        vector = [0.25] * size
+    tokens = sum(len(t) // 4 + 1 if isinstance(t, str) else len(t) if isinstance(t, list) else 1
+                 for t in items)
+    return await _send(request, 200, orjson.dumps({
+        "object": "list", "model": body.get("model"),
+        "data": [{"object": "embedding", "index": i, "embedding": vector}
+                 for i in range(len(items))],
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}))
+
+
+async def _complete(request: web.Request, rec: Recorder, body: dict[str, Any]
+                    ) -> web.StreamResponse:
+    """A legacy text completion of `chunks` words, JSON or SSE (with a usage chunk when
+    `stream_options.include_usage`)."""
+    b = parse_behaviour(rec.override if rec.override is not None else str(body.get("model")))
+    failed = await _failure(request, b)
+    if failed is not None:
+        return failed
+    words = [f"tok{i} " for i in range(b.chunks)]
+    prompt = body.get("prompt")
+    prompt_tokens = len(prompt) // 4 + 1 if isinstance(prompt, str) else 1
+    head = {"id": rec.next_id().replace("chatcmpl", "cmpl"), "object": "text_completion",
+            "created": CREATED, "model": body.get("model")}
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
+             "total_tokens": prompt_tokens + len(words)}
+    if not body.get("stream"):
+        return await _send(request, 200, orjson.dumps({**head, "choices": [
+            {"index": 0, "text": "".join(words), "logprobs": None, "finish_reason": "stop"}],
+            "usage": usage}))
+    resp = web.StreamResponse(status=200, headers={"Cache-Control": "no-cache"})
+    resp.content_type = "text/event-stream"
+    await resp.prepare(request)
+    for i, word in enumerate(words):
+        if b.cut is not None and i >= b.cut:
+            _abort(request)
+            return resp
+        if b.gap > 0:
+            await asyncio.sleep(b.gap)
+        await resp.write(_sse({**head, "choices": [{"index": 0, "text": word, "logprobs": None,
+                                                    "finish_reason": None}]}))
+    await resp.write(_sse({**head, "choices": [{"index": 0, "text": "", "logprobs": None,
+                                                "finish_reason": "stop"}]}))
+    if (body.get("stream_options") or {}).get("include_usage"):
+        await resp.write(_sse({**head, "choices": [], "usage": usage}))
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
+
+
 async def azure_chat(request: web.Request) -> web.StreamResponse:
     """Azure OpenAI's deployment path: the deployment is the model; api-version is required."""
     if "api-version" not in request.query:
         return await _send(request, 404, orjson.dumps(_error_body("Resource not found")))
-    return await chat_completions(request)
+    endpoint = request.path.rsplit("/", 1)[-1]
+    answer = _answer if request.path.endswith("/chat/completions") else \
+        _embed if endpoint == "embeddings" else _complete
+    return await _serve(request, answer)
 
 
 async def azure_models(request: web.Request) -> web.Response:
@@ -366,7 +463,10 @@ def build_app(name: str = "fake") -> web.Application:
     app[NAME] = name
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
-    app.router.add_post("/openai/deployments/{deployment}/chat/completions", azure_chat)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/v1/completions", completions)
+    for path in ("chat/completions", "embeddings", "completions"):
+        app.router.add_post(f"/openai/deployments/{{deployment}}/{path}", azure_chat)
     app.router.add_get("/openai/models", azure_models)
     app.router.add_post("/_control", control)
     return app

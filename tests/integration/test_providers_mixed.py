@@ -37,6 +37,8 @@ async def mixed(fakes, claude_fakes, gemini_fakes, start_router):
          "fallback": {"retries": 0, "fallbacks": ["gpt"],
                       "backends": [{"provider": "claude", "model": "status:529"}]},
          "gpt": {"backends": [{"provider": "up", "model": "gpt-x"}]},
+         "claude": {"backends": [{"provider": "claude", "model": "claude-x"}]},
+         "gem-sig": {"backends": [{"provider": "gem", "model": "gemini-x+signature"}]},
          "all": {"fanout": "all", "backends": three}}))
     return r, up, claude, gem
 
@@ -135,3 +137,49 @@ async def test_fanout_all_merges_answers_from_three_providers(mixed, client):
                 finishes[choice.index] = choice.finish_reason
     assert sorted(texts) == [0, 1, 2] and all(texts.values())
     assert finishes == {0: "stop", 1: "stop", 2: "stop"}
+
+
+async def test_a_gemini_tool_call_id_goes_plain_to_other_providers(mixed, client):
+    """Gemini's thought signature rides in the tool call id it hands out; a conversation that
+    moves to another provider sends the plain id there (OpenAI allows 40 characters,
+    Anthropic only [A-Za-z0-9_-])."""
+    _, up, claude, gem = mixed
+    tools: list[Any] = [{"type": "function", "function": {
+        "name": "get_weather", "parameters": {"type": "object", "properties": {}}}}]
+    answer = await client.chat.completions.create(model="gem-sig", messages=USER_MSG,
+                                                  tools=tools)
+    call = answer.choices[0].message.tool_calls[0]  # type: ignore[index]
+    assert "__thought__" in call.id
+    plain = call.id.partition("__thought__")[0]
+    turn: list[Any] = [*USER_MSG,
+                       {"role": "assistant", "content": None, "tool_calls": [
+                           {"id": call.id, "type": "function",
+                            "function": {"name": "get_weather", "arguments": "{}"}}]},
+                       {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+    for model in ("gpt", "claude", "gem-sig"):
+        await client.chat.completions.create(model=model, messages=turn, tools=tools)
+    sent = up.seen[-1].body["messages"]
+    assert sent[1]["tool_calls"][0]["id"] == plain and sent[2]["tool_call_id"] == plain
+    blocks = claude.seen[-1].body["messages"]
+    assert blocks[1]["content"][0]["id"] == plain
+    assert blocks[2]["content"][0]["tool_use_id"] == plain
+    # Back on Gemini, the signature returns with its call.
+    assert "__thought__" not in str(gem.seen[-1].body)
+    assert "thoughtSignature" in str(gem.seen[-1].body)
+
+
+async def test_a_parameter_one_provider_lacks_goes_to_a_backend_that_has_it(mixed, client):
+    """`logit_bias` has no Anthropic or Gemini equivalent: on a route that mixes them with an
+    OpenAI-compatible server, the request goes on to that one instead of failing; a route of
+    Anthropic alone answers 400 naming the parameter."""
+    _, up, claude, gem = mixed
+    for _ in range(3):
+        raw = await client.chat.completions.with_raw_response.create(
+            model="rr", messages=USER_MSG, logit_bias={"50256": -100})
+        assert raw.headers["x-router-backend"] == "up/gpt-x"
+    assert len(up.seen) == 3 and claude.seen == [] and gem.seen == []
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.chat.completions.create(model="claude", messages=USER_MSG,
+                                             logit_bias={"50256": -100})
+    assert info.value.code == "unsupported_parameter"  # type: ignore[attr-defined]
+    assert "logit_bias" in info.value.message
