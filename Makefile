@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench soak install system-deps clean
+.PHONY: run test lint bench soak install system-deps node-deps clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -39,7 +39,16 @@ system-deps:
 	  fi; \
 	fi
 
-test: $(STAMP) system-deps lint
+# The official Node SDK, for one check that a JavaScript client reads the router too (skipped,
+# saying why, when node and npm are missing).
+NODE_DIR := $(VENV)/node
+node-deps:
+	@if command -v npm >/dev/null && [ ! -d $(NODE_DIR)/node_modules/openai ]; then \
+	  mkdir -p $(NODE_DIR) && (npm install --silent --no-audit --no-fund --prefix $(NODE_DIR) \
+	    openai@7 >/dev/null || echo "warning: could not install the openai Node SDK"); \
+	fi
+
+test: $(STAMP) system-deps node-deps lint
 	$(BIN)/python -m pytest -q
 
 # Ten minutes of mixed traffic with a Redis restart; `make test` runs the same test for 30 s.
