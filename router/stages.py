@@ -43,9 +43,9 @@ from router.store import StoreError
 from router.store.base import SessionState
 from router.tracing import trace_headers
 
-# The last stage: the response, or an awaitable of it (a stream is written as it arrives).
 log = logging.getLogger("router.stages")
 
+# The last stage: the response, or an awaitable of it (a stream is written as it arrives).
 Answer = Callable[[Call], web.StreamResponse | Awaitable[web.StreamResponse]]
 
 
