@@ -29,7 +29,8 @@ from router.errors import (
 from router.limits import Limiter
 from router.log import redact, redact_message, redact_path
 from router.metrics import Metrics
-from router.relay import ActiveStreams
+from router.relay import ActiveStreams, responses_stream_ended
+from router.responses import FollowPrevious, PinResponse, ResponsePins
 from router.runtime import RuntimeRef
 from router.schema import (
     SAFE_ID,
@@ -37,6 +38,7 @@ from router.schema import (
     parse_chat_request,
     parse_completion_request,
     parse_embedding_request,
+    parse_response_request,
 )
 from router.sessions import Sessions
 from router.stages import (
@@ -64,6 +66,8 @@ from router.state import (
     OPENAPI,
     PRINCIPAL,
     REQUEST_ID,
+    RESPONSE_PINS,
+    RESPONSES,
     RUNTIME,
     RUNTIME_NOW,
     SESSIONS,
@@ -240,6 +244,22 @@ def passthrough_stages(app: web.Application, parse: Callable[[bytes], dict[str, 
     ], Relay(streams, metrics))
 
 
+def responses_stages(app: web.Application) -> Pipeline:
+    """The work of POST /responses, in order: the passthrough stages, one backend at a time
+    (a stored response lives on one), with `previous_response_id` followed to the backend
+    that made it and the new response's id pinned to the one that answered."""
+    metrics, streams, pins = app[METRICS], app[STREAMS], app[RESPONSE_PINS]
+    return Pipeline([
+        Read(parse_response_request, streams),
+        Admit(app[LIMITER]),
+        ChooseRoute(),
+        FollowPrevious(pins),  # its backend, or 404 without an upstream call
+        CountInFlight(metrics),
+        Forward(metrics, fans_out=False),
+        PinResponse(pins),  # JSON: before the answer is relayed; a stream: at its first event
+    ], Relay(streams, metrics, responses_stream_ended))
+
+
 def build_app(ref: RuntimeRef, store: Store, metrics: Metrics) -> web.Application:
     app = web.Application(
         middlewares=[pipeline],
@@ -255,6 +275,8 @@ def build_app(ref: RuntimeRef, store: Store, metrics: Metrics) -> web.Applicatio
     app[CHAT] = chat_stages(app)
     app[EMBEDDINGS] = passthrough_stages(app, parse_embedding_request, streamed=False)
     app[COMPLETIONS] = passthrough_stages(app, parse_completion_request)
+    app[RESPONSE_PINS] = ResponsePins(store, metrics)
+    app[RESPONSES] = responses_stages(app)
     app[USAGE] = UsageMeter(store, ref, metrics)
     # Like the listener, the metrics path is fixed until restart.
     table = routes.endpoints(ref.current.config.metrics.path, metrics.enabled)

@@ -27,7 +27,7 @@ class Call:
     principal: Principal
     request_id: str
     facts: Facts  # what the access log and the request's metrics say about it
-    endpoint: str  # "chat", "embeddings", "completions"
+    endpoint: str  # "chat", "responses", "embeddings", "completions"
     body: dict[str, Any] = field(default_factory=dict)  # Read: validated, as the client sent it
     stream: bool = False  # Read
     model: str | None = None  # Read (the body's), else ReadSession (the user's default)

@@ -15,6 +15,7 @@ from router.call import Call
 from router.errors import Forbidden, ModelNotFound, NotFound
 from router.metrics import CONTENT_TYPE
 from router.prober import publish_backend_up
+from router.responses import relay_stored
 from router.schema import SAFE_ID
 from router.state import (
     CHAT,
@@ -23,6 +24,8 @@ from router.state import (
     METRICS,
     OPENAPI,
     PRINCIPAL,
+    RESPONSE_PINS,
+    RESPONSES,
     RUNTIME,
     RUNTIME_NOW,
     SESSIONS,
@@ -42,6 +45,27 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
 
 async def completions(request: web.Request) -> web.StreamResponse:
     return await request.app[COMPLETIONS](Call.of(request, "completions"))
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    """POST /responses: its stages (app.py) do the work."""
+    return await request.app[RESPONSES](Call.of(request, "responses"))
+
+
+async def get_response(request: web.Request) -> web.StreamResponse:
+    return await relay_stored(request, request.app[RESPONSE_PINS], "GET")
+
+
+async def delete_response(request: web.Request) -> web.StreamResponse:
+    return await relay_stored(request, request.app[RESPONSE_PINS], "DELETE")
+
+
+async def cancel_response(request: web.Request) -> web.StreamResponse:
+    return await relay_stored(request, request.app[RESPONSE_PINS], "POST", "cancel")
+
+
+async def list_input_items(request: web.Request) -> web.StreamResponse:
+    return await relay_stored(request, request.app[RESPONSE_PINS], "GET", "input_items")
 
 
 async def get_settings(request: web.Request) -> web.Response:

@@ -85,7 +85,8 @@ class Limiter:
             return None
         limits = principal.limits
         prompt = prompt_estimate(body)
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") \
+            or body.get("max_output_tokens")  # the Responses API's
         if isinstance(max_tokens, float) and max_tokens.is_integer() and max_tokens < 2**31:
             max_tokens = int(max_tokens)  # 1000.0 is as much an integer as 1000
         # Capped like `max_tokens` (max_completion_tokens passes through unvalidated): the
@@ -163,23 +164,35 @@ class Limiter:
 
 def prompt_estimate(body: Mapping[str, Any]) -> int:
     """About one token per 4 characters of message content (text parts only), or of a
-    completion's `prompt` or an embedding's `input` (a token id counts as one token)."""
+    completion's `prompt` or an embedding's `input` (a token id counts as one token), or of a
+    response's `instructions` and `input` (text, or items whose content is text or parts)."""
     texts = body.get("prompt", body.get("input"))
     if texts is not None:
-        return _texts_estimate(texts)
+        estimate = _texts_estimate(texts)
+        instructions = body.get("instructions")
+        if isinstance(instructions, str):
+            estimate += len(instructions) // 4
+        return estimate
     chars = 0
     for message in body.get("messages") or ():
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, str):
-            chars += len(content)
-        elif isinstance(content, list):
-            chars += sum(len(p.get("text") or "") for p in content
-                         if isinstance(p, dict) and isinstance(p.get("text"), str))
+        chars += _message_chars(message)
     return chars // 4
 
 
+def _message_chars(message: object) -> int:
+    """A message's (or a Responses input item's) text content, in characters."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(len(p.get("text") or "") for p in content
+                   if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return 0
+
+
 def _texts_estimate(texts: object) -> int:
-    """A prompt or input: text, texts, token ids or lists of token ids (validated shapes)."""
+    """A prompt or input: text, texts, token ids or lists of token ids (validated shapes), or
+    a response's input items."""
     if isinstance(texts, str):
         return len(texts) // 4
     if not isinstance(texts, list):
@@ -190,6 +203,8 @@ def _texts_estimate(texts: object) -> int:
             chars += len(item)
         elif isinstance(item, list):
             tokens += len(item)
+        elif isinstance(item, dict):
+            chars += _message_chars(item)
         else:
             tokens += 1  # one token id
     return tokens + chars // 4

@@ -1,7 +1,8 @@
 """Upstream bytes -> client response. Streams are relayed chunk by chunk, never re-encoded.
 
 After the first byte went out there is no fallback: an upstream failure becomes one SSE `error`
-event, then a clean end of the chunked response; a partial event is never sent. A heartbeat over
+event, then a clean end of the chunked response; a partial event is never sent. A stream ends
+with `data: [DONE]`, or (the Responses API's) with its terminal event. A heartbeat over
 all live streams sends SSE comments through long silences and ends streams whose upstream
 trickles bytes without completing an event. A stream's `usage` is read on the way (a substring
 test per batch, a parse only of the event that carries it); the usage-only chunk the router asked
@@ -12,8 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -107,8 +109,22 @@ def _abort(stream: LiveStream, reason: str, *, blames_upstream: bool) -> None:
     stream.task.cancel()
 
 
+def responses_stream_ended(last: bytes) -> bool:
+    """Whether a Responses stream's last events end it: it has no `[DONE]`, its last event is
+    `response.completed`, `response.failed`, `response.incomplete` or `error`."""
+    return _RESPONSE_END.search(last) is not None
+
+
+_RESPONSE_END = re.compile(
+    rb'"type"\s*:\s*"(?:response\.(?:completed|failed|incomplete)|error)"|^event:\s*error\b',
+    re.MULTILINE)
+
+
 async def relay_stream(request: web.Request, opened: Opened, headers: Mapping[str, str],
-                       streams: ActiveStreams, metrics: Metrics) -> web.StreamResponse:
+                       streams: ActiveStreams, metrics: Metrics,
+                       ended: Callable[[bytes], bool] | None = None) -> web.StreamResponse:
+    """`ended(last)`: whether the last events relayed end the stream when it has no `data:
+    [DONE]` (the Responses API's streams); None: only `[DONE]` does."""
     resp = web.StreamResponse(status=200, headers={**headers, **SSE_HEADERS})
     task = asyncio.current_task()
     assert task is not None
@@ -125,6 +141,7 @@ async def relay_stream(request: web.Request, opened: Opened, headers: Mapping[st
             events = cutter.feed(opened.first)
             if events and may_carry_usage(events):
                 events = usage.take(events)
+            last = events
             if events:
                 live.tail = events[-TAIL:]
                 await resp.write(events)
@@ -145,12 +162,13 @@ async def relay_stream(request: web.Request, opened: Opened, headers: Mapping[st
                 await resp.write(events)  # waits while the client's buffer is full
                 live.writing = False
                 opened.bytes_relayed += len(events)
+                last = events
             if cutter.pending.strip() == DONE.strip():
                 # `data: [DONE]` without its blank line: still the end; relay it as sent.
                 live.tail = cutter.pending
                 await resp.write(cutter.pending)
                 opened.bytes_relayed += len(cutter.pending)
-            if not live.ended_with_done():
+            if not live.ended_with_done() and (ended is None or not ended(last)):
                 # Every stream ends with exactly one terminator: [DONE] or an error event.
                 upstream_failed = True
                 await _end_with_error(live, "the upstream ended the stream without [DONE]")

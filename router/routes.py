@@ -19,6 +19,7 @@ from router.schema import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    ResponseRequest,
     openapi_components,
 )
 from router.sessions import AutomationSettings
@@ -132,6 +133,43 @@ COMPLETIONS = Operation(
         "application/json": {"schema": _ref("TextCompletion")},
         "text/event-stream": {"schema": _ref("ServerSentEvent")}}}, **UPSTREAM_ERRORS})
 
+RESPONSES = Operation(
+    summary="Create a model response (OpenAI Responses API)",
+    description="Passed through to the route's OpenAI-compatible or Azure backends. The new "
+                "response's id is pinned to the backend that made it, for the caller; "
+                "`previous_response_id` goes to that backend (404 `response_not_found` if it "
+                "is not one of the caller's). Streams (SSE) when `stream` is true, or when it "
+                "is absent and `Accept` prefers text/event-stream.",
+    body=ResponseRequest,
+    responses={"200": {"description": "Successful Response", "content": {
+        "application/json": {"schema": _ref("Response")},
+        "text/event-stream": {"schema": _ref("ServerSentEvent")}}},
+        **UPSTREAM_ERRORS,
+        "404": _error("Unknown model, or a `previous_response_id` that is not one of the "
+                      "caller's (`response_not_found`)"),
+        "409": _error("The previous response was made by a backend this model does not use "
+                      "(`response_route_mismatch`)")})
+# What an operation on a stored response may answer: the upstream's answer as it came, or
+# the router's own errors.
+STORED_ERRORS = {
+    "404": _error("No such response of the caller (`response_not_found`), or the upstream's "
+                  "404"),
+    "502": _error("Upstream failure"),
+    "503": _error("The upstream or the store is unreachable"),
+    "504": _error("Upstream timeout"),
+}
+STORED_ANSWER = {"description": "The upstream's answer, relayed as it came", "content": {
+    "application/json": {"schema": {"type": "object"}}}}
+INCLUDE = {"name": "include", "in": "query", "required": False,
+           "schema": {"type": "array", "items": {"type": "string"}}}
+INPUT_ITEMS_QUERY = (
+    {"name": "after", "in": "query", "required": False, "schema": {"type": "string"}},
+    {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer"}},
+    {"name": "order", "in": "query", "required": False,
+     "schema": {"type": "string", "enum": ["asc", "desc"]}},
+    INCLUDE,
+)
+
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("POST", ("/api/v1/chat/completions", "/v1/chat/completions"),
              handlers.chat_completions, CHAT),
@@ -139,6 +177,26 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              EMBEDDINGS),
     Endpoint("POST", ("/api/v1/completions", "/v1/completions"), handlers.completions,
              COMPLETIONS),
+    Endpoint("POST", ("/api/v1/responses", "/v1/responses"), handlers.responses, RESPONSES),
+    Endpoint("GET", ("/api/v1/responses/{id}", "/v1/responses/{id}"), handlers.get_response,
+             Operation(summary="Retrieve a model response of the caller's",
+                       parameters=(ID_IN_PATH, INCLUDE),
+                       responses={"200": STORED_ANSWER, **STORED_ERRORS})),
+    Endpoint("DELETE", ("/api/v1/responses/{id}", "/v1/responses/{id}"),
+             handlers.delete_response,
+             Operation(summary="Delete a model response of the caller's (and its pin)",
+                       parameters=(ID_IN_PATH,),
+                       responses={"200": STORED_ANSWER, **STORED_ERRORS})),
+    Endpoint("POST", ("/api/v1/responses/{id}/cancel", "/v1/responses/{id}/cancel"),
+             handlers.cancel_response,
+             Operation(summary="Cancel a (background) model response of the caller's",
+                       parameters=(ID_IN_PATH,),
+                       responses={"200": STORED_ANSWER, **STORED_ERRORS})),
+    Endpoint("GET", ("/api/v1/responses/{id}/input_items", "/v1/responses/{id}/input_items"),
+             handlers.list_input_items,
+             Operation(summary="List the input items of a model response of the caller's",
+                       parameters=(ID_IN_PATH, *INPUT_ITEMS_QUERY),
+                       responses={"200": STORED_ANSWER, **STORED_ERRORS})),
     Endpoint("GET", ("/api/v1/models", "/v1/models"), handlers.list_models, Operation(
         summary="List models",
         responses={"200": {"description": "Model aliases the caller may use", "content": {

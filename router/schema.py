@@ -111,6 +111,19 @@ class CompletionRequest(_Open):
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
 
 
+class ResponseRequest(_Open):
+    """Create a model response (OpenAI's Responses API): `input` and every other field pass
+    through as sent."""
+
+    model: str = Field(min_length=1, max_length=256)
+    input: str | list[dict[str, Any]] | None = None
+    instructions: str | None = None
+    stream: bool | None = None
+    # A stored response of the caller's: it names the backend the request must go to.
+    previous_response_id: str | None = Field(None, pattern=SAFE_ID_PATTERN)
+    max_output_tokens: Annotated[int, Field(ge=1, le=2**31 - 1), WHOLE] | None = None
+
+
 def _parser(model: type[BaseModel]) -> Callable[[bytes], dict[str, Any]]:
     def parse(raw: bytes) -> dict[str, Any]:
         body = load_json_object(raw)
@@ -128,6 +141,7 @@ def _parser(model: type[BaseModel]) -> Callable[[bytes], dict[str, Any]]:
 parse_chat_request = _parser(ChatCompletionRequest)
 parse_embedding_request = _parser(EmbeddingRequest)
 parse_completion_request = _parser(CompletionRequest)
+parse_response_request = _parser(ResponseRequest)
 
 
 def parse_body(raw: bytes, model: type[M]) -> M:
@@ -213,6 +227,8 @@ def openapi_components(models: Iterable[type[BaseModel]]) -> dict[str, Any]:
                              "as it came (OpenAI's list of embedding objects)"}
     schemas["TextCompletion"] = {"type": "object", "description": "The upstream's answer, "
                                  "relayed as it came (OpenAI's text_completion object)"}
+    schemas["Response"] = {"type": "object", "description": "The upstream's answer, relayed as "
+                           "it came (OpenAI's response object)"}
     schemas["ServerSentEvent"] = {
         "type": "object", "description": "One event of the stream, relayed as the upstream "
         "wrote it; the last is `data: [DONE]`, or one `event: error` whose data is an Error",

@@ -267,8 +267,9 @@ class Forward(Stage):
     fanned-out route not pinned by a session, several at once. The answer is released when
     the request ends (the relay releases it itself; this covers a failure before it)."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, *, fans_out: bool = True) -> None:
         self.metrics = metrics
+        self.fans_out = fans_out  # False: one backend at a time, whatever the route's fanout
 
     def __call__(self, call: Call) -> Awaitable[None]:
         return self._forward(call)
@@ -279,7 +280,7 @@ class Forward(Stage):
         out = Outbound(call.body, call.stream, call.request_id,
                        call.runtime.config.server.max_response_bytes, self.metrics,
                        trace_headers(call.request.headers), call.endpoint)
-        if route.config.fanout == "none" or call.prefer is not None:
+        if route.config.fanout == "none" or call.prefer is not None or not self.fans_out:
             opened = await dispatch(route, out, call.prefer)  # a pin ignores race and hedge
         else:
             opened = await fan_out(route, out)
@@ -324,9 +325,11 @@ class Relay:
     """The answer to the client: a JSON body whole, or the stream event by event. Every
     pipeline that goes upstream ends in it."""
 
-    def __init__(self, streams: ActiveStreams, metrics: Metrics) -> None:
+    def __init__(self, streams: ActiveStreams, metrics: Metrics,
+                 ended: Callable[[bytes], bool] | None = None) -> None:
         self.streams = streams
         self.metrics = metrics
+        self.ended = ended  # a stream without `[DONE]`: whether its last events end it
 
     def __call__(self, call: Call) -> web.StreamResponse | Awaitable[web.StreamResponse]:
         opened = call.opened
@@ -338,6 +341,6 @@ class Relay:
     async def _stream(self, call: Call, opened: Opened) -> web.StreamResponse:
         try:
             return await relay_stream(call.request, opened, call.headers, self.streams,
-                                      self.metrics)
+                                      self.metrics, self.ended)
         finally:
             call.facts.tokens = opened.tokens  # the relay read them from the stream

@@ -18,6 +18,7 @@ from router.store import Store
 from router.usage import UsageMeter
 
 if TYPE_CHECKING:
+    from router.responses import ResponsePins
     from router.stages import Pipeline
 
 
@@ -41,6 +42,8 @@ OPEN_PATHS = web.AppKey("open_paths", frozenset)  # served without a credential
 CHAT: web.AppKey[Pipeline] = web.AppKey("chat")
 EMBEDDINGS: web.AppKey[Pipeline] = web.AppKey("embeddings")
 COMPLETIONS: web.AppKey[Pipeline] = web.AppKey("completions")
+RESPONSES: web.AppKey[Pipeline] = web.AppKey("responses")
+RESPONSE_PINS: web.AppKey[ResponsePins] = web.AppKey("response_pins")
 
 REQUEST_ID = web.RequestKey("request_id", str)
 RUNTIME_NOW = web.RequestKey("runtime_now", Runtime)

@@ -1,4 +1,5 @@
-"""The one small interface to upstream HTTP: a keep-alive pool that POSTs and GETs.
+"""The one small interface to upstream HTTP: a keep-alive pool that POSTs, GETs a status, and
+sends any other request (the Responses API's GET, DELETE and POST on a stored response).
 
 Everything aiohttp-client-specific lives here, so a leaner pool can replace it without touching
 providers or the relay. aiohttp's exceptions are translated into RouterErrors at this boundary.
@@ -39,6 +40,12 @@ class UpstreamClient(Protocol):
                    timeouts: Timeouts, ca_file: str | None = None) -> UpstreamResponse: ...
     async def get_status(self, url: str, headers: Mapping[str, str], timeout_s: float,
                          ca_file: str | None = None) -> int: ...
+    async def request(self, method: str, url: str, headers: Mapping[str, str],
+                      body: bytes | None, timeouts: Timeouts,
+                      ca_file: str | None = None) -> UpstreamResponse:
+        """`method` on `url` with `body` (None: no body at all); the answer as `post`'s. The
+        URL is not kept for reuse (it names one stored object)."""
+        ...
     async def close(self) -> None: ...
 
 
@@ -133,6 +140,11 @@ class AiohttpUpstream:
 
     async def post(self, url: str, headers: Mapping[str, str], body: bytes,
                    timeouts: Timeouts, ca_file: str | None = None) -> UpstreamResponse:
+        return await self.request("POST", url, headers, body, timeouts, ca_file)
+
+    async def request(self, method: str, url: str, headers: Mapping[str, str],
+                      body: bytes | None, timeouts: Timeouts,
+                      ca_file: str | None = None) -> UpstreamResponse:
         # aiohttp's own verifying context (made at import, SSL_CERT_FILE honoured), or ours
         tls: ssl.SSLContext | bool = True if ca_file is None else await tls_context(ca_file)
         timeout = self._timeouts.get(timeouts)
@@ -143,8 +155,8 @@ class AiohttpUpstream:
                 sock_read=timeouts.idle_s,
             )
         try:
-            resp = await self._session.post(url, data=body, headers=headers, timeout=timeout,
-                                            ssl=tls)
+            resp = await self._session.request(method, url, data=body, headers=headers,
+                                               timeout=timeout, ssl=tls)
         except aiohttp.ClientConnectorCertificateError as exc:
             raise UpstreamUnavailable("the upstream's TLS certificate is not trusted") from exc
         except aiohttp.ClientConnectorError as exc:

@@ -413,7 +413,10 @@ class LeanUpstream:
         self._hosts: dict[_Key, _Host] = {}
         self._urls: dict[tuple[str, str | None], tuple[_Host, str, str]] = {}
 
-    def _target(self, url: str, ca_file: str | None) -> tuple[_Host, str, str]:
+    def _target(self, url: str, ca_file: str | None, keep: bool = True
+                ) -> tuple[_Host, str, str]:
+        """The URL's pool, request target and authority; kept for the next request unless
+        `keep` is False (a URL that names one stored object would only fill the cache)."""
         found = self._urls.get((url, ca_file))
         if found is None:
             parts = urlsplit(url)
@@ -426,13 +429,18 @@ class LeanUpstream:
             if host is None:
                 host = self._hosts[key] = _Host(key, self._max_per_host, self._keepalive_s)
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            found = self._urls[url, ca_file] = (host, path, parts.netloc.rpartition("@")[2])
+            found = (host, path, parts.netloc.rpartition("@")[2])
+            if keep:
+                self._urls[url, ca_file] = found
         return found
 
-    async def _request(self, method: str, url: str, headers: Mapping[str, str], body: bytes,
-                       timeouts: Timeouts, ca_file: str | None) -> _LeanResponse:
-        host, path, authority = self._target(url, ca_file)
+    async def _request(self, method: str, url: str, headers: Mapping[str, str],
+                       body: bytes | None, timeouts: Timeouts, ca_file: str | None,
+                       keep_url: bool = True) -> _LeanResponse:
+        host, path, authority = self._target(url, ca_file, keep_url)
         lines = [f"{method} {path} HTTP/1.1\r\nHost: {authority}\r\n"]
+        if body is None:
+            body = b""
         if body or method == "POST":
             lines.append(f"Content-Length: {len(body)}\r\n")
         lines.extend(f"{k}: {v}\r\n" for k, v in headers.items())
@@ -467,6 +475,12 @@ class LeanUpstream:
     async def post(self, url: str, headers: Mapping[str, str], body: bytes,
                    timeouts: Timeouts, ca_file: str | None = None) -> UpstreamResponse:
         return await self._request("POST", url, headers, body, timeouts, ca_file)
+
+    async def request(self, method: str, url: str, headers: Mapping[str, str],
+                      body: bytes | None, timeouts: Timeouts,
+                      ca_file: str | None = None) -> UpstreamResponse:
+        return await self._request(method, url, headers, body, timeouts, ca_file,
+                                   keep_url=False)
 
     async def get_status(self, url: str, headers: Mapping[str, str], timeout_s: float,
                          ca_file: str | None = None) -> int:

@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from router.errors import RouterError, UpstreamError
 from router.upstream import Timeouts
@@ -32,7 +32,7 @@ class UpstreamCall:
     timeouts: Timeouts
     max_response_bytes: int = 64 << 20  # a provider that reads a whole answer reads no more
     trace: tuple[tuple[str, str], ...] = ()  # the client's W3C trace context, sent as is
-    endpoint: str = "chat"  # "chat", "embeddings", "completions": the upstream API to call
+    endpoint: str = "chat"  # "chat", "responses", "embeddings", "completions": the API to call
 
 
 @dataclass(slots=True)
@@ -55,6 +55,27 @@ class Provider(Protocol):
     async def probe(self) -> bool | None:
         """True/False for up/down; None when this provider has nothing to probe."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCall:
+    """A request about a response the upstream stored (the Responses API): `method` on it, or
+    on one of its parts (`action`: "", "cancel" or "input_items"), with the client's query."""
+
+    method: str
+    response_id: str  # checked safe (router/schema.py SAFE_ID): it becomes part of a URL
+    action: str
+    query: str  # already encoded; "" for none
+    request_id: str
+    timeouts: Timeouts
+    trace: tuple[tuple[str, str], ...] = ()
+
+
+@runtime_checkable
+class StoredResponses(Protocol):
+    """A provider whose upstream keeps the responses it created (OpenAI's and Azure's)."""
+
+    async def stored_response(self, call: StoredCall) -> Exchange: ...
 
 
 async def read_all(chunks: AsyncIterator[bytes], limit: int) -> bytes:

@@ -10,7 +10,7 @@ from urllib.parse import quote
 from router import __version__
 from router.config import AzureProviderConfig, HttpProviderConfig, OpenAIProviderConfig
 from router.jsonbody import dump_json
-from router.providers.base import Exchange, UpstreamCall, parse_retry_after
+from router.providers.base import Exchange, StoredCall, UpstreamCall, parse_retry_after
 from router.providers.translated import without_signatures
 from router.upstream import UpstreamClient, UpstreamResponse
 
@@ -84,6 +84,27 @@ class OpenAIProvider:
                 return _exchange(resp)  # every key refused: the answer is the last one's
             resp.close()
 
+    def stored_url(self, call: StoredCall) -> str:
+        """`{base}/responses/{id}[/action][?query]`."""
+        action = f"/{call.action}" if call.action else ""
+        query = f"?{call.query}" if call.query else ""
+        return f"{self._base}/responses/{call.response_id}{action}{query}"
+
+    async def stored_response(self, call: StoredCall) -> Exchange:
+        """GET, DELETE or POST on a response this upstream stored; no body is sent."""
+        headers = {k: v for k, v in self._headers.items() if k != "Content-Type"}
+        headers["Accept"] = "application/json"
+        headers["x-request-id"] = call.request_id
+        for name, value in call.trace:
+            headers[name] = value
+        if self._keys.keys:  # the keys of one account or project all reach its responses
+            name, value = self.credential(self._keys.next())
+            headers[name] = value
+        body = b"" if call.method == "POST" else None
+        resp = await self._client.request(call.method, self.stored_url(call), headers, body,
+                                          call.timeouts, self._ca_file)
+        return _exchange(resp)
+
     async def probe(self) -> bool | None:
         if not self._probe:
             return None
@@ -98,7 +119,9 @@ class OpenAIProvider:
 
 class AzureProvider(OpenAIProvider):
     """`{base_url}/openai/deployments/{model}/chat/completions?api-version=...`: the backend's
-    model names the deployment."""
+    model names the deployment. The Responses API has no deployment in its path:
+    `{base_url}/openai/responses?api-version=...` with the deployment as the body's `model`, and
+    `{base_url}/openai/responses/{id}?api-version=...` for a stored response."""
 
     def __init__(self, name: str, config: AzureProviderConfig, client: UpstreamClient,
                  probe_timeout_s: float = 2.0) -> None:
@@ -111,8 +134,11 @@ class AzureProvider(OpenAIProvider):
             self._headers["Authorization"] = f"Bearer {config.azure_ad_token}"
         self.secrets += tuple(v for v in (config.api_key, config.azure_ad_token) if v)
         self._deployment_urls: dict[tuple[str, str], str] = {}
+        self._responses_url = f"{self._base}/openai/responses?api-version={self._version}"
 
     def url(self, call: UpstreamCall) -> str:
+        if call.endpoint == "responses":
+            return self._responses_url
         key = (str(call.body.get("model") or ""), call.endpoint)
         url = self._deployment_urls.get(key)
         if url is None:
@@ -120,6 +146,12 @@ class AzureProvider(OpenAIProvider):
                 f"{self._base}/openai/deployments/{quote(key[0], safe='')}"
                 f"/{PATHS[call.endpoint]}?api-version={self._version}")
         return url
+
+    def stored_url(self, call: StoredCall) -> str:
+        action = f"/{call.action}" if call.action else ""
+        query = f"&{call.query}" if call.query else ""
+        return (f"{self._base}/openai/responses/{call.response_id}{action}"
+                f"?api-version={self._version}{query}")
 
 
 class Keys:

@@ -91,7 +91,8 @@ class UsageTap:
     it), drops the usage-only event (`"choices": []`); every other byte passes unchanged.
 
     Some servers put `usage` on the last content chunk instead: it is read there and the event
-    kept. The last non-null `usage` seen wins (cumulative per-chunk usage ends up right)."""
+    kept. The last non-null `usage` seen wins (cumulative per-chunk usage ends up right). A
+    Responses stream carries it in its `response.completed` event, as `response.usage`."""
 
     __slots__ = ("hide", "usage")
 
@@ -122,7 +123,13 @@ class UsageTap:
             payload = orjson.loads(event_data(event))
         except orjson.JSONDecodeError:
             return False
-        if not isinstance(payload, dict) or not isinstance(payload.get("usage"), dict):
+        if not isinstance(payload, dict):
             return False
-        self.usage = payload["usage"]
+        usage = payload.get("usage")
+        if not isinstance(usage, dict):
+            response = payload.get("response")  # a Responses event: never hidden
+            if isinstance(response, dict) and isinstance(response.get("usage"), dict):
+                self.usage = response["usage"]
+            return False
+        self.usage = usage
         return not payload.get("choices")

@@ -209,7 +209,8 @@ async def attempt(route: Route, backend: Backend, out: Outbound, attempts: int,
     upstream_body = dict(out.body)
     upstream_body["model"] = backend.model
     upstream_body.pop("session_id", None)
-    hide_usage = stream and _ask_for_usage(upstream_body)
+    # A Responses stream always ends with its usage (`response.completed`): nothing to ask.
+    hide_usage = stream and out.endpoint != "responses" and _ask_for_usage(upstream_body)
     call = UpstreamCall(upstream_body, stream, out.request_id, route.timeouts,
                         out.max_response_bytes, out.trace, out.endpoint)
     state = backend.state
@@ -309,13 +310,17 @@ def check_json(body: bytes) -> dict[str, Any]:
 
 def count_tokens(answer: dict[str, Any], route: Route, backend: Backend,
                   metrics: Metrics) -> tuple[int, int] | None:
-    """(prompt, completion) tokens from the answer's `usage`, counted in the metrics."""
+    """(prompt, completion) tokens from the answer's `usage`, counted in the metrics. A
+    Responses answer names them `input_tokens` and `output_tokens`."""
     usage = answer.get("usage")
     if not isinstance(usage, dict):
         return None
+    prompt = usage.get("prompt_tokens")
+    completion = usage.get("completion_tokens")
+    if prompt is None and completion is None:
+        prompt, completion = usage.get("input_tokens"), usage.get("output_tokens")
     prompt, completion = (value if isinstance(value, int) and value > 0 else 0
-                          for value in (usage.get("prompt_tokens"),
-                                        usage.get("completion_tokens")))
+                          for value in (prompt, completion))
     metrics.tokens(route.name, backend.name, prompt, completion)
     return prompt, completion
 

@@ -1,4 +1,5 @@
-"""A real aiohttp server speaking the OpenAI chat-completions dialect, misbehaving on demand.
+"""A real aiohttp server speaking the OpenAI chat-completions dialect (and embeddings, text
+completions and the Responses API), misbehaving on demand.
 
 Behaviour is chosen by the request's ``model`` string (or a server-wide override set through
 ``POST /_control``): directives joined by ``+``, each ``name`` or ``name:arg``, e.g.
@@ -49,6 +50,8 @@ class Recorder:
     inflight: int = 0
     max_inflight: int = 0
     override: str | None = None
+    responses: dict[str, dict[str, Any]] = field(default_factory=dict)  # created, by id
+    inputs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # their input items
     _counter: int = 0
 
     def next_id(self) -> str:
@@ -433,6 +436,152 @@ async def _complete(request: web.Request, rec: Recorder, body: dict[str, Any]
     return resp
 
 
+def _input_items(body: dict[str, Any], rid: str) -> list[dict[str, Any]]:
+    """A response's input as the stored input items (messages of input_text parts)."""
+    given = body.get("input")
+    messages = [{"role": "user", "content": given}] if isinstance(given, str) else \
+        [m for m in given or [] if isinstance(m, dict)]
+    items = []
+    for n, message in enumerate(messages):
+        content = message.get("content")
+        parts = [{"type": "input_text", "text": content}] if isinstance(content, str) else \
+            [p for p in content or [] if isinstance(p, dict)]
+        items.append({"type": "message", "id": f"msg_in_{rid}_{n}",
+                      "role": str(message.get("role") or "user"), "status": "completed",
+                      "content": parts})
+    return items
+
+
+def _response(rid: str, body: dict[str, Any], status: str, text: str | None,
+              usage: dict[str, Any] | None) -> dict[str, Any]:
+    """A response object as OpenAI's Responses API writes it."""
+    output = [] if text is None else [{
+        "type": "message", "id": f"msg_{rid}", "status": "completed", "role": "assistant",
+        "content": [{"type": "output_text", "text": text, "annotations": []}]}]
+    return {"id": rid, "object": "response", "created_at": CREATED, "status": status,
+            "model": body.get("model"), "output": output, "parallel_tool_calls": True,
+            "tool_choice": "auto", "tools": [], "error": None, "incomplete_details": None,
+            "instructions": body.get("instructions"),
+            "max_output_tokens": body.get("max_output_tokens"),
+            "previous_response_id": body.get("previous_response_id"),
+            "usage": usage}
+
+
+async def _respond(request: web.Request, rec: Recorder, body: dict[str, Any]
+                   ) -> web.StreamResponse:
+    """A model response of `chunks` words, JSON or SSE (the Responses API's event sequence,
+    no [DONE]), remembered by id; a `previous_response_id` this fake did not make is a 404."""
+    b = parse_behaviour(rec.override if rec.override is not None else str(body.get("model")))
+    failed = await _failure(request, b)
+    if failed is not None:
+        return failed
+    previous = body.get("previous_response_id")
+    if previous is not None and previous not in rec.responses:
+        return await _send(request, 404, orjson.dumps({"error": {
+            "message": f"Previous response with id '{previous}' not found.",
+            "type": "invalid_request_error", "param": "previous_response_id",
+            "code": "previous_response_not_found"}}))
+    rid = rec.next_id().replace("chatcmpl-fake-", f"resp_{request.app[NAME]}_")
+    words = [f"tok{i} " for i in range(b.chunks)]
+    text = "".join(words)
+    items = _input_items(body, rid)
+    prompt = sum(len(p.get("text") or "") for i in items for p in i["content"]) // 4 + 1
+    usage = {"input_tokens": prompt,
+             "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+             "output_tokens": len(words), "output_tokens_details": {"reasoning_tokens": 0},
+             "total_tokens": prompt + len(words)}
+    done = _response(rid, body, "completed", text, usage)
+    rec.responses[rid] = done
+    rec.inputs[rid] = items
+    if not body.get("stream"):
+        return await _send(request, 200, orjson.dumps(done))
+    resp = web.StreamResponse(status=200, headers={"Cache-Control": "no-cache"})
+    resp.content_type = "text/event-stream"
+    await resp.prepare(request)
+    seq = 0
+
+    async def event(kind: str, fields: dict[str, Any]) -> None:
+        nonlocal seq
+        await resp.write(f"event: {kind}\n".encode()
+                         + _sse({"type": kind, "sequence_number": seq, **fields}))
+        seq += 1
+
+    started = _response(rid, body, "in_progress", None, None)
+    mid = f"msg_{rid}"
+    part = {"type": "output_text", "text": "", "annotations": []}
+    await event("response.created", {"response": started})
+    await event("response.in_progress", {"response": started})
+    await event("response.output_item.added", {"output_index": 0, "item": {
+        "type": "message", "id": mid, "status": "in_progress", "role": "assistant",
+        "content": []}})
+    await event("response.content_part.added", {"item_id": mid, "output_index": 0,
+                                                "content_index": 0, "part": part})
+    for n, word in enumerate(words):
+        if b.cut is not None and n >= b.cut:
+            _abort(request)
+            return resp
+        if b.gap > 0:
+            await asyncio.sleep(b.gap)
+        await event("response.output_text.delta", {"item_id": mid, "output_index": 0,
+                                                   "content_index": 0, "delta": word,
+                                                   "logprobs": []})
+    await event("response.output_text.done", {"item_id": mid, "output_index": 0,
+                                              "content_index": 0, "text": text,
+                                              "logprobs": []})
+    await event("response.content_part.done", {"item_id": mid, "output_index": 0,
+                                               "content_index": 0,
+                                               "part": {**part, "text": text}})
+    await event("response.output_item.done", {"output_index": 0,
+                                              "item": done["output"][0]})
+    await event("response.completed", {"response": done})
+    await resp.write_eof()
+    return resp
+
+
+async def stored_response(request: web.Request) -> web.Response:
+    """GET, DELETE, cancel and input_items of a response this fake made (else a 404, as a
+    real backend answers for another's)."""
+    rec = request.app[RECORDER]
+    rec.seen.append(Seen(t_received=time.monotonic(), headers=dict(request.headers), body={},
+                         path=request.path_qs))
+    if request.path.startswith("/openai/") and "api-version" not in request.query:
+        return await _send(request, 404, orjson.dumps(_error_body("Resource not found")))
+    rid = request.match_info["id"]
+    response = rec.responses.get(rid)
+    if response is None:
+        return await _send(request, 404, orjson.dumps({"error": {
+            "message": f"Response with id '{rid}' not found.",
+            "type": "invalid_request_error", "param": None, "code": None}}))
+    action = request.match_info.get("action")
+    if request.method == "DELETE":
+        del rec.responses[rid]
+        return await _send(request, 200, orjson.dumps(
+            {"id": rid, "object": "response.deleted", "deleted": True}))
+    if action == "cancel":
+        response = rec.responses[rid] = {**response, "status": "cancelled"}
+    elif action == "input_items":
+        items = rec.inputs.get(rid, [])
+        if request.query.get("order") == "desc":
+            items = items[::-1]
+        limit = int(request.query.get("limit") or 20)
+        data = items[:limit]
+        return await _send(request, 200, orjson.dumps({
+            "object": "list", "data": data, "has_more": len(items) > limit,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None}))
+    return await _send(request, 200, orjson.dumps(response))
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, _respond)
+
+
+async def azure_responses(request: web.Request) -> web.StreamResponse:
+    if "api-version" not in request.query:
+        return await _send(request, 404, orjson.dumps(_error_body("Resource not found")))
+    return await _serve(request, _respond)
+
+
 async def azure_chat(request: web.Request) -> web.StreamResponse:
     """Azure OpenAI's deployment path: the deployment is the model; api-version is required."""
     if "api-version" not in request.query:
@@ -465,6 +614,13 @@ def build_app(name: str = "fake") -> web.Application:
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/responses", responses)
+    app.router.add_post("/openai/responses", azure_responses)
+    for root in ("/v1", "/openai"):
+        app.router.add_get(f"{root}/responses/{{id}}", stored_response)
+        app.router.add_delete(f"{root}/responses/{{id}}", stored_response)
+        app.router.add_post(f"{root}/responses/{{id}}/{{action:cancel}}", stored_response)
+        app.router.add_get(f"{root}/responses/{{id}}/{{action:input_items}}", stored_response)
     for path in ("chat/completions", "embeddings", "completions"):
         app.router.add_post(f"/openai/deployments/{{deployment}}/{path}", azure_chat)
     app.router.add_get("/openai/models", azure_models)

@@ -18,6 +18,7 @@ from router.providers.sse import (
     event_data,
     may_carry_usage,
 )
+from router.relay import responses_stream_ended
 
 
 def test_error_event_is_one_openai_style_error():
@@ -188,3 +189,28 @@ def test_wants_stream(stream, accept, expected):
 ])
 def test_carries_content_tells_an_answer_from_a_role_only_chunk(event, expected):
     assert carries_content(event) is expected
+
+
+def test_usage_tap_reads_a_responses_stream_from_its_completed_event():
+    created = (b'event: response.created\ndata: {"type":"response.created","response":'
+               b'{"id":"resp_1","usage":null}}\n\n')
+    completed = (b'event: response.completed\ndata: {"type":"response.completed","response":'
+                 b'{"id":"resp_1","usage":{"input_tokens":7,"output_tokens":3}}}\n\n')
+    tap = UsageTap(hide=True)  # a Responses event is never hidden, whatever `hide` says
+    assert not may_carry_usage(created)
+    events = created + completed
+    assert may_carry_usage(events) and tap.take(events) == events
+    assert tap.usage == {"input_tokens": 7, "output_tokens": 3}
+
+
+@pytest.mark.parametrize(("last", "ended"), [
+    (b'event: response.completed\ndata: {"type":"response.completed","response":{}}\n\n', True),
+    (b'data: {"type": "response.failed", "response": {}}\n\n', True),
+    (b'event: response.incomplete\ndata: {"type":"response.incomplete"}\n\n', True),
+    (b'event: error\ndata: {"type":"error","message":"x"}\n\n', True),
+    (b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+     b'"delta":"response.completed"}\n\n', False),
+    (b"", False),
+])
+def test_a_responses_stream_ends_at_its_terminal_event(last, ended):
+    assert responses_stream_ended(last) is ended

@@ -1,0 +1,251 @@
+"""The Responses API's state: a response the upstream stored lives only on the backend that
+created it, so each created response id is pinned to that backend in the store every replica
+shares (the session pin's machinery, under the creating principal's user), and every later
+request that names it goes there: `previous_response_id` in a new response, and GET, DELETE,
+cancel and input_items on the response itself. Another user's response id is just as absent
+as an unknown one: 404 `response_not_found`, without an upstream call.
+
+A pin is named `resp/{id}`: a session id cannot hold a `/`, so no session can name one. It
+lives `sessions.ttl_s` from its creation; DELETE of the response forgets it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from urllib.parse import urlencode
+
+import orjson
+from aiohttp import web
+
+from router.call import Call
+from router.errors import NotFound, RouterError
+from router.metrics import Metrics
+from router.providers.base import StoredCall, StoredResponses, leaks_secret, read_all
+from router.providers.sse import event_data
+from router.routing.table import Backend, Route, RoutingTable
+from router.schema import SAFE_ID
+from router.stages import Stage
+from router.state import FACTS, PRINCIPAL, REQUEST_ID, RUNTIME_NOW
+from router.store import SessionStore, StoreError
+from router.store.base import Pin
+from router.tasks import spawn
+from router.tracing import trace_headers
+
+log = logging.getLogger("router.responses")
+
+MAX_FIRST_EVENT = 1 << 20  # a stream's first event is read this far at most for its id
+_EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
+# Query parameters of GET on a stored response that go upstream (`stream` would turn the
+# answer into a stream, which these endpoints relay whole: it stays behind).
+_QUERY_DROPPED = frozenset({"stream", "api-version"})
+
+
+class ResponseConflict(RouterError):
+    status = 409
+    type = "invalid_request_error"
+    code = "response_route_mismatch"
+    log_level = logging.INFO
+
+
+def response_not_found() -> NotFound:
+    return NotFound("no such response", code="response_not_found")
+
+
+def pin_name(response_id: str) -> str:
+    return f"resp/{response_id}"
+
+
+class ResponsePins:
+    """Response ids and the backends that created them, per user, in the store.
+
+    A streamed response's pin is written in the background as soon as its id is read (before
+    its first byte reaches the client); a request of this worker that names the id meanwhile
+    waits for that write rather than missing it."""
+
+    def __init__(self, store: SessionStore, metrics: Metrics) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._pending: dict[tuple[str, str], asyncio.Task[Pin | None]] = {}
+
+    async def pin(self, user: str, response_id: str, backend: Backend, route: Route,
+                  ttl_s: float) -> Pin | None:
+        """Pin the response to `backend`; a store failure is counted and logged (the answer
+        still goes to the client: it exists upstream whether or not the router remembers)."""
+        try:
+            return await self._store.claim_pin(user, pin_name(response_id), backend.name,
+                                               route.name, ttl_s, None)
+        except StoreError as exc:
+            self._metrics.store_error("claim_pin")
+            log.warning("could not pin a response to its backend: %s", exc)
+            return None
+
+    def pin_soon(self, user: str, response_id: str, backend: Backend, route: Route,
+                 ttl_s: float) -> None:
+        key = (user, response_id)
+        task = spawn(self.pin(user, response_id, backend, route, ttl_s), "pin a response")
+        self._pending[key] = task
+        task.add_done_callback(lambda _: self._pending.pop(key, None))
+
+    async def find(self, user: str, response_id: str) -> Pin | None:
+        """The user's pin of `response_id` (None: not theirs, unknown, or expired)."""
+        pending = self._pending.get((user, response_id))
+        if pending is not None:
+            pin = await asyncio.shield(pending)
+            if pin is not None:
+                return pin
+        return await self._store.get_pin(user, pin_name(response_id))
+
+    async def forget(self, user: str, response_id: str) -> None:
+        try:
+            await self._store.delete_pin(user, pin_name(response_id))
+        except StoreError as exc:  # it expires on its own
+            self._metrics.store_error("delete_pin")
+            log.warning("could not forget a deleted response's pin: %s", exc)
+
+
+def pinned_backend(table: RoutingTable, pin: Pin) -> tuple[Route, Backend] | None:
+    """The backend a pin names, with a route that holds it (the pin's own first)."""
+    routes = table.routes
+    first = routes.get(pin.route)
+    for route in ([first] if first is not None else []) + list(routes.values()):
+        for backend in route.backends:
+            if backend.name == pin.backend:
+                return route, backend
+    return None
+
+
+class FollowPrevious(Stage):
+    """`previous_response_id`: the request goes to the backend that created that response (a
+    backend of the route with the same name, else one of the same provider: the upstream
+    keeps responses per account, not per model). No pin for this user: 404."""
+
+    def __init__(self, pins: ResponsePins) -> None:
+        self.pins = pins
+
+    def __call__(self, call: Call) -> Awaitable[None] | None:
+        previous = call.body.get("previous_response_id")
+        if previous is None:
+            return None
+        return self._follow(call, previous)
+
+    async def _follow(self, call: Call, previous: str) -> None:
+        route = call.route
+        assert route is not None
+        pin = await self.pins.find(call.principal.user, previous)
+        if pin is None:
+            raise response_not_found()
+        backend = next((b for b in route.backends if b.name == pin.backend), None)
+        if backend is None:
+            provider = pin.backend.partition("/")[0]
+            backend = next((b for b in route.backends if b.provider.name == provider), None)
+        if backend is None:
+            raise ResponseConflict(f"the previous response was made by a backend the model "
+                                   f"{route.name!r} does not use; use the model {pin.route!r}")
+        call.prefer = backend
+
+
+class PinResponse(Stage):
+    """The created response's id, pinned to the backend that answered: from the JSON answer
+    (before it is relayed), or from a stream's first event (`response.created`; the pin is
+    written in the background, see ResponsePins). Only that event is parsed."""
+
+    def __init__(self, pins: ResponsePins) -> None:
+        self.pins = pins
+
+    def __call__(self, call: Call) -> Awaitable[None]:
+        return self._pin(call)
+
+    async def _pin(self, call: Call) -> None:
+        opened, route = call.opened, call.route
+        assert opened is not None and route is not None
+        ttl_s = call.runtime.config.sessions.ttl_s
+        user = call.principal.user
+        if not call.stream:
+            response_id = _id_of(_json(opened.first))
+            if response_id is not None:
+                await self.pins.pin(user, response_id, opened.backend, route, ttl_s)
+            return
+        event = await _first_event(call)
+        if event is None:
+            return
+        payload = _json(event_data(event))
+        response = payload.get("response") if payload is not None else None
+        response_id = _id_of(response if isinstance(response, dict) else None)
+        if response_id is not None:
+            self.pins.pin_soon(user, response_id, opened.backend, route, ttl_s)
+
+
+def _json(raw: bytes) -> dict[str, object] | None:
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _id_of(response: dict[str, object] | None) -> str | None:
+    """A response's id, if it is one a request could name (SAFE_ID)."""
+    response_id = None if response is None else response.get("id")
+    return response_id if isinstance(response_id, str) and SAFE_ID.fullmatch(response_id) \
+        else None
+
+
+async def _first_event(call: Call) -> bytes | None:
+    """The stream's first whole event; the first chunk is extended with the bytes this took
+    (the relay still writes every byte as it came)."""
+    opened = call.opened
+    assert opened is not None
+    first = opened.first
+    while True:
+        ends = [at + len(end) for end in _EVENT_ENDS if (at := first.find(end)) >= 0]
+        if ends:
+            return first[:min(ends)]
+        if len(first) > MAX_FIRST_EVENT:
+            return None
+        more = await anext(opened.exchange.chunks, b"")
+        if not more:
+            return None
+        first = opened.first = first + more
+
+
+async def relay_stored(request: web.Request, pins: ResponsePins, method: str,
+                       action: str = "") -> web.Response:
+    """GET, DELETE or POST (cancel) on a stored response of the caller's: forwarded to the
+    backend that created it, with the client's query, and its answer relayed as it came."""
+    facts = request[FACTS]
+    facts.endpoint = "responses"  # counted in the request metrics like the POST
+    response_id = request.match_info["id"]
+    if not SAFE_ID.fullmatch(response_id):
+        raise response_not_found()  # no request could have created it: no store call
+    user = request[PRINCIPAL].user
+    pin = await pins.find(user, response_id)
+    if pin is None:
+        raise response_not_found()
+    runtime = request[RUNTIME_NOW]
+    found = pinned_backend(runtime.table, pin)
+    if found is None or not isinstance(found[1].provider, StoredResponses):
+        raise NotFound("the backend that made this response is no longer configured",
+                       code="response_not_found")
+    route, backend = found
+    facts.route, facts.backend = route.name, backend.name
+    query = "" if method != "GET" else urlencode(
+        [(k, v) for k, v in request.rel_url.query.items() if k not in _QUERY_DROPPED])
+    exchange = await found[1].provider.stored_response(StoredCall(
+        method, response_id, action, query, request[REQUEST_ID], route.timeouts,
+        trace_headers(request.headers)))
+    try:
+        body = await read_all(exchange.chunks, runtime.config.server.max_response_bytes)
+    finally:
+        exchange.close()
+    status = exchange.status
+    if status >= 400 and leaks_secret(body.decode("utf-8", "replace"), backend.provider.secrets):
+        body = orjson.dumps({"error": {"message": f"upstream answered HTTP {status}",
+                                       "type": "upstream_error", "code": None}})
+    elif method == "DELETE" and 200 <= status < 300:
+        await pins.forget(user, response_id)
+    resp = web.Response(status=status, body=body,
+                        headers={"x-router-backend": backend.name})
+    resp.content_type = exchange.content_type.partition(";")[0].strip() or "application/json"
+    return resp
