@@ -317,6 +317,7 @@ class GeminiProviderConfig(TranslatedProviderConfig):
     """Google's Gemini API (`{base_url}/v1beta/models/{model}:generateContent`)."""
 
     type: Literal["gemini"]
+    ENDPOINTS: ClassVar[frozenset[str]] = frozenset(("chat", "embeddings"))
     base_url: str = Field("https://generativelanguage.googleapis.com",
                           pattern=r"^https?://[^\s]+$")
 

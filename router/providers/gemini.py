@@ -21,6 +21,7 @@ from router.config import GeminiProviderConfig
 from router.errors import UpstreamError
 from router.jsonbody import dump_json
 from router.providers.base import UpstreamCall
+from router.providers.gemini_embeddings import embed_answer, embed_body
 from router.providers.gemini_request import API, gemini_body
 from router.providers.translated import (
     DONE,
@@ -61,31 +62,40 @@ def build(name: str, config: GeminiProviderConfig, client: UpstreamClient,
                               probe_timeout_s=probe_timeout_s, retry_hint=retry_delay)
 
 
+def _resource(model: str) -> str:
+    """`gemini-2.5-flash`, `models/gemini-2.5-flash` or a tuned model's full name, as Gemini
+    names it."""
+    return model if model.startswith(("models/", "tunedModels/")) else f"models/{model}"
+
+
 class GeminiDialect:
     name = API
 
     def __init__(self, base_url: str, drop_unsupported: bool = False) -> None:
         self._base = base_url
         self._drop = drop_unsupported
-        self._urls: dict[tuple[str, bool], str] = {}
+        self._urls: dict[tuple[str, str], str] = {}
 
     def request(self, call: UpstreamCall) -> Request:
-        return Request(self._url(str(call.body.get("model") or ""), call.stream),
+        model = str(call.body.get("model") or "")
+        if call.endpoint == "embeddings":
+            return Request(self._url(model, "batchEmbedContents"), dump_json(
+                embed_body(call.body, _resource(model), self._drop)))
+        method = "streamGenerateContent?alt=sse" if call.stream else "generateContent"
+        return Request(self._url(model, method),
                        dump_json(gemini_body(call.body, self._drop)))
 
-    def _url(self, model: str, stream: bool) -> str:
-        url = self._urls.get((model, stream))
+    def _url(self, model: str, method: str) -> str:
+        url = self._urls.get((model, method))
         if url is None:
-            # `gemini-2.5-flash`, `models/gemini-2.5-flash` or a tuned model's full name.
-            resource = model if model.startswith(("models/", "tunedModels/")) \
-                else f"models/{model}"
-            kind, _, rest = resource.partition("/")
-            method = "streamGenerateContent?alt=sse" if stream else "generateContent"
-            url = self._urls[model, stream] = \
+            kind, _, rest = _resource(model).partition("/")
+            url = self._urls[model, method] = \
                 f"{self._base}/v1beta/{kind}/{quote(rest, safe='')}:{method}"
         return url
 
     def answer(self, native: dict[str, Any], call: UpstreamCall) -> dict[str, Any]:
+        if call.endpoint == "embeddings":
+            return embed_answer(native, call.body)
         candidates = native.get("candidates")
         if isinstance(candidates, list) and candidates:
             choices = sorted((_choice(cand) for cand in candidates if isinstance(cand, dict)),

@@ -304,12 +304,40 @@ async def generate(request: web.Request) -> web.StreamResponse:
         rec.inflight -= 1
 
 
+_CONTENT = TypeAdapter(types.Content)
+
+
+async def _embed(request: web.Request, b: Behaviour, model: str, body: Any
+                 ) -> web.StreamResponse:
+    """batchEmbedContents: one vector of `outputDimensionality` (default 6) values per request,
+    each request naming this model, its content checked against the SDK's Content type."""
+    requests = body.get("requests") if isinstance(body, dict) else None
+    if not isinstance(requests, list) or not requests or set(body) != {"requests"}:
+        return await _send(request, 400, error_body(400, "Invalid JSON payload: requests"))
+    vectors = []
+    for n, item in enumerate(requests):
+        if not isinstance(item, dict) or item.get("model") != f"models/{model}" or \
+                set(item) - {"model", "content", "outputDimensionality", "taskType", "title"}:
+            return await _send(request, 400, error_body(400, f"requests[{n}] is invalid"))
+        try:
+            _CONTENT.validate_python(item.get("content"))
+        except ValueError as exc:
+            return await _send(request, 400, error_body(400, f"requests[{n}].content: {exc}"))
+        size = item.get("outputDimensionality") or 6
+        vectors.append({"values": [round(0.125 * (n + 1), 3)] * size})
+    if b.status is not None:
+        return await _send(request, b.status, error_body(b.status, f"fake failure {b.status}"))
+    return await _send(request, 200, {"embeddings": vectors})
+
+
 async def _answer(request: web.Request, rec: Recorder, model: str, method: str,
                   body: Any) -> web.StreamResponse:
     b = parse_behaviour(rec.override if rec.override is not None else model)
     denied = _denied(request)
     if denied is not None:
         return await _send(request, denied["error"]["code"], denied)
+    if method == "batchEmbedContents":
+        return await _embed(request, b, model, body)
     if method not in ("generateContent", "streamGenerateContent"):
         return await _send(request, 404, error_body(404, f"Method {method} not found."))
     problem = check_request(body)

@@ -14,6 +14,7 @@ from tests.conftest import (
     KEY,
     anthropic_provider,
     eventually,
+    gemini_provider,
     openai_provider,
     router_config,
 )
@@ -159,3 +160,34 @@ async def test_limits_and_metrics_count_the_new_endpoints(routed):
 
     await eventually(counted, 5, "the requests in router_requests_total")
 
+
+
+async def test_gemini_embeddings_through_batch_embed_contents(gemini_fakes, start_router):
+    """Gemini embeds text with batchEmbedContents: one request per input, the size as
+    outputDimensionality; the answer comes back in OpenAI's shape (base64 or floats), with
+    the router's token estimate as its usage; token ids are a 400 naming `input`."""
+    gem = await gemini_fakes("gem")
+    r = await start_router(router_config(
+        {"gem": gemini_provider(gem)},
+        {"g": {"backends": [{"provider": "gem", "model": "text-embedding-004"}]}}))
+    sdk = openai.AsyncOpenAI(base_url=f"{r.url}/v1", api_key=KEY, max_retries=0, timeout=20)
+    try:
+        answer = await sdk.embeddings.create(model="g", input=["first", "second"],
+                                             dimensions=3)  # the SDK asks for base64
+        assert [d.embedding for d in answer.data] == [[0.125] * 3, [0.25] * 3]
+        assert answer.usage.prompt_tokens == 2 + 2  # len // 4 + 1 each
+        seen = gem.seen[0]
+        assert seen.path == "/v1beta/models/text-embedding-004:batchEmbedContents"
+        assert seen.body == {"requests": [
+            {"model": "models/text-embedding-004", "outputDimensionality": 3,
+             "content": {"parts": [{"text": "first"}]}},
+            {"model": "models/text-embedding-004", "outputDimensionality": 3,
+             "content": {"parts": [{"text": "second"}]}}]}
+        floats = await sdk.embeddings.create(model="g", input="one", encoding_format="float")
+        assert floats.data[0].embedding == [0.125] * 6
+        with pytest.raises(openai.BadRequestError) as info:
+            await sdk.embeddings.create(model="g", input=[1, 2, 3])
+        assert info.value.code == "unsupported_parameter"  # type: ignore[attr-defined]
+        assert "input" in info.value.message and len(gem.seen) == 2
+    finally:
+        await sdk.close()
