@@ -109,7 +109,7 @@ GC_GEN0_THRESHOLD = 5000
 
 
 def settle_heap() -> None:
-    """Once the worker is serving: what start-up built (modules, config, routing table, the
+    """Once the worker is built: what start-up built (modules, config, routing table, the
     app) lives as long as the process, so the collector stops walking it (`gc.freeze`): a full
     collection then looks only at what requests created since (measured: 4 ms instead of 20).
     Requests allocate many short-lived objects, so the youngest generation is collected less
@@ -131,6 +131,9 @@ def _install_uvloop() -> None:
 async def _run_worker(path: str, config: Config, overrides: Overrides, *,
                       reuse_port: bool) -> None:
     worker = Worker(path, config, overrides, reuse_port=reuse_port)
+    # Before the listener opens: a collection takes a while on a large heap, and until the
+    # signal handlers below are installed a SIGTERM would end the worker without a drain.
+    settle_heap()
     try:
         await worker.start()
     except OSError:
@@ -138,7 +141,6 @@ async def _run_worker(path: str, config: Config, overrides: Overrides, *,
         await worker.upstream.close()
         await worker.store.close()
         raise
-    settle_heap()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     delayed = False  # SIGTERM (an orchestrator) gets the drain delay; SIGINT (a terminal) not
