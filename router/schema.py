@@ -88,6 +88,15 @@ Texts = str | Annotated[list[str], Field(min_length=1)] | TokenIds \
     | Annotated[list[TokenIds], Field(min_length=1)]
 
 
+def input_items(value: Any) -> list[Any]:
+    """An embedding's `input` (or a completion's `prompt`) as a list of items, each a text or a
+    list of token ids: a lone text, and a lone list of token ids, are one item."""
+    if isinstance(value, str) or (isinstance(value, list) and value
+                                  and isinstance(value[0], int)):
+        return [value]
+    return list(value or ())
+
+
 class EmbeddingRequest(_Open):
     """Create embeddings (OpenAI dialect): `input` passes through as sent."""
 

@@ -233,11 +233,11 @@ class PlaceSession(Stage):
         session, route = call.session, call.route
         assert session is not None and route is not None
         session_id = self.sessions.name(session, route)
-        if session_id is None or route.config.fanout == "all":
-            if session_id is not None:
-                call.headers["x-session-id"] = session_id
-            return None  # nothing to place: `all` asks every backend
+        if session_id is None:
+            return None
         call.headers["x-session-id"] = session_id  # on an error answer too
+        if route.config.fanout == "all":
+            return None  # nothing to place: `all` asks every backend
         return self._place(call)
 
     async def _place(self, call: Call) -> None:

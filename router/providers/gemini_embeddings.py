@@ -14,6 +14,7 @@ from typing import Any
 from router.errors import UpstreamError
 from router.providers.gemini_request import API
 from router.providers.translated import Unsupported
+from router.schema import input_items
 
 # Fields with nothing to send: `user` names the client's end user, which Gemini has no place
 # for; `encoding_format` is the router's to apply to the answer.
@@ -26,8 +27,7 @@ def embed_body(body: Mapping[str, Any], resource: str, drop_unsupported: bool
     for name in body:
         if name not in _LOCAL and not drop_unsupported:
             raise Unsupported(name, API)
-    texts = body.get("input")
-    items = [texts] if isinstance(texts, str) else list(texts or ())
+    items = input_items(body.get("input"))
     if not all(isinstance(item, str) for item in items):
         raise Unsupported("input", API, " as token ids: it embeds text")
     request: dict[str, Any] = {"model": resource}
@@ -52,8 +52,7 @@ def embed_answer(native: dict[str, Any], body: Mapping[str, Any]) -> dict[str, A
         if as_base64:  # OpenAI's: little-endian float32, base64
             vector = base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
         data.append({"object": "embedding", "index": i, "embedding": vector})
-    texts = body.get("input")
-    items = [texts] if isinstance(texts, str) else list(texts or ())
+    items = input_items(body.get("input"))
     tokens = sum(len(text) // 4 + 1 for text in items if isinstance(text, str))
     return {"object": "list", "data": data, "model": body.get("model"),
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

@@ -13,6 +13,7 @@ import orjson
 from router.config import MockProviderConfig
 from router.providers.base import Exchange, UpstreamCall
 from router.providers.sse import DONE, data_event
+from router.schema import input_items
 
 CREATED = 1_700_000_000
 
@@ -137,8 +138,7 @@ EMBEDDING_DIMENSIONS = 8
 def _embeddings(body: dict[str, Any]) -> dict[str, Any]:
     """One deterministic unit-ish vector per input, from its text's hash."""
     texts = body.get("input")
-    items = [texts] if isinstance(texts, str) or (
-        isinstance(texts, list) and texts and isinstance(texts[0], int)) else list(texts or ())
+    items = input_items(texts)
     size = int(body.get("dimensions") or EMBEDDING_DIMENSIONS)
     data = []
     for i, item in enumerate(items):

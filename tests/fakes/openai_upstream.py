@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from router.schema import input_items
 from tests.fakes.directives import BadDirective, parse_directives
 
 CREATED = 1700000000
@@ -381,8 +382,7 @@ async def _embed(request: web.Request, rec: Recorder, body: dict[str, Any]
     if failed is not None:
         return failed
     texts = body.get("input")
-    items = [texts] if isinstance(texts, str) or (
-        isinstance(texts, list) and texts and isinstance(texts[0], int)) else list(texts or [])
+    items = input_items(texts)
     size = int(body.get("dimensions") or 4)
     if body.get("encoding_format") == "base64":
         vector: Any = base64.b64encode(struct.pack(f"<{size}f", *([0.25] * size))).decode()
