@@ -30,7 +30,7 @@ from router.limits import Limiter
 from router.log import redact, redact_message, redact_path
 from router.metrics import Metrics
 from router.relay import ActiveStreams, responses_stream_ended
-from router.responses import FollowPrevious, PinResponse, ResponsePins
+from router.responses import AskPrevious, FollowPrevious, PinResponse, ResponsePins
 from router.runtime import RuntimeRef
 from router.schema import (
     SAFE_ID,
@@ -120,7 +120,7 @@ async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse
         code = resp.status if resp is not None else 499
         if facts.endpoint is not None:
             request.app[METRICS].request_done(facts.route, facts.backend, code, facts.stream,
-                                              time.monotonic() - started)
+                                              time.monotonic() - started, facts.endpoint)
             if runtime.config.usage.enabled:
                 principal = request.get(PRINCIPAL)
                 if principal is not None:
@@ -251,6 +251,7 @@ def responses_stages(app: web.Application) -> Pipeline:
     metrics, streams, pins = app[METRICS], app[STREAMS], app[RESPONSE_PINS]
     return Pipeline([
         Read(parse_response_request, streams),
+        AskPrevious(),  # the previous response's pin, asked with the admission
         Admit(app[LIMITER]),
         ChooseRoute(),
         FollowPrevious(pins),  # its backend, or 404 without an upstream call

@@ -14,6 +14,7 @@ from router.routing.table import Backend, Route
 from router.runtime import Runtime
 from router.sessions import Session
 from router.state import FACTS, PRINCIPAL, REQUEST_ID, RUNTIME_NOW, Facts
+from router.store.base import SessionQuery
 
 
 @dataclass(slots=True, eq=False)
@@ -32,6 +33,8 @@ class Call:
     stream: bool = False  # Read
     model: str | None = None  # Read (the body's), else ReadSession (the user's default)
     session: Session | None = None  # BeginSession, then the other session stages (chat only)
+    # AskPrevious: the pin of the response a new response continues, asked with the admission
+    previous: SessionQuery | None = None
     ticket: Ticket | None = None  # Admit: None when the principal has no limits
     headers: dict[str, str] = field(default_factory=dict)  # what the answer carries
     route: Route | None = None  # Read (a model named in the body), else ChooseRoute

@@ -21,6 +21,7 @@ from router.state import (
     CHAT,
     COMPLETIONS,
     EMBEDDINGS,
+    LIMITER,
     METRICS,
     OPENAPI,
     PRINCIPAL,
@@ -53,19 +54,23 @@ async def responses(request: web.Request) -> web.StreamResponse:
 
 
 async def get_response(request: web.Request) -> web.StreamResponse:
-    return await relay_stored(request, request.app[RESPONSE_PINS], "GET")
+    return await relay_stored(request, request.app[RESPONSE_PINS], request.app[LIMITER],
+                              "GET")
 
 
 async def delete_response(request: web.Request) -> web.StreamResponse:
-    return await relay_stored(request, request.app[RESPONSE_PINS], "DELETE")
+    return await relay_stored(request, request.app[RESPONSE_PINS], request.app[LIMITER],
+                              "DELETE")
 
 
 async def cancel_response(request: web.Request) -> web.StreamResponse:
-    return await relay_stored(request, request.app[RESPONSE_PINS], "POST", "cancel")
+    return await relay_stored(request, request.app[RESPONSE_PINS], request.app[LIMITER],
+                              "POST", "cancel")
 
 
 async def list_input_items(request: web.Request) -> web.StreamResponse:
-    return await relay_stored(request, request.app[RESPONSE_PINS], "GET", "input_items")
+    return await relay_stored(request, request.app[RESPONSE_PINS], request.app[LIMITER],
+                              "GET", "input_items")
 
 
 async def get_settings(request: web.Request) -> web.Response:

@@ -202,6 +202,9 @@ class Metrics:
             self._scraped.register(_ThisProcess())
         requests = self._counter("router_requests_total", "Requests answered, by outcome",
                                  "route", "backend", "status", "stream")
+        by_endpoint = self._counter("router_endpoint_requests_total",
+                                    "Requests answered, by API endpoint and outcome",
+                                    "endpoint", "route", "status")
         duration = self._histogram("router_request_duration_seconds",
                                    "Whole request duration, streams to their end",
                                    DURATION_BUCKETS, "route", "stream")
@@ -238,9 +241,10 @@ class Metrics:
                                      "op")
 
         # The label order of every metric, in one place: each event's children by its key.
-        def done(key: tuple[str, str, int, bool]) -> tuple[_Count, _Observe]:
-            route, backend, status, stream = key
+        def done(key: tuple[str, str, int, bool, str]) -> tuple[_Count, _Count, _Observe]:
+            route, backend, status, stream, endpoint = key
             return (requests.labels(route, backend, str(status), _flag(stream)),
+                    by_endpoint.labels(endpoint, route, str(status)),
                     duration.labels(route, _flag(stream)))
 
         self._done = _Children(done)
@@ -271,11 +275,14 @@ class Metrics:
     # The events. Label values are the config's names or small fixed sets (see the docstring).
 
     def request_done(self, route: str, backend: str, status: int, stream: bool,
-                     seconds: float) -> None:
-        """A chat request answered (`status` 499: the client left first), `seconds` after it
-        arrived: router_requests_total and router_request_duration_seconds."""
-        count, duration = self._done[route, backend, status, stream]
+                     seconds: float, endpoint: str = "chat") -> None:
+        """A request to an upstream endpoint answered (`status` 499: the client left first),
+        `seconds` after it arrived: router_requests_total, router_endpoint_requests_total
+        (`endpoint`: chat, responses, embeddings, completions) and
+        router_request_duration_seconds."""
+        count, by_endpoint, duration = self._done[route, backend, status, stream, endpoint]
         count.inc()
+        by_endpoint.inc()
         duration.observe(seconds)
 
     def in_flight(self, route: str) -> InFlight:
@@ -439,7 +446,7 @@ class DisabledMetrics(Metrics):
         self.multiprocess_dir = None
 
     def request_done(self, route: str, backend: str, status: int, stream: bool,
-                     seconds: float) -> None:
+                     seconds: float, endpoint: str = "chat") -> None:
         pass
 
     def in_flight(self, route: str) -> InFlight:

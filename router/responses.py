@@ -6,12 +6,12 @@ cancel and input_items on the response itself. Another user's response id is jus
 as an unknown one: 404 `response_not_found`, without an upstream call.
 
 A pin is named `resp/{id}`: a session id cannot hold a `/`, so no session can name one. It
-lives `sessions.ttl_s` from its creation; DELETE of the response forgets it.
+lives `sessions.ttl_s` from its last use (its creation, a later response continuing it, or a
+call on the response itself); DELETE of the response forgets it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable
 from urllib.parse import urlencode
@@ -21,6 +21,7 @@ from aiohttp import web
 
 from router.call import Call
 from router.errors import NotFound, RouterError
+from router.limits import Limiter, Ticket, Used
 from router.metrics import Metrics
 from router.providers.base import StoredCall, StoredResponses, leaks_secret, read_all
 from router.providers.sse import event_data
@@ -29,8 +30,8 @@ from router.schema import SAFE_ID
 from router.stages import Stage
 from router.state import FACTS, PRINCIPAL, REQUEST_ID, RUNTIME_NOW
 from router.store import SessionStore, StoreError
-from router.store.base import Pin
-from router.tasks import spawn
+from router.store.base import Pin, SessionQuery
+from router.tasks import count_failure
 from router.tracing import trace_headers
 
 log = logging.getLogger("router.responses")
@@ -40,6 +41,7 @@ _EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
 # Query parameters of GET on a stored response that go upstream (`stream` would turn the
 # answer into a stream, which these endpoints relay whole: it stays behind).
 _QUERY_DROPPED = frozenset({"stream", "api-version"})
+NOTHING_USED = Used((0, 0), 0)  # a stored response's calls use no tokens
 
 
 class ResponseConflict(RouterError):
@@ -58,44 +60,41 @@ def pin_name(response_id: str) -> str:
 
 
 class ResponsePins:
-    """Response ids and the backends that created them, per user, in the store.
-
-    A streamed response's pin is written in the background as soon as its id is read (before
-    its first byte reaches the client); a request of this worker that names the id meanwhile
-    waits for that write rather than missing it."""
+    """Response ids and the backends that created them, per user, in the store. A pin is
+    found in the admission's round trip when the request has limits (read there, counted
+    after it is admitted), else in one call that also slides its TTL."""
 
     def __init__(self, store: SessionStore, metrics: Metrics) -> None:
         self._store = store
         self._metrics = metrics
-        self._pending: dict[tuple[str, str], asyncio.Task[Pin | None]] = {}
 
     async def pin(self, user: str, response_id: str, backend: Backend, route: Route,
-                  ttl_s: float) -> Pin | None:
+                  ttl_s: float) -> None:
         """Pin the response to `backend`; a store failure is counted and logged (the answer
         still goes to the client: it exists upstream whether or not the router remembers)."""
         try:
-            return await self._store.claim_pin(user, pin_name(response_id), backend.name,
-                                               route.name, ttl_s, None)
+            await self._store.claim_pin(user, pin_name(response_id), backend.name, route.name,
+                                        ttl_s, None)
         except StoreError as exc:
             self._metrics.store_error("claim_pin")
             log.warning("could not pin a response to its backend: %s", exc)
-            return None
 
-    def pin_soon(self, user: str, response_id: str, backend: Backend, route: Route,
-                 ttl_s: float) -> None:
-        key = (user, response_id)
-        task = spawn(self.pin(user, response_id, backend, route, ttl_s), "pin a response")
-        self._pending[key] = task
-        task.add_done_callback(lambda _: self._pending.pop(key, None))
+    @staticmethod
+    def query(user: str, response_id: str, ttl_s: float) -> SessionQuery:
+        """What the admission asks the store about a response named by the request."""
+        return SessionQuery(user, pin_name(response_id), ttl_s)
 
-    async def find(self, user: str, response_id: str) -> Pin | None:
-        """The user's pin of `response_id` (None: not theirs, unknown, or expired)."""
-        pending = self._pending.get((user, response_id))
-        if pending is not None:
-            pin = await asyncio.shield(pending)
-            if pin is not None:
-                return pin
-        return await self._store.get_pin(user, pin_name(response_id))
+    async def find(self, query: SessionQuery, ticket: Ticket | None) -> Pin | None:
+        """The user's pin (None: not theirs, unknown, or expired), its TTL slid: from the
+        admission's answer (`ticket`) when it asked, else in one store call."""
+        asked = None if ticket is None else ticket.session
+        if asked is None or not asked.available:
+            return (await self._store.session_state(query)).pin
+        if asked.pin is not None and not asked.touched:  # read with the admission: use it now
+            assert query.session_id is not None
+            self._store.use_pin(query.user, query.session_id, query.default_ttl_s) \
+                .add_done_callback(count_failure(self._metrics, "use_pin", "slide a response pin"))
+        return asked.pin
 
     async def forget(self, user: str, response_id: str) -> None:
         try:
@@ -116,6 +115,16 @@ def pinned_backend(table: RoutingTable, pin: Pin) -> tuple[Route, Backend] | Non
     return None
 
 
+class AskPrevious(Stage):
+    """`previous_response_id`: its pin is asked for in the admission's round trip."""
+
+    def __call__(self, call: Call) -> None:
+        previous = call.body.get("previous_response_id")
+        if previous is not None:
+            call.previous = ResponsePins.query(call.principal.user, previous,
+                                               call.runtime.config.sessions.ttl_s)
+
+
 class FollowPrevious(Stage):
     """`previous_response_id`: the request goes to the backend that created that response (a
     backend of the route with the same name, else one of the same provider: the upstream
@@ -125,15 +134,14 @@ class FollowPrevious(Stage):
         self.pins = pins
 
     def __call__(self, call: Call) -> Awaitable[None] | None:
-        previous = call.body.get("previous_response_id")
-        if previous is None:
+        if call.previous is None:
             return None
-        return self._follow(call, previous)
+        return self._follow(call, call.previous)
 
-    async def _follow(self, call: Call, previous: str) -> None:
+    async def _follow(self, call: Call, previous: SessionQuery) -> None:
         route = call.route
         assert route is not None
-        pin = await self.pins.find(call.principal.user, previous)
+        pin = await self.pins.find(previous, call.ticket)
         if pin is None:
             raise response_not_found()
         backend = next((b for b in route.backends if b.name == pin.backend), None)
@@ -147,9 +155,9 @@ class FollowPrevious(Stage):
 
 
 class PinResponse(Stage):
-    """The created response's id, pinned to the backend that answered: from the JSON answer
-    (before it is relayed), or from a stream's first event (`response.created`; the pin is
-    written in the background, see ResponsePins). Only that event is parsed."""
+    """The created response's id, pinned to the backend that answered before the client sees
+    the id: from the JSON answer, or from a stream's first event (`response.created`; only
+    that event is parsed). A client may name the id at once, to any replica."""
 
     def __init__(self, pins: ResponsePins) -> None:
         self.pins = pins
@@ -160,21 +168,16 @@ class PinResponse(Stage):
     async def _pin(self, call: Call) -> None:
         opened, route = call.opened, call.route
         assert opened is not None and route is not None
-        ttl_s = call.runtime.config.sessions.ttl_s
-        user = call.principal.user
         if not call.stream:
             response_id = _id_of(_json(opened.first))
-            if response_id is not None:
-                await self.pins.pin(user, response_id, opened.backend, route, ttl_s)
-            return
-        event = await _first_event(call)
-        if event is None:
-            return
-        payload = _json(event_data(event))
-        response = payload.get("response") if payload is not None else None
-        response_id = _id_of(response if isinstance(response, dict) else None)
+        else:
+            event = await _first_event(call)
+            payload = None if event is None else _json(event_data(event))
+            response = None if payload is None else payload.get("response")
+            response_id = _id_of(response if isinstance(response, dict) else None)
         if response_id is not None:
-            self.pins.pin_soon(user, response_id, opened.backend, route, ttl_s)
+            await self.pins.pin(call.principal.user, response_id, opened.backend, route,
+                                call.runtime.config.sessions.ttl_s)
 
 
 def _json(raw: bytes) -> dict[str, object] | None:
@@ -210,30 +213,46 @@ async def _first_event(call: Call) -> bytes | None:
         first = opened.first = first + more
 
 
-async def relay_stored(request: web.Request, pins: ResponsePins, method: str,
-                       action: str = "") -> web.Response:
+async def relay_stored(request: web.Request, pins: ResponsePins, limiter: Limiter,
+                       method: str, action: str = "") -> web.Response:
     """GET, DELETE or POST (cancel) on a stored response of the caller's: forwarded to the
-    backend that created it, with the client's query, and its answer relayed as it came."""
+    backend that created it, with the client's query, and its answer relayed as it came.
+    Admitted like any request (one request against `rpm`, a slot against `concurrency`, no
+    tokens), with the pin asked in the same store round trip."""
     facts = request[FACTS]
     facts.endpoint = "responses"  # counted in the request metrics like the POST
     response_id = request.match_info["id"]
     if not SAFE_ID.fullmatch(response_id):
         raise response_not_found()  # no request could have created it: no store call
-    user = request[PRINCIPAL].user
-    pin = await pins.find(user, response_id)
+    runtime, principal = request[RUNTIME_NOW], request[PRINCIPAL]
+    query = pins.query(principal.user, response_id, runtime.config.sessions.ttl_s)
+    ticket = await limiter.admit(principal, {}, runtime.config, session=query, completes=False)
+    try:
+        resp = await _relay_stored(request, pins, query, ticket, method, action)
+    finally:
+        limiter.settle(ticket, NOTHING_USED)
+    if ticket is not None:
+        resp.headers.update(ticket.headers)
+    return resp
+
+
+async def _relay_stored(request: web.Request, pins: ResponsePins, query: SessionQuery,
+                        ticket: Ticket | None, method: str, action: str) -> web.Response:
+    facts, runtime = request[FACTS], request[RUNTIME_NOW]
+    pin = await pins.find(query, ticket)
     if pin is None:
         raise response_not_found()
-    runtime = request[RUNTIME_NOW]
     found = pinned_backend(runtime.table, pin)
     if found is None or not isinstance(found[1].provider, StoredResponses):
         raise NotFound("the backend that made this response is no longer configured",
                        code="response_not_found")
     route, backend = found
     facts.route, facts.backend = route.name, backend.name
-    query = "" if method != "GET" else urlencode(
+    response_id = request.match_info["id"]
+    query_string = "" if method != "GET" else urlencode(
         [(k, v) for k, v in request.rel_url.query.items() if k not in _QUERY_DROPPED])
     exchange = await found[1].provider.stored_response(StoredCall(
-        method, response_id, action, query, request[REQUEST_ID], route.timeouts,
+        method, response_id, action, query_string, request[REQUEST_ID], route.timeouts,
         trace_headers(request.headers)))
     try:
         body = await read_all(exchange.chunks, runtime.config.server.max_response_bytes)
@@ -244,7 +263,7 @@ async def relay_stored(request: web.Request, pins: ResponsePins, method: str,
         body = orjson.dumps({"error": {"message": f"upstream answered HTTP {status}",
                                        "type": "upstream_error", "code": None}})
     elif method == "DELETE" and 200 <= status < 300:
-        await pins.forget(user, response_id)
+        await pins.forget(query.user, response_id)
     resp = web.Response(status=status, body=body,
                         headers={"x-router-backend": backend.name})
     resp.content_type = exchange.content_type.partition(";")[0].strip() or "application/json"

@@ -167,7 +167,7 @@ class Admit(Stage):
         session = call.session
         ticket = call.ticket = await self.limiter.admit(
             call.principal, call.body, call.runtime.config,
-            session=None if session is None else session.query,
+            session=call.previous if session is None else session.query,
             completes=call.endpoint != "embeddings")
         if ticket is not None:
             call.headers.update(ticket.headers)

@@ -156,9 +156,12 @@ async def test_limits_and_metrics_count_the_new_endpoints(routed):
         async with r.http.get(f"{r.url}/metrics") as resp:
             lines = (await resp.text()).splitlines()
         return all(any(line.startswith("router_requests_total") and f'route="{route}"' in line
-                       for line in lines) for route in ("e", "c"))
+                       for line in lines) for route in ("e", "c")) and all(
+            f'router_endpoint_requests_total{{endpoint="{endpoint}",route="{route}",'
+            f'status="200"}} 1.0' in lines
+            for endpoint, route in (("embeddings", "e"), ("completions", "c")))
 
-    await eventually(counted, 5, "the requests in router_requests_total")
+    await eventually(counted, 5, "the requests in router_requests_total, by endpoint")
 
 
 

@@ -47,6 +47,8 @@ async def test_metrics_follow_traffic_without_unbounded_labels(fakes, start_rout
     assert "no-such-model-abc123" not in text
     assert _value(s, total, route="unknown", backend="none", status="404", stream="false") == 1
     assert _value(s, total, route="unknown", backend="none", status="422", stream="false") == 1
+    assert _value(s, "router_endpoint_requests_total", endpoint="chat", route="m",
+                  status="200") == 2  # streamed or not
     assert _value(s, "router_auth_failures_total", credential="api_key",
                   reason="unknown_key") == 1
     assert _value(s, "router_tokens_total", route="m", backend="up/gpt-x", kind="prompt") > 0

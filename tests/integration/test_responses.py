@@ -5,12 +5,15 @@ limits and metrics, Azure's paths, and routes that cannot serve it."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 import openai
+import orjson
 import pytest
+from redis.asyncio import Redis
 
 from tests.conftest import (
     KEY,
@@ -22,6 +25,7 @@ from tests.conftest import (
 )
 
 LIMITED_KEY = "sk-limited-0123456789abcdef0123456789"
+RPM_KEY = "sk-rpm3-0123456789abcdef0123456789abcd"
 TEXT = "tok0 tok1 tok2 tok3 tok4 "  # what the fake writes (five words)
 
 
@@ -293,3 +297,92 @@ async def test_bad_bodies_are_422(router, client):
         await client.responses.create(model="rr", input="hi",
                                       previous_response_id="not a safe id")
     assert info.value.param == "previous_response_id"  # type: ignore[attr-defined]
+
+
+async def test_calls_on_a_stored_response_are_admitted_like_any_request(ups, start_router):
+    """One request each against `rpm` (no tokens), refused with the limit's 429 before the
+    upstream is asked."""
+    cfg = config(*ups)
+    cfg["auth"]["api_keys"].append(
+        {"id": "rpm3", "user": "dave", "limits": {"rpm": 3},
+         "key_sha256": hashlib.sha256(RPM_KEY.encode()).hexdigest()})
+    router = await start_router(cfg)
+    c = sdk(router, RPM_KEY)
+    try:
+        made = await c.responses.with_raw_response.create(model="rr", input="hi")
+        assert made.headers["x-ratelimit-remaining-requests"] == "2"
+        response_id = made.parse().id
+        got = await c.responses.with_raw_response.retrieve(response_id)
+        assert got.headers["x-ratelimit-remaining-requests"] == "1"
+        items = await c.responses.input_items.with_raw_response.list(response_id)
+        assert items.headers["x-ratelimit-remaining-requests"] == "0"
+        fake = ups[0] if made_by(response_id) == "a" else ups[1]
+        before = len(fake.seen)
+        with pytest.raises(openai.RateLimitError) as info:
+            await c.responses.retrieve(response_id)
+        assert info.value.code == "rpm"  # type: ignore[attr-defined]
+        assert len(fake.seen) == before
+    finally:
+        await c.close()
+
+    async def counted() -> bool:
+        async with router.http.get(f"{router.url}/metrics") as resp:
+            text = await resp.text()
+        return ('router_endpoint_requests_total{endpoint="responses",route="rr",status="200"} '
+                '3.0') in text
+    await eventually(counted, 5, "the calls in router_endpoint_requests_total")
+
+
+@pytest.mark.parametrize("key", [KEY, LIMITED_KEY], ids=["no-limits", "limited"])
+async def test_a_response_pin_lives_ttl_from_its_last_use(ups, start_router, redis_server,
+                                                          key):
+    """Reading a response or continuing it slides its pin's TTL in the store (without limits
+    in the call that reads it; with limits after the admission that read it)."""
+    router = await start_router(config(*ups, store={"url": redis_server.url}) | {
+        "sessions": {"ttl_s": 100}})
+    c = sdk(router, key)
+    try:
+        async with Redis.from_url(redis_server.url) as redis:
+            first = await c.responses.create(model="rr", input="turn 1")
+            [pin_key] = [k async for k in redis.scan_iter(f"router:sess:*resp/{first.id}")]
+
+            async def slid() -> bool:
+                return await redis.pttl(pin_key) > 99_000
+            assert await slid()
+            await asyncio.sleep(1.2)
+            assert not await slid()
+            await c.responses.retrieve(first.id)
+            await eventually(slid, 5, "the pin's TTL slid by a retrieve")
+            await asyncio.sleep(1.2)
+            second = await c.responses.create(model="rr", input="turn 2",
+                                              previous_response_id=first.id)
+            await eventually(slid, 5, "the pin's TTL slid by a continuation")
+            assert made_by(second.id) == made_by(first.id)
+    finally:
+        await c.close()
+
+
+async def test_a_streamed_response_is_found_on_another_replica_at_its_first_event(
+        ups, start_router, redis_server):
+    """The id is pinned before the client reads it: another replica finds it while the
+    stream is still going."""
+    cfg = config(*ups, store={"url": redis_server.url, "timeout_ms": 500})
+    cfg["routes"]["slow"] = {"backends": [{"provider": "a", "model": "chunks:6+gap:0.3"}]}
+    one, two = await start_router(cfg), await start_router(cfg)
+    other = sdk(two)
+    try:
+        async with one.http.post(f"{one.url}/v1/responses", json={
+                "model": "slow", "input": "hi", "stream": True},
+                headers={"Authorization": f"Bearer {KEY}"}) as resp:
+            assert resp.status == 200
+            first = b""
+            while b"\n\n" not in first:
+                first += await resp.content.readany()
+            data = first.split(b"data: ", 1)[1].split(b"\n", 1)[0]
+            response_id = orjson.loads(data)["response"]["id"]
+            got = await other.responses.retrieve(response_id)
+            assert got.id == response_id
+            assert not resp.content.at_eof()  # the stream had not ended
+            await resp.read()
+    finally:
+        await other.close()

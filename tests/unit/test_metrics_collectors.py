@@ -65,6 +65,7 @@ def test_each_event_writes_its_series() -> None:
     m = Metrics()
     before = samples(m.render())
     m.request_done("r", "up/x", 429, True, 0.2)
+    m.request_done("e", "up/e", 200, False, 0.1, "embeddings")
     m.first_byte("r", "up/x", 0.1)
     m.upstream_done("up/x", 0.3)
     m.tokens("r", "up/x", 3, 0)  # no completion tokens: no completion series
@@ -86,8 +87,16 @@ def test_each_event_writes_its_series() -> None:
     assert after == {
         ("router_requests_total", (("backend", "up/x"), ("route", "r"), ("status", "429"),
                                    ("stream", "true"))): 1,
+        ("router_endpoint_requests_total", (("endpoint", "chat"), ("route", "r"),
+                                            ("status", "429"))): 1,
         ("router_request_duration_seconds_count", (("route", "r"), ("stream", "true"))): 1,
         ("router_request_duration_seconds_sum", (("route", "r"), ("stream", "true"))): 0.2,
+        ("router_requests_total", (("backend", "up/e"), ("route", "e"), ("status", "200"),
+                                   ("stream", "false"))): 1,
+        ("router_endpoint_requests_total", (("endpoint", "embeddings"), ("route", "e"),
+                                            ("status", "200"))): 1,
+        ("router_request_duration_seconds_count", (("route", "e"), ("stream", "false"))): 1,
+        ("router_request_duration_seconds_sum", (("route", "e"), ("stream", "false"))): 0.1,
         ("router_time_to_first_byte_seconds_count", (("backend", "up/x"), ("route", "r"))): 1,
         ("router_time_to_first_byte_seconds_sum", (("backend", "up/x"), ("route", "r"))): 0.1,
         ("router_upstream_duration_seconds_count", (("backend", "up/x"),)): 1,
