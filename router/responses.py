@@ -20,15 +20,15 @@ import orjson
 from aiohttp import web
 
 from router.call import Call
-from router.errors import NotFound, RouterError
+from router.errors import NotFound, RouterError, UpstreamError, UpstreamUnavailable
 from router.limits import Limiter, Ticket, Used
 from router.metrics import Metrics
-from router.providers.base import StoredCall, StoredResponses, leaks_secret, read_all
+from router.providers.base import Exchange, StoredCall, StoredResponses, leaks_secret, read_all
 from router.providers.sse import event_data
 from router.routing.table import Backend, Route, RoutingTable
 from router.schema import SAFE_ID
 from router.stages import Stage
-from router.state import FACTS, PRINCIPAL, REQUEST_ID, RUNTIME_NOW
+from router.state import FACTS, METRICS, PRINCIPAL, REQUEST_ID, RUNTIME_NOW
 from router.store import SessionStore, StoreError
 from router.store.base import Pin, SessionQuery
 from router.tasks import count_failure
@@ -238,7 +238,7 @@ async def relay_stored(request: web.Request, pins: ResponsePins, limiter: Limite
 
 async def _relay_stored(request: web.Request, pins: ResponsePins, query: SessionQuery,
                         ticket: Ticket | None, method: str, action: str) -> web.Response:
-    facts, runtime = request[FACTS], request[RUNTIME_NOW]
+    facts, runtime, metrics = request[FACTS], request[RUNTIME_NOW], request.app[METRICS]
     pin = await pins.find(query, ticket)
     if pin is None:
         raise response_not_found()
@@ -251,9 +251,9 @@ async def _relay_stored(request: web.Request, pins: ResponsePins, query: Session
     response_id = request.match_info["id"]
     query_string = "" if method != "GET" else urlencode(
         [(k, v) for k, v in request.rel_url.query.items() if k not in _QUERY_DROPPED])
-    exchange = await found[1].provider.stored_response(StoredCall(
-        method, response_id, action, query_string, request[REQUEST_ID], route.timeouts,
-        trace_headers(request.headers)))
+    stored = StoredCall(method, response_id, action, query_string, request[REQUEST_ID],
+                        route.timeouts, trace_headers(request.headers))
+    exchange = await _ask(found[1].provider, stored, route, metrics)
     try:
         body = await read_all(exchange.chunks, runtime.config.server.max_response_bytes)
     finally:
@@ -268,3 +268,20 @@ async def _relay_stored(request: web.Request, pins: ResponsePins, query: Session
                         headers={"x-router-backend": backend.name})
     resp.content_type = exchange.content_type.partition(";")[0].strip() or "application/json"
     return resp
+
+
+async def _ask(provider: StoredResponses, call: StoredCall, route: Route, metrics: Metrics
+               ) -> Exchange:
+    """The backend's answer, asked again up to the route's `retries` times when the request
+    could not reach it (nothing was sent), or for a GET (reading twice changes nothing) when
+    it failed before answering."""
+    attempt = 0
+    while True:
+        try:
+            return await provider.stored_response(call)
+        except UpstreamError as exc:
+            again = call.method == "GET" or isinstance(exc, UpstreamUnavailable)
+            if not again or attempt >= route.config.retries:
+                raise
+            attempt += 1
+            metrics.retried(route.name, exc.code or "error")

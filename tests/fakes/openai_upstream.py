@@ -53,6 +53,7 @@ class Recorder:
     override: str | None = None
     responses: dict[str, dict[str, Any]] = field(default_factory=dict)  # created, by id
     inputs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # their input items
+    drop_stored: int = 0  # this many calls on stored responses break off in their answer's head
     _counter: int = 0
 
     def next_id(self) -> str:
@@ -544,6 +545,11 @@ async def stored_response(request: web.Request) -> web.Response:
     rec = request.app[RECORDER]
     rec.seen.append(Seen(t_received=time.monotonic(), headers=dict(request.headers), body={},
                          path=request.path_qs))
+    if rec.drop_stored > 0 and request.transport is not None:
+        rec.drop_stored -= 1
+        request.transport.write(b"HTTP/1.1 5")  # a torn head: not a stale keep-alive connection
+        _abort(request)
+        return web.Response()  # never sent: the connection is gone
     if request.path.startswith("/openai/") and "api-version" not in request.query:
         return await _send(request, 404, orjson.dumps(_error_body("Resource not found")))
     rid = request.match_info["id"]

@@ -386,3 +386,27 @@ async def test_a_streamed_response_is_found_on_another_replica_at_its_first_even
             await resp.read()
     finally:
         await other.close()
+
+
+async def test_a_read_of_a_stored_response_is_retried_on_its_backend(router, client, ups):
+    """A GET that lost its connection is asked again of the same backend (the route's
+    `retries`); a DELETE that may have reached it is not."""
+    made = await client.responses.create(model="rr", input="hi")
+    fake = ups[0] if made_by(made.id) == "a" else ups[1]
+    before = len(fake.seen)
+    fake.recorder.drop_stored = 2
+    got = await client.responses.retrieve(made.id)
+    assert got.id == made.id
+    assert [s.path for s in fake.seen[before:]] == [f"/v1/responses/{made.id}"] * 3
+    fake.recorder.drop_stored = 1
+    with pytest.raises(openai.InternalServerError) as info:
+        await client.responses.delete(made.id)
+    assert info.value.status_code == 502
+    assert len(fake.seen) == before + 4
+    await client.responses.delete(made.id)  # the pin was kept: the retry by hand works
+
+    async def counted() -> bool:
+        registry = router.worker.metrics.registry
+        return registry.get_sample_value(
+            "router_retries_total", {"route": "rr", "reason": "bad_gateway"}) == 2
+    await eventually(counted, 5, "the two retries in router_retries_total")
