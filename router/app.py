@@ -16,6 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from router import routes
+from router.access_log import AccessLog
 from router.errors import (
     HttpError,
     InternalError,
@@ -55,6 +56,7 @@ from router.stages import (
     Relay,
 )
 from router.state import (
+    ACCESS_LOG,
     ANSWER_HEADERS,
     CHAT,
     COMPLETIONS,
@@ -83,7 +85,6 @@ from router.tracing import trace_id
 from router.usage import UsageMeter
 
 log = logging.getLogger("router.app")
-access = logging.getLogger("router.access")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -126,7 +127,9 @@ async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse
                 if principal is not None:
                     request.app[USAGE].record(principal, facts.tokens, code >= 400)
         if runtime.config.logging.access_log:
-            log_access(request, facts, code, started)
+            access_log = request.app[ACCESS_LOG]
+            if access_log.enabled:
+                log_access(access_log, request, facts, code, started)
 
 
 def name_request(request: web.Request) -> None:
@@ -184,12 +187,13 @@ def _from_http(request: web.Request, exc: web.HTTPException) -> RouterError:
     return HttpError(exc.status, exc.reason)
 
 
-def log_access(request: web.Request, facts: Facts, status: int, started: float) -> None:
+def log_access(access_log: AccessLog, request: web.Request, facts: Facts, status: int,
+               started: float) -> None:
     """One line per request: who, what, where it went, how it went. Never a secret or a
     message's content (the path is logged without its query string, each of its segments
     through `redact`)."""
     principal = request.get(PRINCIPAL)
-    access.info("request", extra={"access": {
+    access_log.write({
         "request_id": request[REQUEST_ID],
         "method": redact(request.method),
         "path": redact_path(request.path),
@@ -205,7 +209,7 @@ def log_access(request: web.Request, facts: Facts, status: int, started: float) 
         "duration_ms": round((time.monotonic() - started) * 1000, 3),
         "error": facts.error,
         "trace_id": trace_id(request.headers),
-    }})
+    })
 
 
 async def _stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
@@ -279,11 +283,16 @@ def build_app(ref: RuntimeRef, store: Store, metrics: Metrics) -> web.Applicatio
     app[RESPONSE_PINS] = ResponsePins(store, metrics)
     app[RESPONSES] = responses_stages(app)
     app[USAGE] = UsageMeter(store, ref, metrics)
+    app[ACCESS_LOG] = access_log = AccessLog(ref.current.config.logging)
     # Like the listener, the metrics path is fixed until restart.
     table = routes.endpoints(ref.current.config.metrics.path, metrics.enabled)
     app[OPEN_PATHS] = routes.open_paths(table)
     app[OPENAPI] = OpenApiDocument(routes.openapi_document(table))
     app.on_response_prepare.append(_stamp_request_id)
+
+    async def flush_access_log(_: web.Application) -> None:
+        access_log.flush()
+    app.on_cleanup.append(flush_access_log)
     for endpoint in table:
         for path in endpoint.paths:
             app.router.add_route(endpoint.method, path, endpoint.handler)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from router.access_log import AccessLog
 from router.auth import Principal
 from router.limits import Limiter
 from router.metrics import UNKNOWN, Metrics
@@ -37,6 +38,7 @@ LIMITER = web.AppKey("limiter", Limiter)
 SESSIONS = web.AppKey("sessions", Sessions)
 OPENAPI = web.AppKey("openapi", OpenApiDocument)  # rendered once per set of routes
 USAGE = web.AppKey("usage", UsageMeter)
+ACCESS_LOG = web.AppKey("access_log", AccessLog)
 OPEN_PATHS = web.AppKey("open_paths", frozenset)  # served without a credential
 # The chat endpoint's stages (app.py).
 CHAT: web.AppKey[Pipeline] = web.AppKey("chat")

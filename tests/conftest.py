@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 import yaml
 from aiohttp import web
@@ -21,6 +22,7 @@ from aiohttp import web
 import router.store.redis  # noqa: F401 - reads its Lua files at import: before any event loop
 from router.config import load_config
 from router.server import Worker
+from router.state import ACCESS_LOG
 from tests.fakes import anthropic_upstream
 from tests.fakes.gemini_upstream import start_gemini
 from tests.fakes.openai_upstream import Recorder, start_fake
@@ -155,6 +157,19 @@ class RouterUnderTest:
         if key is not None:
             hdrs["Authorization"] = f"Bearer {key}"
         return self.http.post(f"{self.url}{prefix}/chat/completions", json=body, headers=hdrs)
+
+    def access_log(self, *, json: bool = True) -> Callable[[], list[Any]]:
+        """From now on, the router's access-log lines whatever its `logging.level`: a call
+        returns those written so far, parsed (JSON objects, or text lines)."""
+        log = self.worker.app[ACCESS_LOG]
+        written: list[bytes] = []
+        log.enabled, log.json, log.out = True, json, written.append
+
+        def lines() -> list[Any]:
+            log.flush()
+            raw = b"".join(written).decode().splitlines()
+            return [orjson.loads(line) for line in raw] if json else raw
+        return lines
 
     def write_config(self, config: dict[str, Any] | str) -> None:
         text = config if isinstance(config, str) else yaml.safe_dump(config)

@@ -502,6 +502,7 @@ async def test_body_too_slow_is_408_and_the_connection_closes(fakes, start_route
 async def test_logs_carry_client_strings_bounded_and_redacted(fakes, start_router,
                                                              router_logging):
     _, r = await _single(fakes, start_router, "gpt-x")
+    json_lines = r.access_log()
     auth = {"Authorization": f"Bearer {KEY}"}
     expected = []
     # Quotes in the value: its repr escapes one kind, which must not end the redacted span.
@@ -520,9 +521,17 @@ async def test_logs_carry_client_strings_bounded_and_redacted(fakes, start_route
             expected.append((resp.status, want))
     assert [got for got, _ in expected] == [want for _, want in expected]
     records = router_logging.records
+    access = [json.dumps(line, ensure_ascii=False) for line in json_lines()]
+    # Every request was logged (but the one the HTTP parser refused, before the router) ...
+    assert len(access) == len(expected) - 1
+    text_lines = r.access_log(json=False)  # the same lines as text
+    for model in (CANARY, f'"{CANARY}'):
+        async with r.chat({"model": model, "messages": USER_MSG}) as resp:
+            assert resp.status == 404
+    access += text_lines()
+    assert len(access) == len(expected) + 1
     text = "\n".join([JsonFormatter().format(rec) for rec in records]
-                     + [TextFormatter().format(rec) for rec in records])
-    assert text.count("router.access") >= 7  # every request was logged ...
+                     + [TextFormatter().format(rec) for rec in records] + access)
     assert "CANARY" not in text.upper()  # ... none with the client's string verbatim
     assert "CCCCCCCC" not in text.upper()  # (nor its tail)
     assert "sk-C" in text  # but in a bounded form that still says what it was

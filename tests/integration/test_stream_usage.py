@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Callable
 from typing import Any
 
 import openai
@@ -42,13 +40,6 @@ def relayed(monkeypatch) -> list[Opened]:
 
     monkeypatch.setattr(router.stages, "relay_stream", spy)
     return ended
-
-
-@pytest.fixture
-def access(caplog) -> Callable[[], list[dict[str, Any]]]:
-    """`access()`: the access-log lines written so far."""
-    caplog.set_level(logging.INFO, logger="router.access")
-    return lambda: [r.access for r in caplog.records if r.name == "router.access"]
 
 
 async def _router(fakes, start_router, model: str = "chunks:5"):
@@ -124,10 +115,10 @@ async def test_usage_chunk_relayed_unchanged_when_the_client_asked(fakes, start_
 @pytest.mark.parametrize(("route", "backend", "completion"),
                          [("m", "up/chunks:5", 5), ("mock", "mock/mock-1", 4)])
 @pytest.mark.parametrize("asked", [False, True])
-async def test_stream_usage_reaches_the_access_log_and_metrics(fakes, start_router, access,
-                                                               route, backend, completion,
-                                                               asked):
+async def test_stream_usage_reaches_the_access_log_and_metrics(fakes, start_router, route,
+                                                               backend, completion, asked):
     _, r = await _router(fakes, start_router)
+    access = r.access_log()
     body: dict[str, Any] = {"model": route, "messages": USER_MSG, "stream": True}
     if asked:
         body["stream_options"] = {"include_usage": True}
@@ -143,8 +134,9 @@ async def test_stream_usage_reaches_the_access_log_and_metrics(fakes, start_rout
 
 
 async def test_stream_cut_before_the_usage_chunk_has_no_tokens_but_bytes(fakes, start_router,
-                                                                         relayed, access):
+                                                                         relayed):
     _, r = await _router(fakes, start_router, "chunks:10+cut:3")
+    access = r.access_log()
     async with r.chat({"model": "m", "messages": USER_MSG, "stream": True}) as resp:
         got = await _read_raw(resp)
     assert sse_events(got)[-1][0] == "error"

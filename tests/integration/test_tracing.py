@@ -3,12 +3,8 @@ access log; a malformed traceparent neither forwarded nor logged."""
 
 from __future__ import annotations
 
-import logging
-
-import orjson
 import pytest
 
-from router.log import JsonFormatter
 from tests.conftest import USER_MSG, anthropic_provider, openai_provider, router_config
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -21,14 +17,14 @@ def lower(headers):
 
 
 async def test_trace_context_goes_upstream_and_into_the_access_log(fakes, claude_fakes,
-                                                                   start_router, caplog):
+                                                                   start_router):
     up, claude = await fakes("up"), await claude_fakes("claude")
     r = await start_router(router_config(
         {"up": openai_provider(up), "claude": anthropic_provider(claude, probe=False)},
         {"m": {"backends": [{"provider": "up", "model": "gpt-x"}]},
          "c": {"backends": [{"provider": "claude", "model": "claude-x"}]}},
         logging={"level": "info", "format": "json", "access_log": True}))
-    caplog.set_level(logging.INFO, logger="router.access")
+    access = r.access_log()
     trace = {"traceparent": PARENT, "tracestate": STATE}
     for model in ("m", "c"):
         async with r.chat({"model": model, "messages": USER_MSG}, headers=trace) as resp:
@@ -39,8 +35,7 @@ async def test_trace_context_goes_upstream_and_into_the_access_log(fakes, claude
     for seen in (up.seen[0], claude.seen[0], up.seen[1]):
         headers = lower(seen.headers)
         assert (headers["traceparent"], headers["tracestate"]) == (PARENT, STATE)
-    lines = [orjson.loads(JsonFormatter().format(rec)) for rec in caplog.records
-             if rec.name == "router.access"]
+    lines = access()
     assert [line["trace_id"] for line in lines] == [TRACE_ID] * 3
 
 
@@ -53,17 +48,16 @@ async def test_trace_context_goes_upstream_and_into_the_access_log(fakes, claude
     "garbage",
 ])
 async def test_a_malformed_traceparent_is_neither_forwarded_nor_logged(fakes, start_router,
-                                                                       caplog, parent):
+                                                                       parent):
     up = await fakes("up")
     r = await start_router(router_config(
         {"up": openai_provider(up)}, {"m": {"backends": [{"provider": "up", "model": "x"}]}},
         logging={"level": "info", "format": "json", "access_log": True}))
-    caplog.set_level(logging.INFO, logger="router.access")
+    access = r.access_log()
     async with r.chat({"model": "m", "messages": USER_MSG},
                       headers={"traceparent": parent, "tracestate": STATE}) as resp:
         assert resp.status == 200
     headers = lower(up.seen[0].headers)
     assert "traceparent" not in headers and "tracestate" not in headers
-    (line,) = [orjson.loads(JsonFormatter().format(rec)) for rec in caplog.records
-               if rec.name == "router.access"]
+    (line,) = access()
     assert line["trace_id"] is None

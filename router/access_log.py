@@ -1,0 +1,91 @@
+"""The access log: one line per request, in the format of the router's other log lines (JSON
+or text, router/log.py), written without the `logging` module's per-record machinery.
+
+A request's line is its fields serialised once (orjson, or `k=v` text) and appended to a
+buffer; the buffer goes to stderr in one write when it holds BATCH lines or FLUSH_S after its
+first line, and when the worker stops. Through `logging`, a line cost about 13 µs of the
+request's CPU (a LogRecord, the caller's frame lookup, the handler's lock, the formatter, one
+write and flush per line); this way it is under 1 µs, and one write carries many lines.
+
+Lines are written when `logging.access_log` is on and `logging.level` lets `info` lines
+through (the access log is at `info`, as it was through `logging`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from router.config.model import LoggingConfig
+
+BATCH = 256  # lines per write at most
+FLUSH_S = 0.05  # how long a line may wait for company
+
+
+def _stderr(data: bytes) -> None:
+    out = sys.stderr.buffer
+    out.write(data)
+    out.flush()
+
+
+class AccessLog:
+    """This worker's access-log writer; `write` takes a request's fields (a dict of JSON
+    values, keys in the order they are printed)."""
+
+    def __init__(self, config: LoggingConfig,
+                 out: Callable[[bytes], object] = _stderr) -> None:
+        self.enabled = config.level in ("debug", "info")
+        self.json = config.format == "json"
+        self.out = out
+        self._lines: list[bytes] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._second = -1
+        self._stamp = ""
+
+    def write(self, fields: dict[str, Any]) -> None:
+        now = time.time()
+        line = self._json_line(now, fields) if self.json else self._text_line(now, fields)
+        lines = self._lines
+        lines.append(line)
+        if len(lines) >= BATCH:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(FLUSH_S, self.flush)
+
+    def flush(self) -> None:
+        """Write what is buffered now (a failed write loses those lines, as `logging` would
+        after printing its complaint)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._lines:
+            return
+        data = b"".join(self._lines)
+        self._lines.clear()
+        with contextlib.suppress(OSError, ValueError):  # stderr closed or gone
+            self.out(data)
+
+    def _json_line(self, now: float, fields: dict[str, Any]) -> bytes:
+        entry = {"time": self._time(now, "%Y-%m-%dT%H:%M:%S", time.gmtime) + "Z",
+                 "level": "info", "logger": "router.access", "msg": "request", **fields}
+        return orjson.dumps(entry, default=str, option=orjson.OPT_APPEND_NEWLINE)
+
+    def _text_line(self, now: float, fields: dict[str, Any]) -> bytes:
+        # As logging's default text format writes it: local time, comma before milliseconds.
+        stamp = self._time(now, "%Y-%m-%d %H:%M:%S", time.localtime).replace(".", ",")
+        pairs = " ".join(f"{k}={v}" for k, v in fields.items())
+        return f"{stamp} INFO router.access: request {pairs}\n".encode("utf-8", "replace")
+
+    def _time(self, now: float, pattern: str, convert: Callable[[float], time.struct_time]
+              ) -> str:
+        """`now` as `pattern` plus `.mmm`; the whole-second part is formatted once a second."""
+        second = int(now)
+        if second != self._second:
+            self._second, self._stamp = second, time.strftime(pattern, convert(now))
+        return f"{self._stamp}.{int((now - second) * 1000):03d}"
