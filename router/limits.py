@@ -142,7 +142,10 @@ class Limiter:
             return
         # Sent by the store at once (batched with this loop turn's other calls): no task here.
         outcome = ticket.store.settle(ticket.principal, ticket.limits, delta, ticket.lease)
-        outcome.add_done_callback(self._settled)
+        if outcome.done():  # settled already (the in-memory store): no callback to schedule
+            self._settled(outcome)
+        else:
+            outcome.add_done_callback(self._settled)
 
 
     async def refresh_forever(self) -> None:

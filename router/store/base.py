@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from router.config.model import Limits
 
@@ -90,10 +90,10 @@ class KeyStore(Protocol):
 LIMIT_NAMES = ("rpm", "tpm", "tokens_per_day", "concurrency")
 
 
-@dataclass(frozen=True, slots=True)
-class Admission:
+class Admission(NamedTuple):
     """One limiter decision, with what the rate-limit headers need (after this request's
-    charge when allowed; times in ms). Fields of limits the principal lacks are meaningless."""
+    charge when allowed; times in ms). Fields of limits the principal lacks are meaningless.
+    (A tuple: made on every limited request, where a frozen dataclass costs 4x as much.)"""
 
     allowed: bool
     denied: str | None  # one of LIMIT_NAMES when refused

@@ -93,32 +93,24 @@ class MemoryStore:
         # Only an admitted request counts as a use of its pin.
         state = await self.session_state(session) if admission.allowed else \
             self._read_state(session)
-        return dataclasses.replace(admission, session=state)
+        return admission._replace(session=state)
 
     def _admit(self, principal: str, limits: Limits, tokens: int, lease: str,
                lease_ttl_s: float) -> Admission:
         now = self._clock() * 1000
         denied = 0
         retry = 0.0
-
-        def gcra(key: str, limit: int, cost: int, index: int) -> tuple[float, int, float]:
-            nonlocal denied, retry
-            interval = PERIOD_MS / limit
-            tat = max(self._tat.get(key, 0.0), now)
-            ahead = tat + min(cost, limit) * interval - now
-            if ahead > PERIOD_MS + EPS:
-                denied = denied or index
-                retry = max(retry, ahead - PERIOD_MS)
-                return tat, max(0, math.floor((PERIOD_MS - (tat - now)) / interval + EPS)), \
-                    tat - now
-            new = tat + cost * interval
-            return new, max(0, math.floor((PERIOD_MS - (new - now)) / interval + EPS)), new - now
-
         r_tat = r_rem = r_reset = t_tat = t_rem = t_reset = 0.0
         if limits.rpm:
-            r_tat, r_rem, r_reset = gcra("rpm:" + principal, limits.rpm, 1, 1)
+            r_tat, r_rem, r_reset, ahead = _gcra(self._tat.get("rpm:" + principal, 0.0), now,
+                                                 limits.rpm, 1)
+            if ahead:
+                denied, retry = 1, ahead
         if limits.tpm:
-            t_tat, t_rem, t_reset = gcra("tpm:" + principal, limits.tpm, tokens, 2)
+            t_tat, t_rem, t_reset, ahead = _gcra(self._tat.get("tpm:" + principal, 0.0), now,
+                                                 limits.tpm, tokens)
+            if ahead:
+                denied, retry = denied or 2, max(retry, ahead)
         day_no = int(now // DAY_MS)
         midnight = (day_no + 1) * DAY_MS
         used = 0
@@ -128,10 +120,17 @@ class MemoryStore:
             if used + min(tokens, limits.tokens_per_day) > limits.tokens_per_day:
                 denied = denied or 3
                 retry = max(retry, midnight - now)
-        leases = self._leases.setdefault(principal, {})
+        leases = self._leases.get(principal)
+        if leases is None:
+            leases = self._leases[principal] = {}
         if limits.concurrency:
-            for gone in [k for k, expiry in leases.items() if expiry <= now]:
-                del leases[gone]
+            # Leases are held in the order they expire (each is added, or refreshed, with the
+            # latest expiry): the expired ones are at the front.
+            while leases:
+                first = next(iter(leases))
+                if leases[first] > now:
+                    break
+                del leases[first]
             if len(leases) >= limits.concurrency:
                 denied = denied or 4
                 retry = max(retry, 1000.0)
@@ -182,8 +181,8 @@ class MemoryStore:
         for principal, ids in leases.items():
             held = self._leases.get(principal, {})
             for lease in ids:
-                if lease in held:
-                    held[lease] = expiry
+                if held.pop(lease, None) is not None:
+                    held[lease] = expiry  # at the end: the latest expiry
 
     # Sessions: the same semantics as sessions.lua.
 
@@ -293,8 +292,32 @@ class MemoryStore:
         return list(totals.values())
 
 
+def _gcra(tat: float, now: float, limit: int, cost: int) -> tuple[float, float, float, float]:
+    """One GCRA bucket (limits.lua's): the new theoretical arrival time, the remaining count,
+    the time to its reset and, when the request does not fit, how long until it would (else
+    0)."""
+    interval = PERIOD_MS / limit
+    tat = max(tat, now)
+    ahead = tat + min(cost, limit) * interval - now
+    if ahead > PERIOD_MS + EPS:
+        return tat, max(0, math.floor((PERIOD_MS - (tat - now)) / interval + EPS)), tat - now, \
+            ahead - PERIOD_MS
+    new = tat + cost * interval
+    return new, max(0, math.floor((PERIOD_MS - (new - now)) / interval + EPS)), new - now, 0.0
+
+
+_DONE: dict[asyncio.AbstractEventLoop, asyncio.Future[Any]] = {}
+
+
 def _done() -> asyncio.Future[Any]:
-    """The outcome of a call this store answered at once."""
-    done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-    done.set_result(None)
+    """The outcome of a call this store answered at once: one finished future per event loop,
+    shared (it is only ever read)."""
+    loop = asyncio.get_running_loop()
+    done = _DONE.get(loop)
+    if done is None:
+        if len(_DONE) > 16:  # loops that have closed (tests run many)
+            for gone in [old for old in _DONE if old.is_closed()]:
+                del _DONE[gone]
+        done = _DONE[loop] = loop.create_future()
+        done.set_result(None)
     return done
