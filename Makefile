@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench soak install system-deps node-deps clean
+.PHONY: run test lint bench soak install system-deps node-deps constraints k8s-rules clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,12 +26,14 @@ lint: $(STAMP)
 	$(BIN)/ruff check router tests
 	$(BIN)/mypy
 
-# Debian's redis-server and prometheus, when missing and we are root (tests of later issues use them).
+# Debian's redis-server, prometheus and kubectl (`kubectl kustomize` renders deploy/k8s/), when
+# missing and we are root.
 system-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  missing=""; \
 	  command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	  command -v prometheus >/dev/null || missing="$$missing prometheus"; \
+	  command -v kubectl >/dev/null || missing="$$missing kubectl"; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing$$missing"; \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
@@ -50,6 +52,15 @@ node-deps:
 
 test: $(STAMP) system-deps node-deps lint
 	$(BIN)/python -m pytest -q
+
+# deploy/constraints.txt: the runtime dependencies pinned to the versions installed in .venv
+# (deploy/Dockerfile installs exactly these). Run after changing dependencies in pyproject.toml.
+constraints: $(STAMP)
+	$(BIN)/python deploy/constraints.py
+
+# The Prometheus Operator's PrometheusRule, made from grafana/alerts/router-rules.yaml.
+k8s-rules: $(STAMP)
+	$(BIN)/python deploy/k8s/overlays/prometheus-operator/prometheusrule.py
 
 # Ten minutes of mixed traffic with a Redis restart; `make test` runs the same test for 30 s.
 SOAK_S ?= 600

@@ -45,10 +45,13 @@ def test_services_and_the_files_they_use_exist() -> None:
     assert context == ROOT
     dockerfile = context / build["dockerfile"]
     assert dockerfile.is_file()
+    copied = 0
     for line in dockerfile.read_text().splitlines():  # what the image copies is in the context
-        if line.startswith("COPY "):
-            for source in line.split()[1:-1]:
+        if line.startswith("COPY ") and "--from=" not in line:  # --from: an earlier stage's
+            for source in [w for w in line.split()[1:-1] if not w.startswith("--")]:
                 assert (context / source).exists(), source
+                copied += 1
+    assert copied >= 4  # the constraints, pyproject.toml, README.md, router/
     named = set(doc.get("volumes") or {})
     for name, service in services.items():
         for host, _ in mounts(service):
@@ -58,6 +61,7 @@ def test_services_and_the_files_they_use_exist() -> None:
             assert source.startswith((".", "/")) or source in named, (name, spec)
         for dep in service.get("depends_on", []):
             assert dep in services
+        assert "healthcheck" in service, f"{name} has no healthcheck"
     # Published ports stay on the host's loopback.
     for service in services.values():
         for port in service.get("ports", []):
@@ -121,3 +125,13 @@ def test_grafana_gets_every_variable_its_provisioning_needs() -> None:
     assert by_target[env["ROUTER_DASHBOARDS"]] == (ROOT / "grafana" / "dashboards")
     assert any(by_target[env["ROUTER_DASHBOARDS"]].glob("*.json"))
     assert env["PROMETHEUS_URL"] == "http://prometheus:9090"
+
+
+def test_grafana_opens_on_the_router_dashboard() -> None:
+    grafana = compose()["services"]["grafana"]
+    home = Path(grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"])
+    by_target = {target: host for host, target in mounts(grafana)}
+    mounted = next(host / home.relative_to(target) for target, host in by_target.items()
+                   if home.is_relative_to(target))
+    assert mounted == ROOT / "grafana" / "dashboards" / "router.json"
+    assert mounted.is_file()

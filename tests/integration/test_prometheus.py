@@ -319,3 +319,81 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(
     # promtool lints the exposition as Prometheus would read it.
     code, out = await promtool("check", "metrics", stdin=exposition.encode())
     assert code == 0, out
+
+
+@needs_prometheus
+async def test_a_fanout_all_request_shows_under_each_of_its_backends(
+        fakes, start_router, tmp_path) -> None:
+    """`fanout: all` labels router_requests_total with its backends joined by commas, once per
+    request; each backend's copy is counted under that backend in the per-backend series, and
+    the dashboard's backend filter reads those, so choosing one backend shows its share."""
+    up = await fakes("up")
+    both = ["up/gpt-a", "up/gpt-b"]
+    config = router_config(
+        {"up": openai_provider(up)},
+        {"both": {"fanout": "all", "ejection": NO_EJECTION,
+                  "backends": [{"provider": "up", "model": "gpt-a"},
+                               {"provider": "up", "model": "gpt-b"}]},
+         "m": {"backends": [{"provider": "up", "model": "gpt-x"}], "ejection": NO_EJECTION}})
+    r = await start_router(config)
+
+    async def round_of_traffic() -> None:
+        for payload in ({"model": "both", "messages": USER_MSG},
+                        {"model": "both", "messages": USER_MSG, "stream": True},
+                        {"model": "m", "messages": USER_MSG}):
+            async with r.chat(payload) as resp:
+                await resp.read()
+                assert resp.status == 200
+
+    async with running_prometheus(tmp_path / "prometheus", [r.url.removeprefix("http://")]
+                                  ) as prom:
+        await round_of_traffic()
+        await prom.wait_scrape_after(time.time())
+        await round_of_traffic()
+        await prom.wait_scrape_after(time.time())
+
+        # Request level: each fan-out request once, under the joined name.
+        requests = await prom.query('sum by (backend) (router_requests_total{route="both"})')
+        assert [(s["metric"]["backend"], float(s["value"][1])) for s in requests] == \
+            [(",".join(both), 4.0)]
+        # Per backend: each copy under its own backend.
+        copies = await prom.query(
+            'sum by (backend) (router_time_to_first_byte_seconds_count{route="both"})')
+        assert {s["metric"]["backend"]: float(s["value"][1]) for s in copies} == \
+            dict.fromkeys(both, 4.0)
+
+        by_title = {title: expr for title, _ref, expr in targets(dashboard())}
+        # Choosing one backend of the fan-out route: every per-backend panel shows its share.
+        for backend in both:
+            for title in ("p99 time to first byte", "Time to first byte by route and backend",
+                          "Upstream answers by backend (each fan-out copy counted)",
+                          "Backends' share of upstream answers",
+                          "Upstream exchange duration by backend",
+                          "Tokens / s by kind", "Tokens / s by backend and kind"):
+                result = await prom.query(substitute(by_title[title], "both", backend))
+                values = [float(s["value"][1]) for s in result]
+                assert values and all(math.isfinite(v) and v > 0 for v in values), \
+                    (title, backend, result)
+                assert {s["metric"].get("backend", backend) for s in result} == {backend}
+        share = await prom.query(substitute(by_title["Backends' share of upstream answers"],
+                                            "both"))
+        assert {s["metric"]["backend"]: round(float(s["value"][1]), 6) for s in share} == \
+            dict.fromkeys(both, 0.5)
+        # The request-level panels count client requests whatever backend is chosen.
+        for title in ("Requests / s", "Error ratio (5xx / all)",
+                      "Requests by route and status", "Error ratio by route (5xx / all)"):
+            expr = by_title[title]
+            assert "$backend" not in expr, title
+            assert await prom.query(substitute(expr, "both")), title
+        # At one instant: two answers (one per backend) for each request of the route.
+        at = time.time()
+
+        async def value(expr: str) -> float:
+            data = await prom.api("query", query=substitute(expr, "both"), time=at)
+            return float(data["result"][0]["value"][1])
+
+        requests_per_s = await value(by_title["Requests / s"])
+        answers_per_s = await value(
+            f'sum({by_title["Upstream answers by backend (each fan-out copy counted)"]})')
+        assert requests_per_s > 0
+        assert answers_per_s == pytest.approx(2 * requests_per_s)
