@@ -335,7 +335,7 @@ async def streams(host: str, port: int, request: bytes, connections: int, durati
             firsts.append(timing[0])
             # From the first bytes to the last ones: how the proxy spreads the chunks that
             # the upstream wrote at once (the client's own scheduling is left out).
-            per_chunk.append((timing[2] - timing[0]) / max(1, chunks))
+            per_chunk.append(max(0.0, timing[2] - timing[0]) / max(1, chunks))
         conn.close()
 
     t0 = now()

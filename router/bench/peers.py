@@ -57,6 +57,7 @@ class PeersSettings:
     rounds: int
     phase_s: float
     slow_phase_s: float  # LiteLLM's phases
+    warmup_s: float  # per target before the rounds, not counted
     rate: float
     connections: int
     stream_connections: int
@@ -64,11 +65,13 @@ class PeersSettings:
     slow_c1_count: int
     open_streams: int
     results_dir: str
+    settle_s: float = 0.5  # after the open streams' ramp, before their RSS is read
 
 
 def settings(plan: Plan) -> PeersSettings:
     return PeersSettings(targets=plan.peer_targets, rounds=plan.peers_rounds,
                          phase_s=plan.peers_phase_s, slow_phase_s=min(plan.peers_phase_s, 3.0),
+                         warmup_s=2.0,
                          rate=plan.rate, connections=plan.connections, stream_connections=32,
                          c1_count=200, slow_c1_count=30, open_streams=plan.peers_streams,
                          results_dir=plan.results_dir)
@@ -149,9 +152,11 @@ def _start(procs: Processes, machine: Machine, tmp: Path, name: str, s: PeersSet
 
 # -- one scenario, one target -------------------------------------------------------------------
 
-def _warm_up(procs: Processes, machine: Machine, tmp: Path, plan: Plan, t: Target) -> None:
+def _warm_up(procs: Processes, machine: Machine, tmp: Path, s: PeersSettings, plan: Plan,
+             t: Target) -> None:
     """Connection pools, caches, the interpreter's first paths: not counted."""
-    throughput(procs, machine, tmp, t.port, plan, 1 if t.slow else 2, key=t.key)
+    throughput(procs, machine, tmp, t.port, plan, min(1.0, s.warmup_s) if t.slow else s.warmup_s,
+               key=t.key)
 
 
 def _throughput(procs: Processes, machine: Machine, tmp: Path, s: PeersSettings, plan: Plan,
@@ -168,7 +173,8 @@ def _throughput(procs: Processes, machine: Machine, tmp: Path, s: PeersSettings,
 def _openloop(procs: Processes, machine: Machine, s: PeersSettings, t: Target) -> dict[str, Any]:
     seconds = s.slow_phase_s if t.slow else s.phase_s
     r = client(procs, machine, "openloop", t.port, "--rate", f"{t.rate:g}", "--duration",
-               str(seconds), "--warmup", "0.5" if t.slow else "1", timeout=seconds + 60,
+               str(seconds), "--warmup", f"{min(0.5 if t.slow else 1.0, seconds):g}",
+               timeout=seconds + 60,
                key=t.key)
     errors: dict[str, int] = r["errors"]  # type: ignore[assignment]
     lat: dict[str, float] = r["latency_ms"]  # type: ignore[assignment]
@@ -219,9 +225,10 @@ class PeersRun:
     notes: list[str]
 
 
-def run(procs: Processes, machine: Machine, tmp: Path, plan: Plan, notes: list[str]
-        ) -> PeersRun:
-    s = settings(plan)
+def run(procs: Processes, machine: Machine, tmp: Path, plan: Plan, notes: list[str],
+        s: PeersSettings | None = None) -> PeersRun:
+    """`s`: the settings, when not the plan's (the test's tiny run)."""
+    s = settings(plan) if s is None else s
     started_at = time.time()
     wanted_slow = "litellm" in s.targets
     steps = (1 + len(s.targets) + len(s.targets)
@@ -254,7 +261,7 @@ def run(procs: Processes, machine: Machine, tmp: Path, plan: Plan, notes: list[s
         ("streams", partial(_streams, procs, machine, s)),
     )
     for t in live:
-        attempt(t, "warm-up", partial(_warm_up, procs, machine, tmp, plan))
+        attempt(t, "warm-up", partial(_warm_up, procs, machine, tmp, s, plan))
     for n in range(s.rounds):
         order = live if n % 2 == 0 else live[::-1]
         progress.round(n + 1, s.rounds)
@@ -269,7 +276,8 @@ def run(procs: Processes, machine: Machine, tmp: Path, plan: Plan, notes: list[s
             continue
         try:
             held = hold_streams(procs, machine, t.port, t.pid, s.open_streams, key=t.key,
-                                rss=tree_rss_mb, ready_timeout=90 + s.open_streams / 10)
+                                rss=tree_rss_mb, ready_timeout=90 + s.open_streams / 10,
+                                settle_s=s.settle_s)
         except (RuntimeError, OSError) as exc:
             notes.append(f"peers: {t.name}, open streams: {str(exc)[:200]}")
             continue

@@ -51,7 +51,7 @@ METRICS = (
            ("streams_per_s",), "streams/s"),
     Metric("stream_ttfb_p50_ms", "stream first byte p50, {stream_connections} concurrent",
            "streams", ("ttfb_ms", "p50"), "ms"),
-    Metric("chunk_us_p50", "stream chunk spread: first to last bytes per chunk, p50", "streams",
+    Metric("chunk_us_p50", "stream chunk spacing ((last - first bytes) / 20), p50", "streams",
            ("per_chunk_ms", "p50"), "µs", scale=1000.0),
     Metric("cpu_us_per_stream", "proxy CPU per 20-chunk stream", "streams",
            ("cpu_us_per_stream",), "µs"),
