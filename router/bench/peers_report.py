@@ -216,7 +216,7 @@ def markdown(doc: dict[str, Any]) -> str:
         rows.append(row + ["-"] * len(vs))
     streams = s["open_streams"]
     for key, label in (("rss_idle_mb", "proxy RSS, idle after the rounds (MiB)"),
-                       ("rss_open_mb", f"proxy RSS, {streams:,} open streams (MiB)")):
+                       ("rss_open_mb", f"proxy RSS, {streams:,} open streams (MiB, once)")):
         row = [label, *(_cell(doc["targets"][n]["summary"][key], "MiB") for n in shown)]
         row += [_ratio(doc["ratios"].get(key, {}).get(f"router/{p}")) for p in vs]
         rows.append(row)

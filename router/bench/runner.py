@@ -90,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         os.sched_setaffinity(0, {LOAD_CPU})  # this orchestrator stays off the router's CPU
     machine = Machine(pinned=pinned, wrk=ensure_wrk(notes), notes=notes)
+    setup_notes = list(notes)  # about the machine, not about one measurement
     started = time.monotonic()
     rows: list[tuple[str, str, str, str, str]] = []
     profile: list[tuple[str, float, float]] | str | None = None
@@ -109,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         peers_tables: list[str] = []
 
         def peers_run() -> list[tuple[str, ...]]:
-            peers_tables.append(run_peers(procs, machine, tmp, plan, notes))
+            peers_tables.append(run_peers(procs, machine, tmp, plan, setup_notes, notes))
             return []
 
         extras: list[tuple[str, bool, Callable[[], list[tuple[str, ...]]]]] = [
@@ -195,12 +196,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def run_peers(procs: Processes, machine: Machine, tmp: Path, plan: Plan, notes: list[str]
-              ) -> str:
-    """The peers run, its files under `plan.results_dir` (named in `notes`); its Markdown."""
+def run_peers(procs: Processes, machine: Machine, tmp: Path, plan: Plan,
+              setup_notes: list[str], notes: list[str]) -> str:
+    """The peers run (`setup_notes` go into its files), its files under `plan.results_dir`
+    (named in `notes`); its Markdown."""
     from router.bench import peers, peers_report  # only when asked for
 
-    doc = peers_report.document(peers.run(procs, machine, tmp, plan, list(notes)))
+    doc = peers_report.document(peers.run(procs, machine, tmp, plan, list(setup_notes)))
     written, why_not = peers_report.write(doc, Path(plan.results_dir))
     notes.append("peers: written " + ", ".join(str(p) for p in written))
     if why_not:

@@ -153,3 +153,17 @@ def test_progress_without_a_terminal_writes_one_line_per_step() -> None:
     assert lines[0].startswith("peers: round 1/3 · throughput · nginx [0/2, 0:00")
     assert "~0:00 left" in lines[1]
     assert lines[-1].startswith("peers: done in")
+
+
+def test_litellm_missing_is_a_reason_not_a_crash(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from router.bench import litellm_peer
+    from router.bench.harness import Machine, processes
+
+    monkeypatch.setattr(litellm_peer, "VENV", tmp_path / "no-venv")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("ROUTER_BENCH_LITELLM", raising=False)
+    assert litellm_peer.litellm_binary() is None
+    with processes() as procs, pytest.raises(FileNotFoundError, match="make bench-deps"):
+        litellm_peer.start_litellm(procs, Machine(pinned=False, wrk=None), tmp_path, 1,
+                                   ("bench-fast",))
