@@ -230,14 +230,12 @@ def run(procs: Processes, machine: Machine, tmp: Path, plan: Plan, notes: list[s
     """`s`: the settings, when not the plan's (the test's tiny run)."""
     s = settings(plan) if s is None else s
     started_at = time.time()
-    wanted_slow = "litellm" in s.targets
     steps = (1 + len(s.targets) + len(s.targets)
              + s.rounds * len(SCENARIOS) * len(s.targets) + len(s.targets))
     progress = Progress("peers", steps)
     upstream, up_port = start_upstream(procs, machine)
     progress.step("upstream")
     targets, skipped = _start_targets(procs, machine, tmp, s, up_port, progress)
-    live = list(targets)
 
     def attempt(t: Target, what: str, measure: Callable[[Target], dict[str, Any] | None]
                 ) -> None:
@@ -260,17 +258,17 @@ def run(procs: Processes, machine: Machine, tmp: Path, plan: Plan, notes: list[s
         ("c1", partial(_c1, procs, machine, s)),
         ("streams", partial(_streams, procs, machine, s)),
     )
-    for t in live:
+    for t in targets:
         attempt(t, "warm-up", partial(_warm_up, procs, machine, tmp, s, plan))
     for n in range(s.rounds):
-        order = live if n % 2 == 0 else live[::-1]
+        order = targets if n % 2 == 0 else targets[::-1]
         progress.round(n + 1, s.rounds)
         for what, measure in scenarios:  # one scenario over all targets, then the next
             for t in order:
                 attempt(t, what, measure)
                 if n == 0 and what == "throughput" and t.failed is None:
                     _decide_rate(t, s)
-    for t in live:
+    for t in targets:
         progress.step(f"{s.open_streams:,} open streams · {t.name}")
         if t.pid is None or t.failed is not None:
             continue
@@ -290,7 +288,7 @@ def run(procs: Processes, machine: Machine, tmp: Path, plan: Plan, notes: list[s
         notes.append("peers: the upstream exited early")
     return PeersRun(run_id=uuid.uuid4().hex[:12], started_at=started_at,
                     finished_at=time.time(), settings=s,
-                    machine=_machine(machine, wanted_slow), targets=targets, skipped=skipped,
+                    machine=_machine(machine), targets=targets, skipped=skipped,
                     notes=list(notes))
 
 
@@ -305,14 +303,13 @@ def _decide_rate(t: Target, s: PeersSettings) -> None:
         t.rate = max(1.0, round(rps / (2 * HEADROOM)))
 
 
-def _machine(machine: Machine, slow: bool) -> dict[str, Any]:
+def _machine(machine: Machine) -> dict[str, Any]:
     return {"cpus": os.cpu_count(), "pinned": machine.pinned,
             "proxy_cpu": ROUTER_CPU if machine.pinned else None,
             "load_cpu": LOAD_CPU if machine.pinned else None,
             "load_generator": "wrk" if machine.wrk else "python client",
             "loadavg": list(os.getloadavg()), "kernel": platform.release(),
-            "python": platform.python_version(), "argv": sys.argv[1:],
-            "litellm_asked": slow}
+            "python": platform.python_version(), "argv": sys.argv[1:]}
 
 
 def settings_dict(s: PeersSettings) -> dict[str, Any]:

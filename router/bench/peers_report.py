@@ -240,8 +240,22 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append(f"- {name} ({entry['version']}): {entry['describe']}")
         if entry["failure"]:
             lines.append(f"  - failed, later rounds not measured: {entry['failure']}")
+        failed = _failed_requests(entry["rounds"])
+        if failed:
+            lines.append(f"  - failed requests (non-2xx, socket errors, timeouts): {failed}")
     lines += [f"- {note}" for note in doc["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _failed_requests(rounds: dict[str, list[dict[str, Any]]]) -> str:
+    """'closed loop 3, open loop 1' over all rounds; '' when none failed."""
+    counts = {
+        "closed loop": sum(int(r.get("failures", 0)) for r in rounds["throughput"]),
+        "open loop": sum(sum(r.get("errors", {}).values()) for r in rounds["openloop"]),
+        "c=1": sum(int(r.get("errors", 0)) for r in rounds["c1"]),
+        "streams": sum(int(r.get("errors", 0)) for r in rounds["streams"]),
+    }
+    return ", ".join(f"{where} {n}" for where, n in counts.items() if n)
 
 
 # -- files --------------------------------------------------------------------------------------

@@ -91,6 +91,9 @@ def _target(name: str, rps: list[float], p50: list[float], *, saturated: bool = 
                                     "per_chunk_ms": {"p50": 0.001}, "cpu_us_per_stream": 50.0})
     if rss is not None:
         t.rss = {"idle_mb": rss, "open_mb": rss + 10}
+    if name == "litellm":
+        t.rounds["throughput"][0]["failures"] = 3
+        t.rounds["openloop"][1]["errors"] = {"TimeoutError": 2}
     return t
 
 
@@ -134,6 +137,8 @@ def test_report_markdown_names_every_target_and_the_saturated_one() -> None:
     assert "saturated; at 300 req/s" in text
     assert "| 4,000 (3,000-5,000) |" in text
     assert "router-bare: skipped: not asked" in text
+    assert "failed requests (non-2xx, socket errors, timeouts): closed loop 3, open loop 2" in text
+    assert text.count("failed requests") == 1
 
 
 def test_process_tree_figures_of_this_process() -> None:
