@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench soak install system-deps node-deps constraints k8s-rules clean
+.PHONY: run test lint bench bench-deps soak install system-deps node-deps constraints k8s-rules clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -67,10 +67,34 @@ SOAK_S ?= 600
 soak: $(STAMP) system-deps
 	SOAK_S=$(SOAK_S) $(BIN)/python -m pytest tests/e2e/test_soak.py -q -s
 
-# `make bench ARGS=--quick`: flags for `router bench` (`router bench --help` lists them).
+# `make bench ARGS=--quick`: flags for `router bench` (`router bench --help` lists them);
+# `make bench-deps` first for `ARGS=--peers`.
 ARGS ?=
 bench: $(STAMP)
 	$(BIN)/router bench $(ARGS)
 
+# The peers of `router bench --peers`: Debian's nginx (when missing and root; Debian's package
+# also enables its own service, which the bench does not use: it runs nginx from a config of its
+# own), the LiteLLM proxy in a venv of its own (LITELLM_VENV) and matplotlib for the PNG.
+# `make test` needs none of them.
+LITELLM_VENV := .venv-litellm
+bench-deps: $(STAMP)
+	@if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing nginx"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends nginx >/dev/null) || echo "warning: could not install nginx"; \
+	  else \
+	    echo "nginx is missing (as root: apt-get install nginx); --peers will skip it"; \
+	  fi; \
+	fi
+	@if [ ! -x $(LITELLM_VENV)/bin/litellm ]; then \
+	  echo "installing litellm[proxy] into $(LITELLM_VENV)"; \
+	  $(PY) -m venv $(LITELLM_VENV) && $(LITELLM_VENV)/bin/python -m pip install -q --upgrade pip \
+	    && $(LITELLM_VENV)/bin/python -m pip install -q 'litellm[proxy]' \
+	    || echo "warning: could not install litellm; --peers will skip it"; \
+	fi
+	$(BIN)/python -m pip install -q -e '.[test,dev,bench]'
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(LITELLM_VENV) build *.egg-info

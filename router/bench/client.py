@@ -1,12 +1,15 @@
 """The benchmark's load generator: a lean HTTP/1.1 keep-alive client on raw asyncio + uvloop.
 
-Run as a subprocess (pinned beside the upstream) in one of four modes; each prints one JSON
+Run as a subprocess (pinned beside the upstream) in one of these modes; each prints one JSON
 object on stdout:
 
 * ``openloop``: requests fired on a fixed schedule (``--rate``), each on an idle connection or
   a new one, so a slow server cannot slow the offered load (no coordinated omission).
 * ``closed``: ``--connections`` loops for ``--duration`` seconds (the fallback when wrk is absent).
 * ``ttfb``: ``--count`` streamed requests one after another; time to the first SSE ``data:``.
+* ``streams``: ``--connections`` loops of streamed requests for ``--duration`` seconds: streams/s,
+  time to the first byte, time per chunk from the first bytes to the last (``--chunks`` per
+  answer).
 * ``hold``: ``--count`` streams opened at once; prints ``READY <n>`` once all have their first
   chunk, then keeps them open until a line arrives on stdin (or ``--max-hold`` passes).
 * ``sessions``: ``--sessions`` conversations at once, each ``--turns`` streamed requests one after
@@ -61,6 +64,7 @@ class _Connection(asyncio.Protocol):
         self._chunked = False
         self._remaining = 0  # body bytes left (Content-Length) or left in the current chunk
         self._keep_alive = True
+        self.last_data = 0.0  # when the latest bytes arrived (the streams mode's chunk spread)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -81,6 +85,7 @@ class _Connection(asyncio.Protocol):
         return self._done
 
     def data_received(self, data: bytes) -> None:
+        self.last_data = now()
         buf = self._buf
         buf += data
         if not self._in_body:
@@ -165,17 +170,30 @@ async def connect(host: str, port: int) -> _Connection:
     return conn
 
 
+def _percentile(data: list[float], p: float) -> float:
+    """Milliseconds at percentile `p` of sorted seconds (nearest rank)."""
+    return data[min(len(data) - 1, round(p / 100 * (len(data) - 1)))] * 1000
+
+
 def summary(samples: list[float]) -> dict[str, float]:
-    """Milliseconds: p50, p90, p99, max, mean."""
+    """Milliseconds: p50, p90, p95, p99, p99.9, max, mean."""
     if not samples:
         return {}
     data = sorted(samples)
-
-    def pct(p: float) -> float:
-        return data[min(len(data) - 1, round(p / 100 * (len(data) - 1)))] * 1000
-
-    return {"p50": pct(50), "p90": pct(90), "p95": pct(95), "p99": pct(99), "max": data[-1] * 1000,
+    return {"p50": _percentile(data, 50), "p90": _percentile(data, 90),
+            "p95": _percentile(data, 95), "p99": _percentile(data, 99),
+            "p99.9": _percentile(data, 99.9), "max": data[-1] * 1000,
             "mean": statistics.fmean(data) * 1000, "n": len(data)}
+
+
+# The latency CDF the peers bench plots: every percent, then the tail.
+CDF_POINTS = (*range(0, 100), 99.5, 99.9, 100)
+
+
+def cdf(samples: list[float]) -> list[list[float]]:
+    """[[percentile, milliseconds], ...] at CDF_POINTS."""
+    data = sorted(samples)
+    return [[p, _percentile(data, p)] for p in CDF_POINTS] if data else []
 
 
 async def open_loop(host: str, port: int, request: bytes, rate: float, duration: float,
@@ -205,6 +223,7 @@ async def open_loop(host: str, port: int, request: bytes, rate: float, duration:
     n_warm = int(rate * warmup)
     start = now() + 0.05
     late = 0
+    lags: list[float] = []  # how far behind its schedule each measured send went out
     for i in range(total):
         scheduled = start + i / rate
         delay = scheduled - now()
@@ -212,6 +231,8 @@ async def open_loop(host: str, port: int, request: bytes, rate: float, duration:
             await asyncio.sleep(delay)
         elif delay < -0.005:
             late += 1
+        if i >= n_warm:
+            lags.append(max(0.0, now() - scheduled))
         # Timed from this moment, not `scheduled`: uvloop's timers fire up to 1 ms late, and
         # that jitter is the generator's, not the server's. The load stays open: no send
         # waits for an earlier answer.
@@ -223,7 +244,8 @@ async def open_loop(host: str, port: int, request: bytes, rate: float, duration:
     for conn in idle:
         conn.close()
     return {"latency_ms": summary(latencies), "errors": errors, "sent": total - n_warm,
-            "late_sends": late, "rate": rate}
+            "late_sends": late, "rate": rate, "send_lag_ms": summary(lags),
+            "cdf_ms": cdf(latencies)}
 
 
 async def closed_loop(host: str, port: int, request: bytes, connections: int,
@@ -258,9 +280,10 @@ def _stamp(times: list[float]) -> None:
 
 
 async def _timed(host: str, port: int, conn: _Connection, request: bytes
-                 ) -> tuple[_Connection, tuple[float, float] | None]:
+                 ) -> tuple[_Connection, tuple[float, float, float] | None]:
     """One request on `conn`: (the connection to use next, (time to the first body byte,
-    total) or None when it failed). A broken or closed connection is replaced."""
+    total, time to the last bytes' arrival) or None when it failed). A broken or closed
+    connection is replaced."""
     first: list[float] = []
     t0 = now()
     try:
@@ -269,7 +292,8 @@ async def _timed(host: str, port: int, conn: _Connection, request: bytes
     except (ResponseFailed, OSError, TimeoutError):
         conn.close()
         return await connect(host, port), None
-    timing = (first[0] - t0, now() - t0) if status == 200 and first else None
+    timing = ((first[0] - t0, now() - t0, conn.last_data - t0) if status == 200 and first
+              else None)
     if conn.closed:
         conn = await connect(host, port)
     return conn, timing
@@ -289,6 +313,37 @@ async def ttfb(host: str, port: int, request: bytes, count: int) -> dict[str, ob
             totals.append(timing[1])
     conn.close()
     return {"ttfb_ms": summary(firsts), "total_ms": summary(totals), "errors": errors}
+
+
+async def streams(host: str, port: int, request: bytes, connections: int, duration: float,
+                  chunks: int) -> dict[str, object]:
+    """`connections` loops of streamed requests for `duration` seconds: streams/s, time to the
+    first body byte, and the time per chunk after it ((last bytes - first) / `chunks`)."""
+    deadline = now() + duration
+    firsts: list[float] = []
+    per_chunk: list[float] = []
+    errors = 0
+
+    async def worker() -> None:
+        nonlocal errors
+        conn = await connect(host, port)
+        while now() < deadline:
+            conn, timing = await _timed(host, port, conn, request)
+            if timing is None:
+                errors += 1
+                continue
+            firsts.append(timing[0])
+            # From the first bytes to the last ones: how the proxy spreads the chunks that
+            # the upstream wrote at once (the client's own scheduling is left out).
+            per_chunk.append(max(0.0, timing[2] - timing[0]) / max(1, chunks))
+        conn.close()
+
+    t0 = now()
+    await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(connections))),
+                           duration + 40)
+    elapsed = now() - t0
+    return {"streams_per_s": len(firsts) / elapsed, "ttfb_ms": summary(firsts),
+            "per_chunk_ms": summary(per_chunk), "errors": errors, "done": len(firsts)}
 
 
 async def hold(host: str, port: int, request: bytes, count: int, max_hold: float
@@ -375,7 +430,8 @@ async def sessions(host: str, port: int, key: str | None, model: str, count: int
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m router.bench.client")
-    parser.add_argument("mode", choices=["openloop", "closed", "ttfb", "hold", "sessions"])
+    parser.add_argument("mode",
+                        choices=["openloop", "closed", "ttfb", "streams", "hold", "sessions"])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--path", default="/v1/chat/completions")
@@ -392,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--turns", type=int, default=5)
     parser.add_argument("--tag", default="s")
     parser.add_argument("--pin", action="store_true")
+    parser.add_argument("--chunks", type=int, default=20,
+                        help="streams: token chunks per answer (the per-chunk figure)")
     args = parser.parse_args(argv)
     body = orjson.dumps({"model": args.model, "stream": args.stream,
                          "messages": [{"role": "user", "content": "Say hello."}]})
@@ -406,6 +464,9 @@ def main(argv: list[str] | None = None) -> int:
             coro = closed_loop(args.host, args.port, request, args.connections, args.duration)
         case "ttfb":
             coro = ttfb(args.host, args.port, request, args.count)
+        case "streams":
+            coro = streams(args.host, args.port, request, args.connections, args.duration,
+                           args.chunks)
         case "sessions":
             coro = sessions(args.host, args.port, args.key, args.model, args.sessions,
                             args.turns, args.tag, args.pin)

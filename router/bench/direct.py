@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,24 +50,28 @@ class Held:
     rss_after: float
 
 
-def _hold_streams(procs: Processes, machine: Machine, port: int, router_pid: int,
-                  count: int) -> Held:
-    rss_idle = rss_mb(router_pid)
+def hold_streams(procs: Processes, machine: Machine, port: int, router_pid: int,
+                 count: int, key: str = KEY, rss: Callable[[int], float] = rss_mb,
+                 ready_timeout: float = 90.0, settle_s: float = 0.5) -> Held:
+    """`count` streams opened at once through `port`, then closed: the proxy's memory (`rss`
+    of its pid) before, with them open (`settle_s` after the ramp), and after (twice that
+    after they closed)."""
+    rss_idle = rss(router_pid)
     argv = machine.on(LOAD_CPU, [sys.executable, "-m", "router.bench.client", "hold", "--port",
-                                 str(port), "--key", KEY, "--stream", "--model", "bench-hold",
+                                 str(port), "--key", key, "--stream", "--model", "bench-hold",
                                  "--count", str(count), "--max-hold", "60"])
     proc = procs.start(argv, stdout=subprocess.PIPE, stdin=subprocess.PIPE)
-    line = read_line(proc, 90).split()
-    time.sleep(0.5)  # let the router settle after the ramp
-    rss_open = rss_mb(router_pid)
+    line = read_line(proc, ready_timeout).split()
+    time.sleep(settle_s)  # let the router settle after the ramp
+    rss_open = rss(router_pid)
     assert proc.stdin is not None
     proc.stdin.write(b"\n")
     proc.stdin.flush()
     out, _ = proc.communicate(timeout=30)
     result = json.loads(out.decode().strip().splitlines()[-1])
-    time.sleep(1.0)
+    time.sleep(2 * settle_s)
     return Held(ready=int(line[1]), open_at_ready=int(line[2]), ramp_s=float(result["ramp_s"]),
-                rss_idle=rss_idle, rss_open=rss_open, rss_after=rss_mb(router_pid))
+                rss_idle=rss_idle, rss_open=rss_open, rss_after=rss(router_pid))
 
 
 def _profile(procs: Processes, machine: Machine, tmp: Path, port: int, router_pid: int,
@@ -193,7 +198,7 @@ def run(procs: Processes, machine: Machine, tmp: Path, plan: Plan,
         notes.append(f"stream errors: direct {s_direct['errors']}, "
                      f"router {s_router['errors']}")
 
-    held = _hold_streams(procs, machine, port, router.pid, plan.streams)
+    held = hold_streams(procs, machine, port, router.pid, plan.streams)
     rows.append(("router RSS, idle after the load above", "-", f"{held.rss_idle:.0f} MB",
                  "-", "-"))
     rows.append((f"router RSS, {plan.streams:,} open streams", "-",

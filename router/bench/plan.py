@@ -6,6 +6,9 @@ import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+# `--peers`: every target, in the order of the tables; `direct` is the upstream itself.
+PEER_TARGETS = ("direct", "router", "router-bare", "nginx", "litellm")
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -33,6 +36,13 @@ class Plan:
     metrics_phase_s: float = 5.0
     translate: bool = False
     translate_only: bool = False
+    peers: bool = False
+    peers_only: bool = False
+    peer_targets: tuple[str, ...] = PEER_TARGETS
+    peers_rounds: int = 3
+    peers_phase_s: float = 5.0
+    peers_streams: int = 1000
+    results_dir: str = "bench-results"
 
 
 # The optional measurements: (flag, what it measures), for --NAME and --NAME-only.
@@ -49,6 +59,9 @@ EXTRAS = (
                   "passthrough (about 40 s)"),
     ("metrics", "the per-request cost of metrics (and of the usage report): routers with "
                 "metrics off / on / on + usage, same run; about 100 s"),
+    ("peers", "the router beside nginx and LiteLLM (and direct): throughput, latency, streams, "
+              "memory and CPU per request, 3 rounds, written to --results as JSON, Markdown "
+              "and PNG (about 6 min; --quick about 3)"),
 )
 
 
@@ -69,16 +82,30 @@ def parse(argv: Sequence[str], description: str | None = None) -> Plan:
     for name, what in EXTRAS:  # --NAME runs it with the rest, --NAME-only alone
         parser.add_argument(f"--{name}", action="store_true", help=f"also measure {what}")
         parser.add_argument(f"--{name}-only", action="store_true", help=f"measure only {what}")
+    parser.add_argument("--peer-targets", default=",".join(PEER_TARGETS),
+                        help="--peers: which targets, comma-separated (default: "
+                             f"{','.join(PEER_TARGETS)})")
+    parser.add_argument("--peer-rounds", type=int, default=3,
+                        help="--peers: rounds over the targets (default 3; min/median/max)")
+    parser.add_argument("--results", default="bench-results",
+                        help="--peers: directory for the JSON, Markdown and PNG "
+                             "(default bench-results)")
     argv = list(argv)
     if argv[:1] == ["--"]:  # `router bench -- --quick`: argparse's REMAINDER keeps the `--`
         argv = argv[1:]
     args = parser.parse_args(argv)
+    targets = tuple(t.strip() for t in args.peer_targets.split(",") if t.strip())
+    unknown = sorted(set(targets) - set(PEER_TARGETS))
+    if unknown:
+        parser.error(f"--peer-targets: unknown {', '.join(unknown)} "
+                     f"(known: {', '.join(PEER_TARGETS)})")
     duration = min(args.duration, 3.0) if args.quick else args.duration
     duration = max(1.0, min(duration, 120.0))
+    plan_streams = max(1, min(args.streams, 5000))
     return Plan(duration=duration, rate=max(1.0, min(args.rate, 5000.0)),
                 connections=max(1, min(args.connections, 1024)),
                 ttfb_count=100 if args.quick else 200,
-                streams=max(1, min(args.streams, 5000)), profile=args.profile,
+                streams=plan_streams, profile=args.profile,
                 auth=args.auth, auth_only=args.auth_only,
                 auth_rounds=1 if args.quick else 3, auth_phase_s=2.0,
                 limits=args.limits, limits_only=args.limits_only,
@@ -87,4 +114,10 @@ def parse(argv: Sequence[str], description: str | None = None) -> Plan:
                 sessions=args.sessions, sessions_only=args.sessions_only,
                 metrics=args.metrics, metrics_only=args.metrics_only,
                 metrics_rounds=1 if args.quick else 5, metrics_phase_s=min(duration, 5.0),
-                translate=args.translate, translate_only=args.translate_only)
+                translate=args.translate, translate_only=args.translate_only,
+                peers=args.peers, peers_only=args.peers_only,
+                peer_targets=tuple(t for t in PEER_TARGETS if t in targets),
+                peers_rounds=max(1, min(args.peer_rounds, 20)),
+                peers_phase_s=2.0 if args.quick else min(duration, 5.0),
+                peers_streams=min(plan_streams, 200) if args.quick else plan_streams,
+                results_dir=args.results)

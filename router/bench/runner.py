@@ -44,6 +44,15 @@ upstream (passed through) and from an Anthropic-style one (translated event by e
 per stream from /proc; the slope between the two lengths is the CPU per chunk (target: translated
 <= 2x passthrough). `--translate-only` runs just that.
 
+`--peers` adds the router beside its peers in one run (router/bench/peers.py): the upstream
+itself (`direct`), the router with every feature on and bare, Debian's nginx (plain `proxy_pass`)
+and the LiteLLM proxy (its own venv, `make bench-deps`), each on the router's CPU: closed-loop
+req/s at c=64 with the proxy's CPU per request, open-loop latency p50/p90/p99/p99.9 at `--rate`
+(the generator's send lag too), c=1 latency, 20-chunk streams at 32 concurrent, RSS with many
+streams open; min/median/max over `--peer-rounds` rounds, written to `--results` as JSON,
+Markdown and (with matplotlib) PNG. A peer that is not installed is skipped, saying why.
+`--peers-only` runs just that.
+
 `--profile` adds a py-spy sample of the router under the 64-connection load (own time per
 function). Not a test: `make test` never runs it.
 """
@@ -63,11 +72,12 @@ from router.bench.harness import (
     LOAD_CPU,
     ROUTER_CPU,
     Machine,
+    Processes,
     ensure_wrk,
     processes,
     raise_nofile,
 )
-from router.bench.plan import parse
+from router.bench.plan import Plan, parse
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -80,13 +90,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         os.sched_setaffinity(0, {LOAD_CPU})  # this orchestrator stays off the router's CPU
     machine = Machine(pinned=pinned, wrk=ensure_wrk(notes), notes=notes)
+    setup_notes = list(notes)  # about the machine, not about one measurement
     started = time.monotonic()
     rows: list[tuple[str, str, str, str, str]] = []
     profile: list[tuple[str, float, float]] | str | None = None
     with tempfile.TemporaryDirectory(prefix="router-bench-") as tmpdir, processes() as procs:
         tmp = Path(tmpdir)
         if not (plan.auth_only or plan.limits_only or plan.sessions_only or plan.fanout_only
-                or plan.metrics_only or plan.translate_only):
+                or plan.metrics_only or plan.translate_only or plan.peers_only):
             code, profile = direct.run(procs, machine, tmp, plan, rows, notes)
             if code:
                 return code
@@ -95,6 +106,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from router.bench import fanout  # only when asked for
 
             return fanout.run(procs, machine, tmp, notes)
+
+        peers_tables: list[str] = []
+
+        def peers_run() -> list[tuple[str, ...]]:
+            peers_tables.append(run_peers(procs, machine, tmp, plan, setup_notes, notes))
+            return []
 
         extras: list[tuple[str, bool, Callable[[], list[tuple[str, ...]]]]] = [
             ("auth", plan.auth or plan.auth_only,
@@ -108,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              lambda: metrics_cost.run(procs, machine, tmp, plan, notes)),
             ("translate", plan.translate or plan.translate_only,
              lambda: translate_cost.run(procs, machine, tmp, plan, notes)),
+            ("peers", plan.peers or plan.peers_only, peers_run),
         ]
         extra_rows: dict[str, list[tuple[str, ...]]] = {}
         for name, wanted, run in extras:
@@ -154,6 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _table("Metrics cost: the same router with metrics off, on, and on with the usage report",
                ["variant", "req/s", "vs metrics off", "added µs/req (req/s)", "router CPU/req",
                 "added CPU/req", "latency p50 / p99, open loop"], metrics_rows)
+    for table in peers_tables:
+        print()
+        print(table, end="")
     print()
     placement = (f"router on CPU {ROUTER_CPU}; upstream, load generators on CPU {LOAD_CPU}"
                  if pinned else "unpinned")
@@ -173,6 +194,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n(own time in `Runner.run` is uvloop's C event loop: epoll and socket calls)")
     print(f"\n(bench took {time.monotonic() - started:.0f} s)")
     return 0
+
+
+def run_peers(procs: Processes, machine: Machine, tmp: Path, plan: Plan,
+              setup_notes: list[str], notes: list[str]) -> str:
+    """The peers run (`setup_notes` go into its files), its files under `plan.results_dir`
+    (named in `notes`); its Markdown."""
+    from router.bench import peers, peers_report  # only when asked for
+
+    doc = peers_report.document(peers.run(procs, machine, tmp, plan, list(setup_notes)))
+    written, why_not = peers_report.write(doc, Path(plan.results_dir))
+    notes.append("peers: written " + ", ".join(str(p) for p in written))
+    if why_not:
+        notes.append(f"peers: {why_not}")
+    return peers_report.markdown(doc)
 
 
 def _table(title: str, columns: list[str], rows: Sequence[tuple[str, ...]]) -> None:

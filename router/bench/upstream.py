@@ -6,6 +6,8 @@ figure measured against it would measure the fake. This one answers from prebuil
 * ``"stream":true`` absent: one fixed chat.completion JSON body, keep-alive.
 * ``"stream":true`` with model ``bench-hold``: the first SSE chunk at once, then one chunk every
   ``--hold-gap`` seconds for ``--hold-s`` seconds (the open-streams RSS measurement).
+* a streamed model ``bench-chunks-N``: N token chunks and the end, written at once (the peers
+  bench's stream rate and per-chunk relay figures).
 * any other streamed model: a short SSE answer written at once, chunked.
 * ``GET`` anything: a model list (the router's probe, if enabled).
 * ``POST /v1/messages``: the same answers in Anthropic's Messages API (the translated-provider
@@ -79,6 +81,17 @@ SSE_FAST = SSE_HEAD + SSE_FIRST + SSE_TOKEN * 8 + SSE_END
 # chunk reaches the router in a read of its own (the translated-provider figure).
 PACED_MODEL = re.compile(rb"bench-paced-(\d+)")
 PACE_GAP_S = 0.001
+CHUNKS_MODEL = re.compile(rb"bench-chunks-(\d{1,4})")
+_CHUNKED_ANSWERS: dict[int, bytes] = {}
+
+
+def _chunks_answer(tokens: int) -> bytes:
+    """`bench-chunks-N`'s answer, built once per N."""
+    answer = _CHUNKED_ANSWERS.get(tokens)
+    if answer is None:
+        answer = SSE_HEAD + SSE_FIRST + SSE_TOKEN * tokens + SSE_END
+        _CHUNKED_ANSWERS[tokens] = answer
+    return answer
 
 
 def _anthropic_event(name: str, payload: dict[str, object]) -> bytes:
@@ -198,7 +211,10 @@ class _Connection(asyncio.Protocol):
             name = b"" if model is None else model.group(1)
             anthropic = head.startswith(b"POST /v1/messages")
             paced = PACED_MODEL.fullmatch(name)
-            if paced is not None:
+            chunks = None if paced is not None else CHUNKS_MODEL.fullmatch(name)
+            if chunks is not None and not anthropic:
+                transport.write(_chunks_answer(int(chunks.group(1))))
+            elif paced is not None:
                 tokens = int(paced.group(1))
                 if anthropic:
                     first, token, end = _anthropic_parts(tokens)
