@@ -196,7 +196,7 @@ def log_access(access_log: AccessLog, request: web.Request, facts: Facts, status
     access_log.write({
         "request_id": request[REQUEST_ID],
         "method": redact(request.method),
-        "path": redact_path(request.path),
+        "path": access_log.path(request.path),
         "status": status,
         "principal": principal.id if principal else None,
         "route": facts.route,
@@ -283,16 +283,18 @@ def build_app(ref: RuntimeRef, store: Store, metrics: Metrics) -> web.Applicatio
     app[RESPONSE_PINS] = ResponsePins(store, metrics)
     app[RESPONSES] = responses_stages(app)
     app[USAGE] = UsageMeter(store, ref, metrics)
-    app[ACCESS_LOG] = access_log = AccessLog(ref.current.config.logging)
     # Like the listener, the metrics path is fixed until restart.
     table = routes.endpoints(ref.current.config.metrics.path, metrics.enabled)
     app[OPEN_PATHS] = routes.open_paths(table)
+    app[ACCESS_LOG] = access_log = AccessLog(
+        ref.current.config.logging,
+        plain_paths=[path for endpoint in table for path in endpoint.paths if "{" not in path])
     app[OPENAPI] = OpenApiDocument(routes.openapi_document(table))
     app.on_response_prepare.append(_stamp_request_id)
 
-    async def flush_access_log(_: web.Application) -> None:
-        access_log.flush()
-    app.on_cleanup.append(flush_access_log)
+    async def close_access_log(_: web.Application) -> None:
+        access_log.close()
+    app.on_cleanup.append(close_access_log)
     for endpoint in table:
         for path in endpoint.paths:
             app.router.add_route(endpoint.method, path, endpoint.handler)

@@ -75,15 +75,16 @@ class Limiter:
         return bool(limits.rpm or limits.tpm or limits.concurrency or limits.tokens_per_day)
 
     async def admit(self, principal: Principal, body: Mapping[str, Any], config: Config,
-                    session: SessionQuery | None = None, *, completes: bool = True
-                    ) -> Ticket | None:
+                    session: SessionQuery | None = None, *, completes: bool = True,
+                    tokens: bool = True) -> Ticket | None:
         """Charge every limit of `principal` or raise RateLimited (nothing charged); None when
         the principal has no limits (no store call at all). `session` is answered in the same
         round trip (`Ticket.session`; SESSION_UNAVAILABLE when the store failed).
-        `completes`: the answer has completion tokens (not so for embeddings)."""
-        if not self.limits(principal):
+        `completes`: the answer has completion tokens (not so for embeddings). `tokens` False:
+        a call that uses none (on a stored response), held to `rpm` and `concurrency` only."""
+        limits = principal.limits if tokens else _without_tokens(principal.limits)
+        if not (limits.rpm or limits.tpm or limits.concurrency or limits.tokens_per_day):
             return None
-        limits = principal.limits
         prompt = prompt_estimate(body)
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") \
             or body.get("max_output_tokens")  # the Responses API's
@@ -163,6 +164,20 @@ class Limiter:
                 except StoreError as exc:
                     self._metrics.store_error("refresh")
                     log.warning("could not refresh concurrency leases: %s", exc)
+
+
+_WITHOUT_TOKENS: dict[int, tuple[Limits, Limits]] = {}
+
+
+def _without_tokens(limits: Limits) -> Limits:
+    """`limits` but its token limits (tpm, tokens_per_day), made once per Limits object."""
+    known = _WITHOUT_TOKENS.get(id(limits))
+    if known is None or known[0] is not limits:
+        if len(_WITHOUT_TOKENS) >= 4096:  # managed keys come and go
+            _WITHOUT_TOKENS.clear()
+        known = _WITHOUT_TOKENS[id(limits)] = (
+            limits, Limits(rpm=limits.rpm, concurrency=limits.concurrency))
+    return known[1]
 
 
 def prompt_estimate(body: Mapping[str, Any]) -> int:

@@ -20,15 +20,22 @@ import orjson
 from aiohttp import web
 
 from router.call import Call
-from router.errors import NotFound, RouterError, UpstreamError, UpstreamUnavailable
+from router.errors import (
+    NotFound,
+    RouterError,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from router.limits import Limiter, Ticket, Used
 from router.metrics import Metrics
 from router.providers.base import Exchange, StoredCall, StoredResponses, leaks_secret, read_all
 from router.providers.sse import event_data
+from router.routing.dispatch import count_upstream_failure
 from router.routing.table import Backend, Route, RoutingTable
 from router.schema import SAFE_ID
 from router.stages import Stage
-from router.state import FACTS, METRICS, PRINCIPAL, REQUEST_ID, RUNTIME_NOW
+from router.state import ANSWER_HEADERS, FACTS, METRICS, PRINCIPAL, REQUEST_ID, RUNTIME_NOW
 from router.store import SessionStore, StoreError
 from router.store.base import Pin, SessionQuery
 from router.tasks import count_failure
@@ -67,6 +74,7 @@ class ResponsePins:
     def __init__(self, store: SessionStore, metrics: Metrics) -> None:
         self._store = store
         self._metrics = metrics
+        self._slid = count_failure(metrics, "use_pin", "slide a response pin")
 
     async def pin(self, user: str, response_id: str, backend: Backend, route: Route,
                   ttl_s: float) -> None:
@@ -81,8 +89,9 @@ class ResponsePins:
 
     @staticmethod
     def query(user: str, response_id: str, ttl_s: float) -> SessionQuery:
-        """What the admission asks the store about a response named by the request."""
-        return SessionQuery(user, pin_name(response_id), ttl_s)
+        """What the admission asks the store about a response named by the request (its TTL
+        slides to `ttl_s`, the users' session settings aside)."""
+        return SessionQuery(user, pin_name(response_id), ttl_s, fixed_ttl=True)
 
     async def find(self, query: SessionQuery, ticket: Ticket | None) -> Pin | None:
         """The user's pin (None: not theirs, unknown, or expired), its TTL slid: from the
@@ -92,8 +101,8 @@ class ResponsePins:
             return (await self._store.session_state(query)).pin
         if asked.pin is not None and not asked.touched:  # read with the admission: use it now
             assert query.session_id is not None
-            self._store.use_pin(query.user, query.session_id, query.default_ttl_s) \
-                .add_done_callback(count_failure(self._metrics, "use_pin", "slide a response pin"))
+            sent = self._store.use_pin(query.user, query.session_id, query.default_ttl_s)
+            sent.add_done_callback(self._slid)
         return asked.pin
 
     async def forget(self, user: str, response_id: str) -> None:
@@ -217,18 +226,21 @@ async def relay_stored(request: web.Request, pins: ResponsePins, limiter: Limite
                        method: str, action: str = "") -> web.Response:
     """GET, DELETE or POST (cancel) on a stored response of the caller's: forwarded to the
     backend that created it, with the client's query, and its answer relayed as it came.
-    Admitted like any request (one request against `rpm`, a slot against `concurrency`, no
-    tokens), with the pin asked in the same store round trip."""
+    Admitted like any request that uses no tokens (one request against `rpm`, a slot against
+    `concurrency`), with the pin asked in the same store round trip."""
     facts = request[FACTS]
     facts.endpoint = "responses"  # counted in the request metrics like the POST
     response_id = request.match_info["id"]
     if not SAFE_ID.fullmatch(response_id):
         raise response_not_found()  # no request could have created it: no store call
     runtime, principal = request[RUNTIME_NOW], request[PRINCIPAL]
-    query = pins.query(principal.user, response_id, runtime.config.sessions.ttl_s)
-    ticket = await limiter.admit(principal, {}, runtime.config, session=query, completes=False)
+    pin_query = pins.query(principal.user, response_id, runtime.config.sessions.ttl_s)
+    ticket = await limiter.admit(principal, {}, runtime.config, session=pin_query,
+                                 tokens=False)
+    if ticket is not None:
+        request[ANSWER_HEADERS] = ticket.headers  # an error carries them too
     try:
-        resp = await _relay_stored(request, pins, query, ticket, method, action)
+        resp = await _relay_stored(request, pins, pin_query, ticket, method, action)
     finally:
         limiter.settle(ticket, NOTHING_USED)
     if ticket is not None:
@@ -236,10 +248,10 @@ async def relay_stored(request: web.Request, pins: ResponsePins, limiter: Limite
     return resp
 
 
-async def _relay_stored(request: web.Request, pins: ResponsePins, query: SessionQuery,
+async def _relay_stored(request: web.Request, pins: ResponsePins, pin_query: SessionQuery,
                         ticket: Ticket | None, method: str, action: str) -> web.Response:
     facts, runtime, metrics = request[FACTS], request[RUNTIME_NOW], request.app[METRICS]
-    pin = await pins.find(query, ticket)
+    pin = await pins.find(pin_query, ticket)
     if pin is None:
         raise response_not_found()
     found = pinned_backend(runtime.table, pin)
@@ -253,7 +265,7 @@ async def _relay_stored(request: web.Request, pins: ResponsePins, query: Session
         [(k, v) for k, v in request.rel_url.query.items() if k not in _QUERY_DROPPED])
     stored = StoredCall(method, response_id, action, query_string, request[REQUEST_ID],
                         route.timeouts, trace_headers(request.headers))
-    exchange = await _ask(found[1].provider, stored, route, metrics)
+    exchange = await _ask(found[1].provider, stored, route, backend, metrics)
     try:
         body = await read_all(exchange.chunks, runtime.config.server.max_response_bytes)
     finally:
@@ -263,25 +275,31 @@ async def _relay_stored(request: web.Request, pins: ResponsePins, query: Session
         body = orjson.dumps({"error": {"message": f"upstream answered HTTP {status}",
                                        "type": "upstream_error", "code": None}})
     elif method == "DELETE" and 200 <= status < 300:
-        await pins.forget(query.user, response_id)
+        await pins.forget(pin_query.user, response_id)
     resp = web.Response(status=status, body=body,
                         headers={"x-router-backend": backend.name})
     resp.content_type = exchange.content_type.partition(";")[0].strip() or "application/json"
     return resp
 
 
-async def _ask(provider: StoredResponses, call: StoredCall, route: Route, metrics: Metrics
-               ) -> Exchange:
+async def _ask(provider: StoredResponses, call: StoredCall, route: Route, backend: Backend,
+               metrics: Metrics) -> Exchange:
     """The backend's answer, asked again up to the route's `retries` times when the request
     could not reach it (nothing was sent), or for a GET (reading twice changes nothing) when
-    it failed before answering."""
+    its connection broke before the answer (not after a timeout: waiting that long again
+    helps nobody). Failures count towards the backend's ejection, as a chat request's do."""
     attempt = 0
     while True:
         try:
-            return await provider.stored_response(call)
+            exchange = await provider.stored_response(call)
         except UpstreamError as exc:
-            again = call.method == "GET" or isinstance(exc, UpstreamUnavailable)
+            count_upstream_failure(route, backend, metrics, exc.code or "error")
+            again = isinstance(exc, UpstreamUnavailable) or (
+                call.method == "GET" and not isinstance(exc, UpstreamTimeout))
             if not again or attempt >= route.config.retries:
                 raise
             attempt += 1
             metrics.retried(route.name, exc.code or "error")
+        else:
+            backend.state.record_success()
+            return exchange

@@ -103,10 +103,12 @@ class Opened:
         m = self.metrics
         m.upstream_done(self.backend.name, time.monotonic() - self.opened_at)
         if upstream_failed:
-            _count_failure(self.route, self.backend, m, "stream_broken")
+            count_upstream_failure(self.route, self.backend, m, "stream_broken")
 
 
-def _count_failure(route: Route, backend: Backend, metrics: Metrics, reason: str) -> None:
+def count_upstream_failure(route: Route, backend: Backend, metrics: Metrics, reason: str
+                           ) -> None:
+    """One more failure of `backend`; logged and counted when it ejects the backend."""
     if backend.state.record_failure(route.config.ejection):
         log.warning("backend %s ejected (%s)", backend.name, reason)
         metrics.ejected(backend.name, reason)
@@ -252,11 +254,11 @@ async def attempt(route: Route, backend: Backend, out: Outbound, attempts: int,
         return Opened(backend, route, exchange, first, attempts, metrics, started, ttfb, tokens,
                       hide_usage)
     except TimeoutError:
-        _count_failure(route, backend, metrics, "timeout")
+        count_upstream_failure(route, backend, metrics, "timeout")
         raise Retryable(UpstreamTimeout(
             f"no first byte from upstream within {cfg.first_byte_timeout_s} s")) from None
     except UpstreamError as exc:
-        _count_failure(route, backend, metrics, exc.code or "error")
+        count_upstream_failure(route, backend, metrics, exc.code or "error")
         raise Retryable(exc) from exc
     except CannotServe as exc:  # this backend's API lacks a parameter: another may have it
         raise Retryable(exc) from exc

@@ -155,6 +155,7 @@ class SessionQuery:
     user: str
     session_id: str | None
     default_ttl_s: float  # the pin's TTL when the user's settings name none
+    fixed_ttl: bool = False  # the pin's TTL is default_ttl_s whatever the settings (a response's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,9 +184,10 @@ class SessionStore(Protocol):
         ...
 
     def use_pin(self, user: str, session_id: str, ttl_s: float) -> asyncio.Future[Any]:
-        """One more request on the pin (if it still exists), as session_state's touch: for an
-        admitted request whose pin was only read with its admission. Under way when this
-        returns, as LimitStore.settle's: the future only reports the outcome (StoreError)."""
+        """One more request on the pin (if it still exists), as session_state's touch but with
+        its TTL slid to `ttl_s` (the caller's, read with the settings): for an admitted request
+        whose pin was only read with its admission. Under way when this returns, as
+        LimitStore.settle's: the future only reports the outcome (StoreError)."""
         ...
 
     async def claim_pin(self, user: str, session_id: str, backend: str, route: str,

@@ -33,6 +33,7 @@ class MemoryStore:
         self._tat: dict[str, float] = {}  # "rpm:"/"tpm:" + principal -> GCRA arrival time (ms)
         self._leases: dict[str, dict[str, float]] = {}  # principal -> lease -> expiry (ms)
         self._day: dict[str, tuple[int, int]] = {}  # principal -> (day number, tokens used)
+        self._finished: asyncio.Future[Any] | None = None  # see _done
         self._keys: dict[str, KeyRecord] = {}  # id -> record
         self._by_digest: dict[str, str] = {}  # digest -> id
         self._version = 0
@@ -124,13 +125,17 @@ class MemoryStore:
         if leases is None:
             leases = self._leases[principal] = {}
         if limits.concurrency:
-            # Leases are held in the order they expire (each is added, or refreshed, with the
-            # latest expiry): the expired ones are at the front.
+            # Leases are held in the order they expire as a rule (each is added, or refreshed,
+            # with the latest expiry): the expired ones are at the front. A reload that shortens
+            # lease_ttl_s breaks the rule for a while, so a refusal looks at every lease first.
             while leases:
                 first = next(iter(leases))
                 if leases[first] > now:
                     break
                 del leases[first]
+            if len(leases) >= limits.concurrency:
+                for gone in [k for k, expiry in leases.items() if expiry <= now]:
+                    del leases[gone]
             if len(leases) >= limits.concurrency:
                 denied = denied or 4
                 retry = max(retry, 1000.0)
@@ -155,7 +160,7 @@ class MemoryStore:
     def settle(self, principal: str, limits: Limits, token_delta: int,
                lease: str | None) -> asyncio.Future[Any]:
         self._settle(principal, limits, token_delta, lease)
-        return _done()
+        return self._done()
 
     def _settle(self, principal: str, limits: Limits, token_delta: int,
                 lease: str | None) -> None:
@@ -184,6 +189,15 @@ class MemoryStore:
                 if held.pop(lease, None) is not None:
                     held[lease] = expiry  # at the end: the latest expiry
 
+    def _done(self) -> asyncio.Future[Any]:
+        """The outcome of a call this store answered at once: one finished future per event
+        loop, shared (it is only ever read)."""
+        done = self._finished
+        if done is None or done.get_loop() is not asyncio.get_running_loop():
+            done = self._finished = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+        return done
+
     # Sessions: the same semantics as sessions.lua.
 
     def _live_pin(self, user: str, session_id: str, now: float) -> tuple[Pin, float] | None:
@@ -200,12 +214,13 @@ class MemoryStore:
         found = self._live_pin(query.user, query.session_id, self._clock())
         return SessionState(settings, None if found is None else found[0])
 
-    def _touch(self, user: str, session_id: str, default_ttl_s: float) -> Pin | None:
+    def _touch(self, user: str, session_id: str, default_ttl_s: float,
+               fixed_ttl: bool) -> Pin | None:
         now = self._clock()
         found = self._live_pin(user, session_id, now)
         if found is None:
             return None
-        settings = self._settings.get(user)
+        settings = None if fixed_ttl else self._settings.get(user)
         ttl = settings.get("session_ttl_s") if settings else None
         ttl_s = float(ttl) if isinstance(ttl, int) else default_ttl_s
         pin = dataclasses.replace(found[0], last_used_at=now, requests=found[0].requests + 1,
@@ -217,12 +232,12 @@ class MemoryStore:
         settings = self._settings.get(query.user)
         if query.session_id is None:
             return SessionState(settings, None, touched=True)
-        pin = self._touch(query.user, query.session_id, query.default_ttl_s)
+        pin = self._touch(query.user, query.session_id, query.default_ttl_s, query.fixed_ttl)
         return SessionState(settings, pin, touched=True)
 
     def use_pin(self, user: str, session_id: str, ttl_s: float) -> asyncio.Future[Any]:
-        self._touch(user, session_id, ttl_s)
-        return _done()
+        self._touch(user, session_id, ttl_s, fixed_ttl=True)
+        return self._done()
 
     async def claim_pin(self, user: str, session_id: str, backend: str, route: str,
                         ttl_s: float, replaces: str | None, count: bool = True) -> Pin:
@@ -304,20 +319,3 @@ def _gcra(tat: float, now: float, limit: int, cost: int) -> tuple[float, float, 
             ahead - PERIOD_MS
     new = tat + cost * interval
     return new, max(0, math.floor((PERIOD_MS - (new - now)) / interval + EPS)), new - now, 0.0
-
-
-_DONE: dict[asyncio.AbstractEventLoop, asyncio.Future[Any]] = {}
-
-
-def _done() -> asyncio.Future[Any]:
-    """The outcome of a call this store answered at once: one finished future per event loop,
-    shared (it is only ever read)."""
-    loop = asyncio.get_running_loop()
-    done = _DONE.get(loop)
-    if done is None:
-        if len(_DONE) > 16:  # loops that have closed (tests run many)
-            for gone in [old for old in _DONE if old.is_closed()]:
-                del _DONE[gone]
-        done = _DONE[loop] = loop.create_future()
-        done.set_result(None)
-    return done

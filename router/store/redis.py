@@ -140,7 +140,7 @@ def session_call(query: SessionQuery, op: str = "read") -> tuple[list[str], list
     keys = [settings_key(query.user)]
     if query.session_id is not None:
         keys.append(pin_key(query.user, query.session_id))
-    return keys, [op, int(query.default_ttl_s * 1000)]
+    return keys, [op, int(query.default_ttl_s * 1000), int(query.fixed_ttl)]
 
 
 # -- Usage -----------------------------------------------------------------------------------------
@@ -425,7 +425,7 @@ class RedisStore:
                       touched=True)
 
     def use_pin(self, user: str, session_id: str, ttl_s: float) -> asyncio.Future[Any]:
-        keys, args = session_call(SessionQuery(user, session_id, ttl_s), "touch")
+        keys, args = session_call(SessionQuery(user, session_id, ttl_s, fixed_ttl=True), "touch")
         return self._sent("use pin", SESSIONS, keys, args)
 
     async def claim_pin(self, user: str, session_id: str, backend: str, route: str,

@@ -3,9 +3,10 @@
 -- A pin is a hash {backend, route, created, last, n} with a sliding TTL; settings are a JSON
 -- string. Both keys of a user share one hash tag (one slot).
 -- ARGV[1] = op
---   touch default_ttl_ms   KEYS: settings [, pin]
+--   touch default_ttl_ms fixed   KEYS: settings [, pin]
 --     -> {settings|nil, backend, route, created, last, n, expires}   (pin fields nil: no pin)
---     one more request on the pin, last use = now, TTL = settings.session_ttl_s or the default.
+--     one more request on the pin, last use = now, TTL = settings.session_ttl_s or the default
+--     (always the default when fixed is '1': a response's pin, or a TTL the caller chose).
 --   read   KEYS: settings [, pin]   -> the same, untouched: asked with a limits admission that
 --     may refuse the request; an admitted one is counted by a `touch` (or `claim ... 1`) after.
 --   claim backend route ttl_ms replaces count   KEYS: pin
@@ -29,7 +30,7 @@ if op == 'touch' then
     return {settings, false, false, false, false, false, false}
   end
   local ttl = tonumber(ARGV[2])
-  if settings then
+  if settings and ARGV[3] ~= '1' then
     local ok, doc = pcall(cjson.decode, settings)
     if ok and type(doc) == 'table' and tonumber(doc['session_ttl_s']) then
       ttl = tonumber(doc['session_ttl_s']) * 1000

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import openai
@@ -26,6 +27,7 @@ from tests.conftest import (
 
 LIMITED_KEY = "sk-limited-0123456789abcdef0123456789"
 RPM_KEY = "sk-rpm3-0123456789abcdef0123456789abcd"
+TPM_KEY = "sk-tpm-0123456789abcdef0123456789abcdef"
 TEXT = "tok0 tok1 tok2 tok3 tok4 "  # what the fake writes (five words)
 
 
@@ -333,6 +335,32 @@ async def test_calls_on_a_stored_response_are_admitted_like_any_request(ups, sta
     await eventually(counted, 5, "the calls in router_endpoint_requests_total")
 
 
+async def test_calls_on_a_stored_response_use_no_tokens(ups, start_router):
+    """A token limit spent by the responses themselves does not refuse reading them; an
+    error answer carries the rate-limit headers too."""
+    cfg = config(*ups)
+    cfg["auth"]["api_keys"].append(
+        {"id": "tpm", "user": "erin", "limits": {"tpm": 200, "rpm": 100},
+         "key_sha256": hashlib.sha256(TPM_KEY.encode()).hexdigest()})
+    router = await start_router(cfg)
+    c = sdk(router, TPM_KEY)
+    try:
+        # More than the whole budget: admitted on an empty bucket, charged whole.
+        made = await c.responses.create(model="rr", input="x" * 400, max_output_tokens=1000)
+        with pytest.raises(openai.RateLimitError) as refused:
+            await c.responses.create(model="rr", input="hi")
+        assert refused.value.code == "tpm"  # type: ignore[attr-defined]
+        got = await c.responses.with_raw_response.retrieve(made.id)
+        assert got.parse().id == made.id
+        assert got.headers["x-ratelimit-remaining-requests"] == "98"  # (a refusal costs none)
+        assert "x-ratelimit-limit-tokens" not in got.headers  # held to rpm only
+        with pytest.raises(openai.NotFoundError) as missing:
+            await c.responses.retrieve("resp_nowhere")
+        assert missing.value.response.headers["x-ratelimit-remaining-requests"] == "97"
+    finally:
+        await c.close()
+
+
 @pytest.mark.parametrize("key", [KEY, LIMITED_KEY], ids=["no-limits", "limited"])
 async def test_a_response_pin_lives_ttl_from_its_last_use(ups, start_router, redis_server,
                                                           key):
@@ -341,6 +369,11 @@ async def test_a_response_pin_lives_ttl_from_its_last_use(ups, start_router, red
     router = await start_router(config(*ups, store={"url": redis_server.url}) | {
         "sessions": {"ttl_s": 100}})
     c = sdk(router, key)
+    # The user's own session TTL is for sessions: a response's pin keeps sessions.ttl_s.
+    async with router.http.put(f"{router.url}/api/v1/automation/settings",
+                               json={"session_ttl_s": 60},
+                               headers={"Authorization": f"Bearer {key}"}) as resp:
+        assert resp.status == 200
     try:
         async with Redis.from_url(redis_server.url) as redis:
             first = await c.responses.create(model="rr", input="turn 1")
@@ -365,10 +398,14 @@ async def test_a_response_pin_lives_ttl_from_its_last_use(ups, start_router, red
 async def test_a_streamed_response_is_found_on_another_replica_at_its_first_event(
         ups, start_router, redis_server):
     """The id is pinned before the client reads it: another replica finds it while the
-    stream is still going."""
-    cfg = config(*ups, store={"url": redis_server.url, "timeout_ms": 500})
+    stream is still going, even when the first replica's store answers slowly (its commands
+    pass through a proxy that holds each for 0.3 s)."""
+    slow_redis = await delaying_proxy(redis_server.port, 0.3)
+    cfg = config(*ups, store={"url": redis_server.url, "timeout_ms": 2000})
     cfg["routes"]["slow"] = {"backends": [{"provider": "a", "model": "chunks:6+gap:0.3"}]}
-    one, two = await start_router(cfg), await start_router(cfg)
+    one = await start_router(cfg | {"store": {"url": f"redis://127.0.0.1:{slow_redis.port}",
+                                              "timeout_ms": 2000}})
+    two = await start_router(cfg)
     other = sdk(two)
     try:
         async with one.http.post(f"{one.url}/v1/responses", json={
@@ -386,6 +423,39 @@ async def test_a_streamed_response_is_found_on_another_replica_at_its_first_even
             await resp.read()
     finally:
         await other.close()
+        slow_redis.close()
+
+
+@dataclass
+class DelayingProxy:
+    port: int
+    server: asyncio.Server
+
+    def close(self) -> None:
+        self.server.close()
+
+
+async def delaying_proxy(port: int, delay_s: float) -> DelayingProxy:
+    """A TCP proxy to 127.0.0.1:`port` that holds what its clients send for `delay_s`."""
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                   delay: float) -> None:
+        try:
+            while data := await reader.read(65536):
+                if delay:
+                    await asyncio.sleep(delay)
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.gather(pipe(reader, up_writer, delay_s), pipe(up_reader, writer, 0))
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return DelayingProxy(server.sockets[0].getsockname()[1], server)
 
 
 async def test_a_read_of_a_stored_response_is_retried_on_its_backend(router, client, ups):
@@ -410,3 +480,21 @@ async def test_a_read_of_a_stored_response_is_retried_on_its_backend(router, cli
         return registry.get_sample_value(
             "router_retries_total", {"route": "rr", "reason": "bad_gateway"}) == 2
     await eventually(counted, 5, "the two retries in router_retries_total")
+
+
+async def test_failed_calls_on_a_stored_response_count_towards_ejection(ups, start_router):
+    cfg = config(*ups)
+    cfg["routes"]["rr"]["ejection"] = {"consecutive_failures": 3}
+    router = await start_router(cfg)
+    c = sdk(router)
+    try:
+        made = await c.responses.create(model="rr", input="hi")
+        fake = ups[0] if made_by(made.id) == "a" else ups[1]
+        fake.recorder.drop_stored = 3  # the first try and both retries
+        with pytest.raises(openai.InternalServerError):
+            await c.responses.retrieve(made.id)
+    finally:
+        await c.close()
+    registry = router.worker.metrics.registry
+    assert registry.get_sample_value("router_backend_ejections_total", {
+        "backend": f"{made_by(made.id)}/gpt-x", "reason": "bad_gateway"}) == 1
