@@ -33,6 +33,8 @@ class Plan:
     metrics_phase_s: float = 5.0
     translate: bool = False
     translate_only: bool = False
+    affinity: bool = False
+    affinity_only: bool = False
 
 
 # The optional measurements: (flag, what it measures), for --NAME and --NAME-only.
@@ -43,6 +45,8 @@ EXTRAS = (
                "limits, same run; about 60 s)"),
     ("sessions", "session pinning vs round robin on two upstreams simulating a prefix cache "
                  "(about 10 s)"),
+    ("affinity", "prefix affinity vs round robin, least busy and session pinning on four "
+                 "upstreams simulating a bounded prefix cache, two router replicas (about 45 s)"),
     ("fanout", "fan-out: p99 of none, race and hedge over two upstreams, one with a heavy "
                "tail (about 30 s)"),
     ("translate", "the CPU per streamed chunk of a translated provider (Anthropic) against "
@@ -87,4 +91,5 @@ def parse(argv: Sequence[str], description: str | None = None) -> Plan:
                 sessions=args.sessions, sessions_only=args.sessions_only,
                 metrics=args.metrics, metrics_only=args.metrics_only,
                 metrics_rounds=1 if args.quick else 5, metrics_phase_s=min(duration, 5.0),
-                translate=args.translate, translate_only=args.translate_only)
+                translate=args.translate, translate_only=args.translate_only,
+                affinity=args.affinity, affinity_only=args.affinity_only)
