@@ -10,8 +10,8 @@ without a store, and a backend past its share of the load spills to the prefix's
 
 from __future__ import annotations
 
-import hashlib
 import time
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -78,18 +78,20 @@ def leading(messages: list[Any], prefix: str | int) -> list[Any]:
 
 
 def prefix_key(body: Mapping[str, Any], prefix: str | int) -> str | None:
-    """A hex digest of the body's `tools` and leading messages, at most MAX_PREFIX_BYTES of
-    them, the same in every process for the same prefix (no per-process salt). A message's text
-    is cut before it is encoded, so a long document costs no more than its first 64 KiB."""
+    """A checksum of the body's `tools` and leading messages, at most MAX_PREFIX_BYTES of them,
+    with their length: the same in every process for the same prefix (no per-process salt). A
+    message's text is cut before it is encoded, so a long document costs no more than its first
+    64 KiB. CRC-32 runs at several GB/s (a 13 KiB prefix: about 3 µs, blake2b 15 µs); the key
+    only picks a backend, so two prefixes that collide merely share one."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         return None
-    digest = hashlib.blake2b(digest_size=16)
+    crc = 0
     budget = MAX_PREFIX_BYTES
     tools = body.get("tools")
     if tools:
         data = dump_json(tools)[:budget]
-        digest.update(data)
+        crc = zlib.crc32(data, crc)
         budget -= len(data)
     for message in leading(messages, prefix):
         if budget <= 0:
@@ -102,7 +104,6 @@ def prefix_key(body: Mapping[str, Any], prefix: str | int) -> str | None:
             data = head + b"\0" + text
         else:
             data = dump_json(message)[:budget]
-        digest.update(data)
-        digest.update(b"\x1e")  # a record separator: [ab][c] and [a][bc] differ
+        crc = zlib.crc32(b"\x1e", zlib.crc32(data, crc))  # a separator: [ab][c] is not [a][bc]
         budget -= len(data)
-    return digest.hexdigest()
+    return f"{crc:08x}-{MAX_PREFIX_BYTES - budget:x}"

@@ -1,5 +1,6 @@
 """Balancing strategies: one synchronous `select()` each, no I/O; stats come in the candidates.
-Also the keyed choice sessions fall back to without a shared store (bounded_rendezvous)."""
+Also the keyed choice sessions fall back to without a shared store and prefix affinity uses
+(rendezvous_place)."""
 
 from __future__ import annotations
 
