@@ -50,6 +50,7 @@ from router.stages import (
     FollowSession,
     Forward,
     Pipeline,
+    PlaceByPrefix,
     PlaceSession,
     Read,
     ReadSession,
@@ -228,6 +229,7 @@ def chat_stages(app: web.Application) -> Pipeline:
         ReadSession(sessions),  # the user's settings in effect
         ChooseRoute(),
         PlaceSession(sessions),  # the session's id and its backend
+        PlaceByPrefix(metrics),  # prefix_affinity, when no session placed it
         CountInFlight(metrics),
         Forward(metrics),  # dispatch, or fan-out
         FollowSession(sessions),  # a moved pin; a new session named in the answer

@@ -235,6 +235,9 @@ class Metrics:
                                "mode", "outcome")
         session_pins = self._counter("router_session_pins_total", "Session pin lookups",
                                      "outcome")
+        affinity = self._counter("router_affinity_total",
+                                 "Requests placed by their prompt prefix (prefix_affinity)",
+                                 "route", "outcome")
         config_reloads = self._counter("router_config_reloads_total", "Config reloads",
                                        "result")
         store_errors = self._counter("router_store_errors_total", "Store calls that failed",
@@ -265,6 +268,8 @@ class Metrics:
         self._fanout: _Children[tuple[str, str], _Count] = _Children(
             lambda key: fanout.labels(*key))
         self._session_pins: _Children[str, _Count] = _Children(session_pins.labels)
+        self._affinity: _Children[tuple[str, str], _Count] = _Children(
+            lambda key: affinity.labels(*key))
         self._config_reloads: _Children[bool, _Count] = _Children(
             lambda ok: config_reloads.labels("success" if ok else "failure"))
         self._store_errors: _Children[str, _Count] = _Children(store_errors.labels)
@@ -328,6 +333,11 @@ class Metrics:
 
     def session_pin(self, outcome: str) -> None:
         self._session_pins[outcome].inc()
+
+    def affinity(self, route: str, outcome: str) -> None:
+        """A request placed by its prompt prefix: `first` (the prefix's first choice), `spill`
+        (that one is past its load bound) or `skip` (it is ejected, resting or full)."""
+        self._affinity[route, outcome].inc()
 
     def config_reloaded(self, ok: bool) -> None:
         self._config_reloads[ok].inc()
@@ -486,6 +496,9 @@ class DisabledMetrics(Metrics):
         pass
 
     def session_pin(self, outcome: str) -> None:
+        pass
+
+    def affinity(self, route: str, outcome: str) -> None:
         pass
 
     def config_reloaded(self, ok: bool) -> None:

@@ -247,6 +247,21 @@ class PlaceSession(Stage):
                                                 call.runtime.config, call.runtime.table)
 
 
+class PlaceByPrefix(Stage):
+    """A `prefix_affinity` route's request that no session placed: the backend its prompt
+    prefix picks goes first (router/routing/affinity.py). Other routes: one attribute read."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def __call__(self, call: Call) -> None:
+        route = call.route
+        assert route is not None
+        affinity = route.affinity
+        if affinity is not None and call.prefer is None:
+            call.prefer = affinity.place(route, call.body, self.metrics)
+
+
 class CountInFlight(Stage):
     """The route's in-flight gauge, for as long as the request is being answered."""
 

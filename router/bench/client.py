@@ -15,6 +15,11 @@ object on stdout:
 * ``sessions``: ``--sessions`` conversations at once, each ``--turns`` streamed requests one after
   another on its own connection, the history growing each turn; the first message is unique per
   conversation (``--tag`` and its number); ``--pin`` adds a ``session_id``. Time to first byte.
+* ``affinity``: ``--sessions`` conversations starting with Poisson gaps (``--arrivals`` a
+  second), each ``--turns`` streamed requests with Poisson think times between them, every
+  request sent to one of the ``--ports`` (router replicas) at random; the conversations share
+  ``--systems`` long system prompts and each opens with its own document. ``--pin`` adds a
+  ``session_id``. Time to first byte, and which backend (``x-router-backend``) served each turn.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import asyncio
 import contextlib
 import functools
 import gc
+import random
 import re
 import statistics
 import sys
@@ -65,6 +71,7 @@ class _Connection(asyncio.Protocol):
         self._remaining = 0  # body bytes left (Content-Length) or left in the current chunk
         self._keep_alive = True
         self.last_data = 0.0  # when the latest bytes arrived (the streams mode's chunk spread)
+        self.head = b""  # the last response's head, lowercased
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -92,7 +99,7 @@ class _Connection(asyncio.Protocol):
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 return
-            head = bytes(buf[:end]).lower()
+            head = self.head = bytes(buf[:end]).lower()
             del buf[:end + 4]
             self._status = int(head[9:12])
             self._chunked = b"transfer-encoding: chunked" in head
@@ -428,10 +435,78 @@ async def sessions(host: str, port: int, key: str | None, model: str, count: int
             "by_turn_ms": [summary(t) for t in by_turn], "errors": errors}
 
 
+_BACKEND = re.compile(rb"\r\nx-router-backend:[ \t]*([^\r]*)")
+SYSTEM_WORDS = 1600  # ~2,000 tokens of system prompt shared by many conversations
+DOCUMENT_WORDS = 500  # each conversation's own opening document
+
+
+def affinity_body(model: str, tag: str, number: int, turn: int, systems: int,
+                  pin: bool) -> bytes:
+    """Turn `turn` of conversation `number`: a shared system prompt, its own document and
+    question, then the turns so far."""
+    system = f"[{tag} system {number % systems}] " + "Follow the house style. " * (
+        SYSTEM_WORDS // 4)
+    document = f"[{tag}-{number}] " + f"Section {number}: facts and figures. " * (
+        DOCUMENT_WORDS // 5)
+    messages: list[dict[str, str]] = [{"role": "system", "content": system},
+                                      {"role": "user", "content": document + " Summarise it."}]
+    for k in range(1, turn + 1):
+        messages.append({"role": "assistant", "content": f"Answer {k}: " + "words " * 60})
+        messages.append({"role": "user", "content": f"Follow-up question {k} on the document."})
+    body: dict[str, object] = {"model": model, "stream": True, "messages": messages}
+    if pin:
+        body["session_id"] = f"bench-{tag}-{number}"
+    return orjson.dumps(body)
+
+
+async def affinity(host: str, ports: list[int], key: str | None, model: str, count: int,
+                   turns: int, systems: int, arrivals: float, think_s: float, tag: str,
+                   pin: bool, seed: int) -> dict[str, object]:
+    rng = random.Random(seed)
+    starts = []
+    t = 0.0
+    for _ in range(count):
+        t += rng.expovariate(arrivals)
+        starts.append(t)
+    firsts: list[float] = []
+    later: list[float] = []
+    placed: list[list[tuple[int, str]]] = [[] for _ in range(count)]  # (replica, backend)
+    errors = 0
+
+    async def one(number: int) -> None:
+        nonlocal errors
+        crng = random.Random(seed * 1000 + number)
+        await asyncio.sleep(starts[number])
+        conns: dict[int, _Connection] = {}
+        for turn in range(turns):
+            if turn:
+                await asyncio.sleep(crng.expovariate(1 / think_s))
+            replica = crng.randrange(len(ports))
+            port = ports[replica]
+            conn = conns.get(replica) or await connect(host, port)
+            request = build_request(host, port, "/v1/chat/completions",
+                                    affinity_body(model, tag, number, turn, systems, pin), key)
+            used = conn
+            conn, timing = await _timed(host, port, conn, request)
+            conns[replica] = conn
+            if timing is None:
+                errors += 1
+                continue
+            (firsts if turn == 0 else later).append(timing[0])
+            match = _BACKEND.search(b"\r\n" + used.head)
+            placed[number].append((replica, match.group(1).decode() if match else "?"))
+        for c in conns.values():
+            c.close()
+
+    await asyncio.gather(*(one(n) for n in range(count)))
+    return {"ttfb_ms": summary(firsts + later), "first_ms": summary(firsts),
+            "later_ms": summary(later), "placed": placed, "errors": errors}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m router.bench.client")
-    parser.add_argument("mode",
-                        choices=["openloop", "closed", "ttfb", "streams", "hold", "sessions"])
+    parser.add_argument("mode", choices=["openloop", "closed", "ttfb", "streams", "hold",
+                                         "sessions", "affinity"])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--path", default="/v1/chat/completions")
@@ -450,6 +525,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pin", action="store_true")
     parser.add_argument("--chunks", type=int, default=20,
                         help="streams: token chunks per answer (the per-chunk figure)")
+    parser.add_argument("--ports", help="affinity: the router replicas' ports, comma-separated")
+    parser.add_argument("--systems", type=int, default=4)
+    parser.add_argument("--arrivals", type=float, default=10.0)
+    parser.add_argument("--think-ms", type=float, default=300.0)
+    parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     body = orjson.dumps({"model": args.model, "stream": args.stream,
                          "messages": [{"role": "user", "content": "Say hello."}]})
@@ -467,6 +547,11 @@ def main(argv: list[str] | None = None) -> int:
         case "streams":
             coro = streams(args.host, args.port, request, args.connections, args.duration,
                            args.chunks)
+        case "affinity":
+            ports = [int(p) for p in (args.ports or str(args.port)).split(",")]
+            coro = affinity(args.host, ports, args.key, args.model, args.sessions, args.turns,
+                            args.systems, args.arrivals, args.think_ms / 1000, args.tag,
+                            args.pin, args.seed)
         case "sessions":
             coro = sessions(args.host, args.port, args.key, args.model, args.sessions,
                             args.turns, args.tag, args.pin)

@@ -43,6 +43,8 @@ class Plan:
     peers_phase_s: float = 5.0
     peers_streams: int = 1000
     results_dir: str = "bench-results"
+    affinity: bool = False
+    affinity_only: bool = False
 
 
 # The optional measurements: (flag, what it measures), for --NAME and --NAME-only.
@@ -53,6 +55,8 @@ EXTRAS = (
                "limits, same run; about 60 s)"),
     ("sessions", "session pinning vs round robin on two upstreams simulating a prefix cache "
                  "(about 10 s)"),
+    ("affinity", "prefix affinity vs round robin, least busy and session pinning on four "
+                 "upstreams simulating a bounded prefix cache, two router replicas (about 45 s)"),
     ("fanout", "fan-out: p99 of none, race and hedge over two upstreams, one with a heavy "
                "tail (about 30 s)"),
     ("translate", "the CPU per streamed chunk of a translated provider (Anthropic) against "
@@ -120,4 +124,5 @@ def parse(argv: Sequence[str], description: str | None = None) -> Plan:
                 peers_rounds=max(1, min(args.peer_rounds, 20)),
                 peers_phase_s=2.0 if args.quick else min(duration, 5.0),
                 peers_streams=min(plan_streams, 200) if args.quick else plan_streams,
-                results_dir=args.results)
+                results_dir=args.results,
+                affinity=args.affinity, affinity_only=args.affinity_only)

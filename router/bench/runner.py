@@ -33,6 +33,15 @@ same config but `metrics.enabled: false`, the default (metrics on), and metrics 
 report (`usage.enabled`, store memory://); req/s at c=64, router CPU per request and the open-loop
 p50/p99, the variants alternating over the rounds. `--metrics-only` runs just that.
 
+`--affinity` adds what prefix affinity buys backends with a bounded prefix (KV) cache
+(router/bench/affinity.py): four upstreams simulating one (router/bench/kv_cache.py: an LRU of
+message blocks, prefill time growing with the uncached part, concurrent prefills sharing the
+backend), two router replicas, multi-turn conversations sharing a few long system prompts with
+Poisson arrivals and no `session_id`, each request to either replica; round_robin, least_busy,
+prefix_affinity and (for reference) session pinning with ids: cache hit ratio, TTFB p50/p95,
+load spread, and how often a conversation's turns stay on one backend. `--affinity-only` runs
+just that.
+
 `--fanout` adds what fan-out does to tail latency (router/bench/fanout.py): two upstreams, one
 with a heavy tail, and one router whose routes over both use `fanout: none`, `race`, `hedge` after
 a fixed delay and `hedge` after the observed p95; p50/p95/p99 of each under the same open-loop
@@ -67,7 +76,15 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from router.bench import auth_cost, direct, limits_cost, metrics_cost, pinning, translate_cost
+from router.bench import (
+    affinity,
+    auth_cost,
+    direct,
+    limits_cost,
+    metrics_cost,
+    pinning,
+    translate_cost,
+)
 from router.bench.harness import (
     LOAD_CPU,
     ROUTER_CPU,
@@ -97,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="router-bench-") as tmpdir, processes() as procs:
         tmp = Path(tmpdir)
         if not (plan.auth_only or plan.limits_only or plan.sessions_only or plan.fanout_only
-                or plan.metrics_only or plan.translate_only or plan.peers_only):
+                or plan.metrics_only or plan.translate_only or plan.peers_only
+                or plan.affinity_only):
             code, profile = direct.run(procs, machine, tmp, plan, rows, notes)
             if code:
                 return code
@@ -120,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
              lambda: limits_cost.run(procs, machine, tmp, plan, notes)),
             ("sessions", plan.sessions or plan.sessions_only,
              lambda: pinning.run(procs, machine, tmp, notes)),
+            ("affinity", plan.affinity or plan.affinity_only,
+             lambda: affinity.run(procs, machine, tmp, notes)),
             ("fanout", plan.fanout or plan.fanout_only, fanout_run),
             ("metrics", plan.metrics or plan.metrics_only,
              lambda: metrics_cost.run(procs, machine, tmp, plan, notes)),
@@ -139,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     auth_rows = extra_rows.get("auth", [])
     limits_rows = extra_rows.get("limits", [])
     sessions_rows = extra_rows.get("sessions", [])
+    affinity_rows = extra_rows.get("affinity", [])
     fanout_rows = extra_rows.get("fanout", [])
     metrics_rows = extra_rows.get("metrics", [])
     translate_rows = extra_rows.get("translate", [])
@@ -160,6 +181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _table("Sessions: pinning vs round robin, two upstreams simulating a prefix (KV) cache",
                ["variant", "TTFB p50", "TTFB p95", "TTFB mean", "turns 2+ p50 / p95", "warm",
                 "warm, turns 2+", "requests per upstream"], sessions_rows)
+    if affinity_rows:
+        _table("Prefix affinity: four upstreams simulating a bounded prefix (KV) cache, two "
+               "router replicas, conversations without session_id", affinity.COLUMNS,
+               affinity_rows)
     if fanout_rows:
         from router.bench.fanout import COLUMNS
 

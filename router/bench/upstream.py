@@ -20,6 +20,11 @@ per session in the bench client); a conversation's first request here waits ``--
 before its first byte (cold), later ones ``--warm-ms`` (warm). ``GET /prefix-stats`` answers
 ``{"warm": n, "cold": n}`` so far.
 
+With ``--kv-capacity`` (the prefix-affinity bench) streamed answers wait as a backend with a
+bounded prefix cache would (router/bench/kv_cache.py): an LRU of message blocks, the time to the
+first byte growing with the uncached part of the prompt, concurrent prefills sharing the
+backend. ``GET /kv-stats`` answers its counters; ``GET /kv-reset`` empties it.
+
 Run: ``python -m router.bench.upstream --port 0``; it prints ``PORT <n>`` when listening.
 """
 
@@ -33,6 +38,8 @@ import sys
 from typing import cast
 
 import orjson
+
+from router.bench.kv_cache import KvCache
 
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
 _MODEL = re.compile(rb'"model":\s*"([^"]*)"')
@@ -153,9 +160,11 @@ class PrefixCache:
 class _Connection(asyncio.Protocol):
     """One keep-alive client connection; requests are answered in order."""
 
-    def __init__(self, hold_s: float, hold_gap: float, cache: PrefixCache | None = None
-                 ) -> None:
+    def __init__(self, hold_s: float, hold_gap: float, cache: PrefixCache | None = None,
+                 kv: KvCache | None = None) -> None:
         self._cache = cache
+        self._kv = kv
+        self._prefill: asyncio.Task[None] | None = None
         self._buf = bytearray()
         self._transport: asyncio.Transport | None = None
         self._hold_s = hold_s
@@ -171,12 +180,15 @@ class _Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._prefill is not None:
+            self._prefill.cancel()
         self._transport = None
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf
         buf += data
-        while self._timer is None:  # a held stream answers nothing else until it ends
+        # A held stream (or a prefill) answers nothing else until it ends.
+        while self._timer is None and self._prefill is None:
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 if len(buf) > MAX_REQUEST:
@@ -201,6 +213,10 @@ class _Connection(asyncio.Protocol):
             return
         if head.startswith(b"GET /prefix-stats") and self._cache is not None:
             transport.write(_response(orjson.dumps(self._cache.stats)))
+        elif head.startswith(b"GET /kv-") and self._kv is not None:
+            if head.startswith(b"GET /kv-reset"):
+                self._kv.reset()
+            transport.write(_response(orjson.dumps(self._kv.stats.view())))
         elif head.startswith(b"GET"):
             transport.write(MODELS)
         elif b'"stream":true' not in body and b'"stream": true' not in body:
@@ -228,11 +244,25 @@ class _Connection(asyncio.Protocol):
                 transport.write(SSE_HEAD + SSE_FIRST)
                 self._drip(SSE_TOKEN, SSE_END, max(1, int(self._hold_s / self._hold_gap)),
                            self._hold_gap)
+            elif self._kv is not None:
+                self._prefill = asyncio.get_running_loop().create_task(self._kv_answer(body))
             elif self._cache is not None:  # later requests wait: answers stay in order
                 delay = self._cache.delay(body)
                 self._timer = asyncio.get_running_loop().call_later(delay, self._delayed)
             else:
                 transport.write(SSE_FAST)
+
+    async def _kv_answer(self, body: bytes) -> None:
+        assert self._kv is not None
+        try:
+            request = orjson.loads(body)
+            await self._kv.prefill(request.get("messages") or [], request.get("tools"))
+        finally:
+            self._prefill = None
+        if self._transport is not None:
+            self._transport.write(SSE_FAST)
+            if self._buf:
+                self.data_received(b"")
 
     def _delayed(self) -> None:
         self._timer = None
@@ -270,10 +300,10 @@ class _Connection(asyncio.Protocol):
 
 
 async def serve(host: str, port: int, hold_s: float, hold_gap: float,
-                cache: PrefixCache | None = None) -> None:
+                cache: PrefixCache | None = None, kv: KvCache | None = None) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: _Connection(hold_s, hold_gap, cache), host, port,
-                                      backlog=4096, reuse_address=True)
+    server = await loop.create_server(lambda: _Connection(hold_s, hold_gap, cache, kv), host,
+                                      port, backlog=4096, reuse_address=True)
     bound = server.sockets[0].getsockname()[1]
     print(f"PORT {bound}", flush=True)
     async with server:
@@ -293,9 +323,17 @@ def main(argv: list[str] | None = None) -> int:
                              "here waits this long before its first byte (0: off)")
     parser.add_argument("--warm-ms", type=float, default=5.0,
                         help="with --prefill-ms: the wait of a conversation seen here before")
+    parser.add_argument("--kv-capacity", type=int, default=0,
+                        help="simulate a bounded prefix (KV) cache of this many tokens (0: off)")
+    parser.add_argument("--kv-token-us", type=float, default=50.0,
+                        help="with --kv-capacity: prefill time per uncached token, alone")
+    parser.add_argument("--kv-base-ms", type=float, default=2.0,
+                        help="with --kv-capacity: the wait before any prefill")
     args = parser.parse_args(argv)
     cache = (PrefixCache(args.prefill_ms / 1000, args.warm_ms / 1000)
              if args.prefill_ms > 0 else None)
+    kv = (KvCache(args.kv_capacity, args.kv_token_us / 1e6, args.kv_base_ms / 1000)
+          if args.kv_capacity > 0 else None)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a router dependency
@@ -303,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         runner = uvloop.run
     with contextlib.suppress(KeyboardInterrupt):
-        runner(serve(args.host, args.port, args.hold_s, args.hold_gap, cache))
+        runner(serve(args.host, args.port, args.hold_s, args.hold_gap, cache, kv))
     return 0
 
 

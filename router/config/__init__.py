@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from router.config.files import FileProblems, read_files
 from router.config.loader import Loaded, Path, Problem, load_text
 from router.config.model import (
+    AffinityConfig,
     AnthropicProviderConfig,
     ApiKeyConfig,
     AzureProviderConfig,
@@ -32,6 +33,7 @@ from router.config.model import (
 from router.locs import input_path
 
 __all__ = [
+    "AffinityConfig",
     "AnthropicProviderConfig",
     "ApiKeyConfig",
     "AzureProviderConfig",
@@ -125,6 +127,7 @@ def _cross_checks(config: Config) -> Iterator[tuple[Path, str]]:
             elif fallback == route_name:
                 yield ("routes", route_name, "fallbacks", i), "a route cannot fall back to itself"
         yield from _fanout_checks(route_name, route)
+        yield from _affinity_checks(route_name, route)
         for i, endpoint in enumerate(route.endpoints or ()):
             for backend in route.backends:
                 provider = config.providers.get(backend.provider)
@@ -166,6 +169,17 @@ def _fanout_checks(name: str, route: RouteConfig) -> Iterator[tuple[Path, str]]:
         yield ("routes", name, "max_hedges"), \
             f"{route.max_hedges} extra copies need {route.max_hedges + 1} backends " \
             f"(this route has {count})"
+
+
+def _affinity_checks(name: str, route: RouteConfig) -> Iterator[tuple[Path, str]]:
+    """`affinity` belongs to `strategy: prefix_affinity`, which places each request on one
+    backend: nothing to fan out."""
+    if route.strategy != "prefix_affinity":
+        if "affinity" in route.model_fields_set:
+            yield ("routes", name, "affinity"), "applies only to strategy prefix_affinity"
+    elif route.fanout != "none":
+        yield ("routes", name, "fanout"), \
+            "strategy prefix_affinity places each request on one backend: use fanout none"
 
 
 def _is_loopback(host: str) -> bool:

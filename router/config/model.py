@@ -18,7 +18,8 @@ from pydantic import (
 
 from router.config.store_url import REDIS_PREFIXES, parse_store_url
 
-Strategy = Literal["round_robin", "weighted", "least_busy", "latency", "random"]
+Strategy = Literal["round_robin", "weighted", "least_busy", "latency", "random",
+                   "prefix_affinity"]
 Fanout = Literal["none", "race", "hedge", "all"]
 # What a route serves: POST /v1/chat/completions, /v1/responses, /v1/embeddings, /v1/completions.
 EndpointKind = Literal["chat", "responses", "embeddings", "completions"]
@@ -37,6 +38,22 @@ def _hedge_after(value: object) -> object:
 
 
 HedgeAfter = Annotated[float | Literal["p95"], BeforeValidator(_hedge_after)]
+MAX_PREFIX_MESSAGES = 1000
+
+
+def _affinity_prefix(value: object) -> object:
+    """`first_user`, `system`, or how many leading messages (1..MAX_PREFIX_MESSAGES)."""
+    if value in ("first_user", "system"):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) \
+            and 1 <= value <= MAX_PREFIX_MESSAGES:
+        return value
+    raise ValueError("expected 'first_user', 'system' or a number of messages "
+                     f"(1 to {MAX_PREFIX_MESSAGES})")
+
+
+AffinityPrefix = Annotated[Literal["first_user", "system"] | int,
+                           BeforeValidator(_affinity_prefix)]
 
 
 class Frozen(BaseModel):
@@ -356,6 +373,16 @@ class EjectionConfig(Frozen):
     max_cooldown_s: float = Field(300.0, gt=0)
 
 
+class AffinityConfig(Frozen):
+    """`strategy: prefix_affinity`: what part of a chat prompt picks its backend, and how far
+    past its fair share of the in-flight requests a backend may go before its prefixes spill."""
+
+    # first_user: the messages up to and including the first `user` one; system: the leading
+    # system (or developer) messages; N: the first N messages. `tools` are part of it always.
+    prefix: AffinityPrefix = "first_user"
+    load_factor: float = Field(1.25, ge=1.0, le=100.0)
+
+
 class RouteConfig(Frozen):
     strategy: Strategy = "round_robin"
     fanout: Fanout = "none"
@@ -373,6 +400,7 @@ class RouteConfig(Frozen):
     ejection: EjectionConfig = EjectionConfig()
     # What the route serves; None: every endpoint all of its backends' providers serve.
     endpoints: tuple[EndpointKind, ...] | None = Field(None, min_length=1)
+    affinity: AffinityConfig = AffinityConfig()  # strategy prefix_affinity only
 
 
 class HealthConfig(Frozen):

@@ -1,5 +1,6 @@
 """Balancing strategies: one synchronous `select()` each, no I/O; stats come in the candidates.
-Also the keyed choice sessions fall back to without a shared store (bounded_rendezvous)."""
+Also the keyed choice sessions fall back to without a shared store and prefix affinity uses
+(rendezvous_place)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import hashlib
 import math
 import random
 from collections.abc import Callable, Collection, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
     from router.routing.table import Backend
+
+
+# Why a keyed placement chose its backend (rendezvous_place).
+Placed = Literal["first", "spill", "skip"]
 
 
 class Strategy(Protocol):
@@ -91,8 +96,11 @@ STRATEGIES: dict[str, Callable[[], Strategy]] = {
     "least_busy": LeastBusy,
     "latency": Latency,
     "random": Random,
+    # The request's prompt prefix places it (router/routing/affinity.py); what its prefix does
+    # not place (an attempt after the placed backend failed, an endpoint other than chat) goes
+    # to the least busy.
+    "prefix_affinity": LeastBusy,
 }
-
 
 
 def rendezvous_order(key: str, backends: Sequence[Backend]) -> list[Backend]:
@@ -110,6 +118,15 @@ def rendezvous_order(key: str, backends: Sequence[Backend]) -> list[Backend]:
 
 def bounded_rendezvous(key: str, backends: Sequence[Backend], candidates: Collection[Backend],
                        load_factor: float) -> tuple[Backend | None, bool]:
+    """Consistent hashing with bounded load (see `rendezvous_place`). Returns (backend, home):
+    `home` is True when it is the head of the order over all `backends` (False: moved off its
+    ejected, full or overloaded head); (None, False) when there is no candidate."""
+    backend, outcome = rendezvous_place(key, backends, candidates, load_factor)
+    return backend, outcome == "first"
+
+
+def rendezvous_place(key: str, backends: Sequence[Backend], candidates: Collection[Backend],
+                     load_factor: float) -> tuple[Backend | None, Placed]:
     """Consistent hashing with bounded load: the first of `key`'s rendezvous order over all
     `backends` that is a candidate (available, with room) and not past its bound, i.e. with at
     most ceil(load_factor x its weight's share x (in-flight over the candidates + 1)) requests
@@ -117,16 +134,21 @@ def bounded_rendezvous(key: str, backends: Sequence[Backend], candidates: Collec
     it, so none holds much more than `load_factor` times its share. While the load is even,
     every key goes to the head of its order: replicas agree without talking.
 
-    Returns (backend, home): `home` is True when it is the head of the order over all
-    `backends` (False: moved off its ejected, full or overloaded head); (None, False) when
-    there is no candidate."""
+    Returns the backend and why: `first` (the head of the order over all `backends`), `spill`
+    (the head is a candidate past its bound), `skip` (the head is not a candidate: ejected,
+    resting or full); (None, "skip") when there is no candidate."""
     usable = set(candidates)
     if not usable:
-        return None, False
+        return None, "skip"
     total = sum(b.state.inflight for b in usable) + 1  # this request included
     weight = sum(b.weight for b in usable)
+    outcome: Placed = "first"
     for rank, backend in enumerate(rendezvous_order(key, backends)):
-        if backend in usable and \
-                backend.state.inflight <= math.ceil(load_factor * total * backend.weight / weight):
-            return backend, rank == 0
-    return None, False  # only when a candidate is not one of `backends`
+        if backend not in usable:
+            if rank == 0:
+                outcome = "skip"
+        elif backend.state.inflight <= math.ceil(load_factor * total * backend.weight / weight):
+            return backend, outcome
+        elif rank == 0:
+            outcome = "spill"
+    return None, "skip"  # only when a candidate is not one of `backends`

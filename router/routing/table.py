@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from router.config import Config, RouteConfig
 from router.providers import Provider
+from router.routing.affinity import Affinity
 from router.routing.health import BackendState, TtfbWindow
 from router.routing.strategies import STRATEGIES, Strategy
 from router.upstream import Timeouts
@@ -38,10 +39,15 @@ class Route:
     endpoints: frozenset[str] = field(default=frozenset(("chat",)))
     timeouts: Timeouts = field(init=False)
     ttfb: TtfbWindow = field(init=False, default_factory=TtfbWindow)  # recorded by hedges only
+    # `strategy: prefix_affinity`: the chat request's prompt prefix places it (None: the
+    # strategy alone picks, and the request path does no prefix work at all).
+    affinity: Affinity | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         c = self.config
         self.timeouts = Timeouts(c.connect_timeout_s, c.timeout_s, c.idle_timeout_s)
+        if c.strategy == "prefix_affinity":
+            self.affinity = Affinity.of(c.affinity)
 
     def pick(self, exclude: set[str]) -> Backend | None:
         """The strategy's choice among available backends with room, not yet tried.

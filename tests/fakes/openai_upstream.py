@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from router.bench.kv_cache import KvCache
 from router.schema import input_items
 from tests.fakes.directives import BadDirective, parse_directives
 
@@ -54,6 +55,8 @@ class Recorder:
     responses: dict[str, dict[str, Any]] = field(default_factory=dict)  # created, by id
     inputs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # their input items
     drop_stored: int = 0  # this many calls on stored responses break off in their answer's head
+    # A prefix (KV) cache to simulate: a chat request waits for its uncached part's prefill.
+    kv: KvCache | None = None
     _counter: int = 0
 
     def next_id(self) -> str:
@@ -196,6 +199,8 @@ async def _answer(request: web.Request, rec: Recorder, body: dict[str, Any]) -> 
         await asyncio.sleep(_HANG_SECONDS)
     if b.first_byte > 0:
         await asyncio.sleep(b.first_byte)
+    if rec.kv is not None:
+        await rec.kv.prefill(body.get("messages") or [], body.get("tools"))
     key = _api_key(request)
     if b.deny_key is not None and key == b.deny_key:
         return await _send(request, 401, orjson.dumps(_error_body("bad key", "invalid_api_key")))

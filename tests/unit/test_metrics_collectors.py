@@ -79,6 +79,7 @@ def test_each_event_writes_its_series() -> None:
     m.retried("r", "upstream_error")
     m.fanout("race", "won")
     m.session_pin("hit")
+    m.affinity("r", "spill")
     m.config_reloaded(ok=False)
     m.store_error("admit")
     after = {k: v for k, v in samples(m.render()).items()
@@ -113,6 +114,7 @@ def test_each_event_writes_its_series() -> None:
         ("router_retries_total", (("reason", "upstream_error"), ("route", "r"))): 1,
         ("router_fanout_total", (("mode", "race"), ("outcome", "won"))): 1,
         ("router_session_pins_total", (("outcome", "hit"),)): 1,
+        ("router_affinity_total", (("outcome", "spill"), ("route", "r"))): 1,
         ("router_config_reloads_total", (("result", "failure"),)): 1,
         ("router_store_errors_total", (("op", "admit"),)): 1,
     }

@@ -37,7 +37,8 @@ def picks(strategy: Strategy, candidates: list[Backend], n: int) -> list[str]:
 
 
 def test_every_configured_strategy_name_has_an_implementation():
-    assert set(STRATEGIES) == {"round_robin", "weighted", "least_busy", "latency", "random"}
+    assert set(STRATEGIES) == {"round_robin", "weighted", "least_busy", "latency", "random",
+                               "prefix_affinity"}
     for make in STRATEGIES.values():
         assert make().select([backend("only")]).name == "only"
 
