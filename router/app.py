@@ -228,7 +228,7 @@ def chat_stages(app: web.Application) -> Pipeline:
         Admit(app[LIMITER]),  # limits: one store round trip; settled when the answer ends
         ReadSession(sessions),  # the user's settings in effect
         ChooseRoute(),
-        PlaceSession(sessions),  # the session's id and its backend
+        PlaceSession(sessions, metrics),  # the session's id and its backend
         PlaceByPrefix(metrics),  # prefix_affinity, when no session placed it
         CountInFlight(metrics),
         Forward(metrics),  # dispatch, or fan-out

@@ -17,7 +17,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -201,18 +201,21 @@ class Sessions:
         return session.id
 
     async def place(self, session: Session, user: str, route: Route, config: Config,
-                    table: RoutingTable) -> Backend | None:
+                    table: RoutingTable, choose: Callable[[], Backend | None] | None = None
+                    ) -> Backend | None:
         """The backend a named session's request goes to first: its pin when that backend is
-        available with room (`hit`), else the strategy's choice, pinned (`new`, `repin`). None
-        when no backend can take it (dispatch then answers as it would without a session),
-        and without a session or for `fanout: all`."""
+        available with room (`hit`), else the strategy's choice (`choose`'s, when given and it
+        has one: a prefix_affinity route's), pinned (`new`, `repin`). None when no backend can
+        take it (dispatch then answers as it would without a session), and without a session
+        or for `fanout: all`."""
         if session.id is not None and route.config.fanout != "all":
             session.placed = await self._place(session, session.id, user, route, config,
-                                               table)
+                                               table, choose)
         return session.placed
 
     async def _place(self, session: Session, session_id: str, user: str, route: Route,
-                     config: Config, table: RoutingTable) -> Backend | None:
+                     config: Config, table: RoutingTable,
+                     choose: Callable[[], Backend | None] | None) -> Backend | None:
         metrics, state = self._metrics, session.state
         now = time.monotonic()
         candidates = [b for b in route.backends if b.state.available(now) and b.has_room()]
@@ -231,7 +234,7 @@ class Sessions:
                         count_failure(metrics, "use_pin", "count a session request"))
                 return pinned
             replaces = pin.backend
-        choice = route.pick(set())
+        choice = (choose() if choose is not None else None) or route.pick(set())
         if choice is None:
             return None
         try:

@@ -226,8 +226,9 @@ class ChooseRoute(Stage):
 class PlaceSession(Stage):
     """The session's id (the client's, or a new one) and the backend it goes to first."""
 
-    def __init__(self, sessions: Sessions) -> None:
+    def __init__(self, sessions: Sessions, metrics: Metrics) -> None:
         self.sessions = sessions
+        self.metrics = metrics
 
     def __call__(self, call: Call) -> Awaitable[None] | None:
         session, route = call.session, call.route
@@ -243,8 +244,12 @@ class PlaceSession(Stage):
     async def _place(self, call: Call) -> None:
         session, route = call.session, call.route
         assert session is not None and route is not None
+        affinity = route.affinity  # a new pin goes where the prompt's prefix is cached
+        choose = None if affinity is None else \
+            (lambda: affinity.place(route, call.body, self.metrics))
         call.prefer = await self.sessions.place(session, call.principal.user, route,
-                                                call.runtime.config, call.runtime.table)
+                                                call.runtime.config, call.runtime.table,
+                                                choose)
 
 
 class PlaceByPrefix(Stage):

@@ -1,7 +1,8 @@
 """Prefix affinity through real fake upstreams: a conversation stays where its prefix is cached,
 prefixes spread, a backend at its bound spills and gets its prefixes back, an ejected backend
-gives up only its own prefixes (to their second choice), a session pin wins, and on upstreams
-that simulate a prefix cache the cache is hit far more often than with round robin."""
+gives up only its own prefixes (to their second choice), a new session is pinned where its
+prefix goes and its pin wins after, and on upstreams that simulate a prefix cache the cache is
+hit far more often than with round robin."""
 
 from __future__ import annotations
 
@@ -110,20 +111,22 @@ async def test_an_ejected_backend_moves_only_its_prefixes_to_their_second_choice
     assert await scrape(r, "router_affinity_total", route="m", outcome="skip") == len(mine)
 
 
-async def test_a_pinned_session_wins_over_the_prefix(fakes, start_router):
+async def test_a_new_session_is_pinned_where_its_prefix_goes_then_its_pin_wins(
+        fakes, start_router):
     ups = [await fakes(n) for n in ("a", "b", "c")]
     r = await start_router(config(ups, {"store": {"url": "memory://"}}))
     home = await backend_of(r, 1)
-    for n in range(6):  # a session pinned elsewhere than the prefix's home
-        pinned = await backend_of(r, 1, session_id=f"s{n}")
-        if pinned != home:
+    assert await backend_of(r, 1, session_id="s1") == home  # pinned where its prefix is cached
+    asked = 2
+    for other in range(2, 50):  # a conversation whose prefix lives elsewhere
+        asked += 1
+        if await backend_of(r, other) != home:
             break
     else:
-        raise AssertionError("every new session was pinned to the prefix's home")
-    for turns in range(1, 4):
-        assert await backend_of(r, 1, turns, session_id=f"s{n}") == pinned
-    assert await backend_of(r, 1, 2) == home
-    assert await scrape(r, "router_affinity_total", route="m", outcome="first") == 2
+        raise AssertionError("every prefix had the same home")
+    for turns in range(3):  # the session's pin wins over that prefix's home
+        assert await backend_of(r, other, turns, session_id="s1") == home
+    assert await scrape(r, "router_affinity_total", route="m", outcome="first") == asked
 
 
 async def test_prefix_cache_hits_far_more_often_than_with_round_robin(fakes, start_router):
