@@ -26,14 +26,15 @@ lint: $(STAMP)
 	$(BIN)/ruff check router tests
 	$(BIN)/mypy
 
-# Debian's redis-server, prometheus and kubectl (`kubectl kustomize` renders deploy/k8s/), when
-# missing and we are root.
+# Debian's redis-server, prometheus, kubectl (`kubectl kustomize` renders deploy/k8s/) and haproxy
+# (the front of the rolling-restart test), when missing and we are root.
 system-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  missing=""; \
 	  command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	  command -v prometheus >/dev/null || missing="$$missing prometheus"; \
 	  command -v kubectl >/dev/null || missing="$$missing kubectl"; \
+	  command -v haproxy >/dev/null || missing="$$missing haproxy"; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing$$missing"; \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \

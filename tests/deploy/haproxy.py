@@ -34,31 +34,44 @@ def server_name(i: int) -> str:
     return f"r{i}"
 
 
-def haproxy_config(port: int, stats_port: int, replica_ports: Sequence[int]) -> str:
-    """A frontend on `port` balancing round robin over the replicas; stats as CSV on
-    `stats_port` at /stats;csv. haproxy 2.x syntax."""
+# How the front balances. `http`: request by request, as an ingress controller or a cloud
+# load balancer in HTTP mode does (it can retry a request that got no answer). `tcp`:
+# connection by connection, as kube-proxy does for a Service: a client's keep-alive connection
+# stays on the replica it reached until one side closes it.
+MODES = ("http", "tcp")
+
+_HTTP_ONLY = """\
+    option httplog
+    timeout http-request 10s
+    # A request whose connection to a replica fails, or that a replica closes without an
+    # answer, is tried again (on another replica: redispatch), up to 3 times.
+    retry-on conn-failure empty-response
+"""
+
+
+def haproxy_config(port: int, stats_port: int, replica_ports: Sequence[int],
+                   mode: str = "http") -> str:
+    """A frontend on `port` balancing round robin over the replicas, which it takes out and
+    puts back by their /readyz; stats as CSV on `stats_port` at /stats;csv. haproxy 2.x."""
     servers = "\n".join(f"    server {server_name(i)} 127.0.0.1:{p} check"
                         for i, p in enumerate(replica_ports))
+    http = mode == "http"
     return f"""\
 global
     maxconn 4096
     log stderr format raw local0 info
 
 defaults
-    mode http
+    mode {mode}
     log global
-    option httplog
     timeout connect 1s
     timeout client 60s
     timeout server 60s
-    timeout http-request 10s
     timeout queue 10s
     timeout check 1s
-    # A request whose connection to a replica fails, or that a replica closes without an
-    # answer, is tried again (on another replica: redispatch), up to 3 times.
     retries 3
     option redispatch
-    retry-on conn-failure empty-response
+{_HTTP_ONLY if http else "    option tcplog"}
 
 frontend front
     bind 127.0.0.1:{port}
@@ -69,10 +82,11 @@ backend {BACKEND}
     option httpchk GET /readyz
     http-check expect status 200
     default-server inter {CHECK_EVERY_MS}ms fall {FALL} rise {RISE}
-    http-response set-header {SERVED_BY} %[srv_name]
+{f"    http-response set-header {SERVED_BY} %[srv_name]" if http else ""}
 {servers}
 
 listen stats
+    mode http
     bind 127.0.0.1:{stats_port}
     stats enable
     stats uri /stats
@@ -153,14 +167,14 @@ class Haproxy:
 
 
 @contextlib.asynccontextmanager
-async def running_haproxy(binary: str, directory: Path,
-                          replica_ports: Sequence[int]) -> AsyncIterator[Haproxy]:
-    """haproxy in front of the replicas, its stats page answering; stopped on exit."""
-    directory.mkdir(exist_ok=True)
+async def running_haproxy(binary: str, directory: Path, replica_ports: Sequence[int],
+                          mode: str = "http") -> AsyncIterator[Haproxy]:
+    """haproxy in front of the replicas, its stats page answering; stopped on exit. Its
+    config and log go into `directory`."""
     for attempt in range(3):  # another process may take a free port first: pick others
         port, stats_port = free_port(), free_port()
         config = directory / "haproxy.cfg"
-        config.write_text(haproxy_config(port, stats_port, replica_ports))
+        config.write_text(haproxy_config(port, stats_port, replica_ports, mode))
         log_path = directory / f"haproxy-{attempt}.log"
         with log_path.open("wb") as log_file:
             proc = await asyncio.create_subprocess_exec(

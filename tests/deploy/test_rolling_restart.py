@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import shutil
 import signal
 import time
@@ -27,6 +28,7 @@ from tests.conftest import KEY, USER_MSG, openai_provider, router_config
 from tests.deploy.haproxy import (
     CHECK_EVERY_MS,
     FALL,
+    MODES,
     SERVED_BY,
     Haproxy,
     running_haproxy,
@@ -38,10 +40,11 @@ REPLICAS = 3
 # Longer than haproxy takes to see a failing /readyz (FALL checks CHECK_EVERY_MS apart), so no
 # new request reaches a replica once its listener closes.
 DRAIN_DELAY_S = 2.0
-# Streams: short ones, and long ones still running when their replica's listener closes.
-STREAM_CHUNKS, LONG_CHUNKS = 20, 25
+# Streams: short ones, long ones, and long ones started on the replica about to stop (route
+# `pinned`, only for those), so still running when its listener closes.
+STREAM_CHUNKS, LONG_CHUNKS = 20, 30
 MODELS = {"m": "gpt-x", "s": f"chunks:{STREAM_CHUNKS}+gap:0.02",
-          "long": f"chunks:{LONG_CHUNKS}+gap:0.1"}
+          "long": f"chunks:{LONG_CHUNKS}+gap:0.1", "pinned": f"chunks:{LONG_CHUNKS}+gap:0.1"}
 # One key per restart, limited to RPM requests a minute: GCRA with a burst of RPM, so a fresh
 # key admits exactly RPM and refills one request every 60/RPM s (12 s, longer than one
 # restart). The key's requests go in PHASES around its replica's restart, BURST at a time.
@@ -117,12 +120,14 @@ class Load:
     client loops on its model, one request at a time."""
 
     http: aiohttp.ClientSession
+    fresh: aiohttp.ClientSession  # a new connection for every request
     url: str
     outcomes: list[Outcome] = field(default_factory=list)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     extra: list[asyncio.Future[None]] = field(default_factory=list)
 
-    async def request(self, kind: str, served: asyncio.Future[str] | None = None) -> Outcome:
+    async def request(self, kind: str, served: asyncio.Future[str] | None = None,
+                      http: aiohttp.ClientSession | None = None) -> Outcome:
         """One request, checked; `served` is told the replica as soon as the head is in."""
         body: dict[str, Any] = {"model": kind, "messages": USER_MSG}
         if kind != "m":
@@ -130,7 +135,7 @@ class Load:
         start = time.monotonic()
         status, served_by, problem = None, "", None
         try:
-            async with self.http.post(f"{self.url}/v1/chat/completions", json=body,
+            async with (http or self.http).post(f"{self.url}/v1/chat/completions", json=body,
                                       headers={"Authorization": f"Bearer {KEY}"}) as resp:
                 status, served_by = resp.status, resp.headers.get(SERVED_BY, "")
                 if served is not None:
@@ -149,17 +154,19 @@ class Load:
         return Outcome(kind, start, time.monotonic(), status, served_by, problem)
 
     async def record(self, kind: str, served: asyncio.Future[str]) -> None:
-        self.outcomes.append(await self.request(kind, served))
+        self.outcomes.append(await self.request(kind, served, self.fresh))
 
-    async def long_stream_on(self, name: str) -> None:
-        """Start long streams until one runs on replica `name` (each is recorded as it
-        ends), so that one is in flight there when its listener closes."""
-        for _ in range(30):
+    async def long_stream_on(self, replica: RouterProcess) -> None:
+        """Start long streams, each on a new connection, until one runs on `replica` (as its
+        own metrics say), so that one is in flight there when its listener closes. Each is
+        recorded as it ends."""
+        for _ in range(10):
             served: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-            self.extra.append(asyncio.ensure_future(self.record("long", served)))
-            if await served == name:
+            self.extra.append(asyncio.ensure_future(self.record("pinned", served)))
+            await served
+            if await streams_running(self.http, replica.url, "pinned"):
                 return
-        raise AssertionError(f"no long stream reached {name}")
+        raise AssertionError(f"no long stream reached the replica on port {replica.port}")
 
     async def client(self, kind: str, pause_s: float) -> None:
         while not self.stopping.is_set():
@@ -170,6 +177,20 @@ class Load:
         await asyncio.gather(*(self.client(kind, pause_s)
                                for kind, n in clients.items() for _ in range(n)))
         await asyncio.gather(*self.extra)
+
+
+async def streams_running(http: aiohttp.ClientSession, url: str, route: str) -> float:
+    """router_inflight_requests{route} on one replica, asked directly."""
+    async with http.get(f"{url}/metrics") as resp:
+        text = await resp.text()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(f'router_inflight_requests{{route="{route}"}}'))
+
+
+def in_flight_at_listener_close(log: str) -> int:
+    found = re.search(r"draining (\d+) in-flight requests", log)
+    assert found, "no drain in the router log:\n" + log[-3000:]
+    return int(found.group(1))
 
 
 @dataclass(frozen=True)
@@ -207,12 +228,11 @@ class Restart:
     out_after_s: float = 0.0  # haproxy marked it DOWN
     exited_after_s: float = 0.0
     exit_code: int | None = None
+    in_flight_at_close: int = 0  # requests still being served when the listener closed
+    log: str = ""  # the stopped process's
     back_after_s: float = 0.0  # haproxy marked the new process UP
+    sessions_when_back: int = 0  # haproxy's count of sessions sent to the replica by then
     limited: list[Limited] = field(default_factory=list)
-
-    @property
-    def listener_closed_at(self) -> float:
-        return self.sigterm_at + DRAIN_DELAY_S
 
     @property
     def back_at(self) -> float:
@@ -226,7 +246,7 @@ async def restart(i: int, replicas: list[RouterProcess], front: Haproxy, start_r
     on the replica when it is told to stop; the limited key's bursts go at each step."""
     name, old, key = server_name(i), replicas[i], limited_key(i)
     done = Restart(i)
-    await load.long_stream_on(name)
+    await load.long_stream_on(old)
     done.limited += await limited_burst(http, front.url, key, PHASES[0])
     done.sigterm_at = time.monotonic()
     old.send(signal.SIGTERM)
@@ -234,17 +254,21 @@ async def restart(i: int, replicas: list[RouterProcess], front: Haproxy, start_r
     done.out_after_s = await front.until(http, name, "DOWN")
     done.exit_code = await old.wait_exit(20)
     done.exited_after_s = time.monotonic() - done.sigterm_at
+    done.log = old.log()
+    done.in_flight_at_close = in_flight_at_listener_close(done.log)
     done.limited += await limited_burst(http, front.url, key, PHASES[2])
     replicas[i] = await start_router(config, port=old.port)
     await front.until(http, name, "UP")
     done.back_after_s = time.monotonic() - done.sigterm_at
+    done.sessions_when_back = (await front.servers(http))[name].sessions
     done.limited += await limited_burst(http, front.url, key, PHASES[3])
     return done
 
 
 @pytest.mark.timeout(90)
-async def test_rolling_restart_behind_haproxy_loses_nothing(fakes, router_process,
-                                                            redis_server, tmp_path: Path):
+@pytest.mark.parametrize("mode", MODES)
+async def test_rolling_restart_behind_haproxy_loses_nothing(fakes, router_process, redis_server,
+                                                            tmp_path: Path, mode: str):
     haproxy = shutil.which("haproxy")
     if haproxy is None:
         pytest.skip("haproxy is not installed (make test installs it)")
@@ -254,19 +278,25 @@ async def test_rolling_restart_behind_haproxy_loses_nothing(fakes, router_proces
     replicas = list(await asyncio.gather(*(router_process(config, port=p) for p in ports)))
     first_pids = [rp.pid for rp in replicas]
     timeout = aiohttp.ClientTimeout(total=30)
-    async with running_haproxy(haproxy, tmp_path / "haproxy", ports) as front, \
+    async with running_haproxy(haproxy, tmp_path, ports, mode) as front, \
             aiohttp.ClientSession(timeout=timeout) as control, \
-            aiohttp.ClientSession(timeout=timeout) as clients:
+            aiohttp.ClientSession(timeout=timeout) as clients, \
+            aiohttp.ClientSession(timeout=timeout,
+                                  connector=aiohttp.TCPConnector(force_close=True)) as fresh:
         for i in range(REPLICAS):
             await front.until(control, server_name(i), "UP")
-        load = Load(clients, front.url)
+        load = Load(clients, fresh, front.url)
         started = time.monotonic()
         traffic = asyncio.ensure_future(load.run({"m": 3, "s": 3, "long": 2}, pause_s=0.01))
         try:
-            await asyncio.sleep(1.0)  # steady load first
+            await asyncio.sleep(0.5)  # steady load first
             restarts = [await restart(i, replicas, front, router_process, config, control,
                                       load) for i in range(REPLICAS)]
-            await asyncio.sleep(1.5)  # every replica back in rotation, serving
+            await asyncio.sleep(0.5)
+            # New connections reach every replica (round robin), the restarted ones too:
+            # behind a TCP front, kept-alive connections stay where they were.
+            for _ in range(2 * REPLICAS):
+                load.outcomes.append(await load.request("m", http=fresh))
         finally:
             load.stopping.set()
             await traffic
@@ -276,19 +306,13 @@ async def test_rolling_restart_behind_haproxy_loses_nothing(fakes, router_proces
     outcomes = load.outcomes
     failures = [o for o in outcomes if o.failed]
     kinds = Counter(o.kind for o in outcomes)
-    streams = kinds["s"] + kinds["long"]
-    # Streams that were running on a replica when its listener closed, and ended whole.
-    across_close = sum(
-        1 for o in outcomes for r in restarts
-        if o.kind != "m" and o.served_by == server_name(r.replica)
-        and o.start < r.listener_closed_at < o.end)
-    limited = [x for r in restarts for x in r.limited]
-    print(f"\nrolling restart: {len(outcomes)} requests ({kinds['m']} JSON, {streams} streams, "
-          f"{across_close} of them across their replica's listener close) in {duration:.1f} s; "
-          f"{len(failures)} failed")
+    streams = kinds["s"] + kinds["long"] + kinds["pinned"]
+    print(f"\nrolling restart behind haproxy ({mode} mode): {len(outcomes)} requests "
+          f"({kinds['m']} JSON, {streams} streams) in {duration:.1f} s; {len(failures)} failed")
     for r in restarts:
         print(f"  {server_name(r.replica)}: out of haproxy {r.out_after_s:.2f} s after SIGTERM, "
-              f"exited ({r.exit_code}) after {r.exited_after_s:.2f} s, back up after "
+              f"{r.in_flight_at_close} in flight when its listener closed, exited "
+              f"({r.exit_code}) after {r.exited_after_s:.2f} s, back up after "
               f"{r.back_after_s:.2f} s")
     print("  haproxy per replica: " + ", ".join(
         f"{s.name} {s.status} sessions={s.sessions} retries={s.retries} "
@@ -303,14 +327,18 @@ async def test_rolling_restart_behind_haproxy_loses_nothing(fakes, router_proces
         f"{o.kind} via {o.served_by or '?'} at {o.start - started:.2f} s: {o.problem}"
         for o in failures[:20])
     assert kinds["m"] > 100 and kinds["s"] > 20 and kinds["long"] > 5
-    assert across_close >= REPLICAS
     for r in restarts:
-        assert r.exit_code == 0, f"{server_name(r.replica)} exited with {r.exit_code}"
+        name = server_name(r.replica)
+        assert r.exit_code == 0, f"{name} exited with {r.exit_code}"
         # haproxy took it out while it still served: its listener closed later
         assert r.out_after_s < DRAIN_DELAY_S
-        name = server_name(r.replica)
-        assert any(o.served_by == name and o.start > r.back_at for o in outcomes), \
-            f"{name} served nothing after its restart"
+        # a stream was still running when the listener closed; it ended whole (above)
+        assert r.in_flight_at_close >= 1
+        assert "grace over" not in r.log and "Traceback" not in r.log
+        assert servers[name].sessions > r.sessions_when_back, f"{name} not used once back"
+        if mode == "http":
+            assert any(o.served_by == name and o.start > r.back_at for o in outcomes), \
+                f"{name} served nothing after its restart"
     assert [rp.pid for rp in replicas] != first_pids
     assert all(s.up for s in servers.values()), servers
     assert all(rp.proc.returncode is None for rp in replicas)
