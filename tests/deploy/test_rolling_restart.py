@@ -2,7 +2,8 @@
 Redis behind a real haproxy that health-checks /readyz (standing in for the Service and its
 endpoints), steady JSON and streamed traffic, and each replica in turn sent SIGTERM, waited for,
 and started again on its port. Nothing a client sent may fail, every stream ends whole, and a
-key's rpm limit stays exact across the change.
+key's rpm limit stays exact across the change. haproxy balances in HTTP mode (request by
+request, as an ingress does) and in TCP mode (connection by connection, as kube-proxy does).
 
 Run with -s to see the figures.
 """
@@ -135,8 +136,9 @@ class Load:
         start = time.monotonic()
         status, served_by, problem = None, "", None
         try:
-            async with (http or self.http).post(f"{self.url}/v1/chat/completions", json=body,
-                                      headers={"Authorization": f"Bearer {KEY}"}) as resp:
+            async with (http or self.http).post(
+                    f"{self.url}/v1/chat/completions", json=body,
+                    headers={"Authorization": f"Bearer {KEY}"}) as resp:
                 status, served_by = resp.status, resp.headers.get(SERVED_BY, "")
                 if served is not None:
                     served.set_result(served_by)
@@ -339,7 +341,7 @@ async def test_rolling_restart_behind_haproxy_loses_nothing(fakes, router_proces
         if mode == "http":
             assert any(o.served_by == name and o.start > r.back_at for o in outcomes), \
                 f"{name} served nothing after its restart"
-    assert [rp.pid for rp in replicas] != first_pids
+    assert all(rp.pid != first for rp, first in zip(replicas, first_pids, strict=True))
     assert all(s.up for s in servers.values()), servers
     assert all(rp.proc.returncode is None for rp in replicas)
 
