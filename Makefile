@@ -26,14 +26,16 @@ lint: $(STAMP)
 	$(BIN)/ruff check router tests
 	$(BIN)/mypy
 
-# Debian's redis-server, prometheus, kubectl (`kubectl kustomize` renders deploy/k8s/) and nginx
-# (the peer `router bench --peers` measures the router beside), when missing and we are root.
+# Debian's redis-server, prometheus, kubectl (`kubectl kustomize` renders deploy/k8s/), haproxy
+# (the front of the rolling-restart test) and nginx (the peer `router bench --peers` measures the
+# router beside), when missing and we are root.
 system-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  missing=""; \
 	  command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	  command -v prometheus >/dev/null || missing="$$missing prometheus"; \
 	  command -v kubectl >/dev/null || missing="$$missing kubectl"; \
+	  command -v haproxy >/dev/null || missing="$$missing haproxy"; \
 	  command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing$$missing"; \

@@ -213,10 +213,22 @@ def log_access(access_log: AccessLog, request: web.Request, facts: Facts, status
     })
 
 
-async def _stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    rid = request.get(REQUEST_ID)
-    if rid is not None:
-        response.headers["x-request-id"] = rid
+def _response_head(status: ServerStatus
+                   ) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    """What every response's head gets as it is sent: the request id; and while the server
+    drains, `Connection: close`. A keep-alive client stays on the replica it reached for the
+    connection's life whatever the load balancer decides (kube-proxy balances connections,
+    not requests), so told to close it reconnects to a replica that stays, instead of
+    sending its next request into the connection the drain's end closes."""
+
+    async def finish_head(request: web.Request, response: web.StreamResponse) -> None:
+        rid = request.get(REQUEST_ID)
+        if rid is not None:
+            response.headers["x-request-id"] = rid
+        if status.draining:
+            response.force_close()  # the connection ends after this answer ...
+            response.headers["Connection"] = "close"  # ... and the client knows it
+    return finish_head
 
 
 def chat_stages(app: web.Application) -> Pipeline:
@@ -292,7 +304,7 @@ def build_app(ref: RuntimeRef, store: Store, metrics: Metrics) -> web.Applicatio
         ref.current.config.logging,
         plain_paths=[path for endpoint in table for path in endpoint.paths if "{" not in path])
     app[OPENAPI] = OpenApiDocument(routes.openapi_document(table))
-    app.on_response_prepare.append(_stamp_request_id)
+    app.on_response_prepare.append(_response_head(app[STATUS]))
 
     async def close_access_log(_: web.Application) -> None:
         access_log.close()

@@ -253,7 +253,8 @@ class Worker:
 async def _drain(app: web.Application, site: web.TCPSite, grace_s: float, delay_s: float,
                  hurry: asyncio.Event) -> None:
     """Say so on /readyz for `delay_s` while still serving, stop accepting, let in-flight
-    requests finish within the grace, then end the rest."""
+    requests finish within the grace, then end the rest. From the start, every answer closes
+    its connection (router/app.py), so kept-alive clients leave for another replica."""
     status = app[STATUS]
     status.draining = True
     if delay_s > 0 and not hurry.is_set():

@@ -30,7 +30,7 @@ from tests.redis_server import RedisServer, start_redis
 
 # The real servers the suite runs against. Elsewhere their tests are skipped when one is missing;
 # under CI (`make test` installs them) a missing one fails the run instead of hiding tests.
-REQUIRED_TOOLS = ("redis-server", "prometheus", "promtool")
+REQUIRED_TOOLS = ("redis-server", "prometheus", "promtool", "haproxy")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -108,12 +108,14 @@ StartRouter = Callable[..., Awaitable[RouterProcess]]
 
 @pytest.fixture
 async def router_process(tmp_path: Path) -> AsyncIterator[StartRouter]:
-    """`await router_process(config, *args, env=..., ready=True, nofile=(soft, hard))` starts
-    `router serve` (`nofile`: the open-files limits it starts with)."""
+    """`await router_process(config, *args, env=..., ready=True, nofile=(soft, hard), port=N)`
+    starts `router serve` (`nofile`: the open-files limits it starts with; `port`: this port,
+    as a restarted replica takes its predecessor's, instead of a free one)."""
     started: list[RouterProcess] = []
 
     async def start(config: dict[str, Any] | str, *args: str, env: dict[str, str] | None = None,
-                    ready: bool = True, nofile: tuple[int, int] | None = None) -> RouterProcess:
+                    ready: bool = True, nofile: tuple[int, int] | None = None,
+                    port: int | None = None) -> RouterProcess:
         def limit_files() -> None:  # in the child, before exec
             if nofile is not None:
                 resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
@@ -121,18 +123,18 @@ async def router_process(tmp_path: Path) -> AsyncIterator[StartRouter]:
         n = len(started)
         path = tmp_path / f"router-{n}.yaml"
         path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
-        for _attempt in range(3):
-            port = free_port()
-            log_path = tmp_path / f"router-{n}-{port}.log"
+        for _attempt in range(3 if port is None else 1):
+            listen = free_port() if port is None else port
+            log_path = tmp_path / f"router-{n}-{listen}.log"
             full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
             with log_path.open("wb") as log_file:
                 proc = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "router", "serve", "--config", str(path),
-                    "--port", str(port), *args,
+                    "--port", str(listen), *args,
                     stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
                     cwd=ROOT, env=full_env, start_new_session=True,
                     preexec_fn=limit_files if nofile is not None else None)
-            rp = RouterProcess(proc, port, path, log_path)
+            rp = RouterProcess(proc, listen, path, log_path)
             started.append(rp)
             if not ready:
                 return rp

@@ -248,6 +248,51 @@ async def test_sigterm_answers_readyz_503_while_serving_before_the_listener_clos
     assert "Traceback" not in rp.log()
 
 
+async def raw_chat(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, model: str,
+                   stream: bool = False) -> str:
+    """POST a chat completion on a kept-alive connection; the answer's head, lower-cased."""
+    body = orjson.dumps({"model": model, "messages": USER_MSG, "stream": stream})
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: router\r\n"
+                 b"Authorization: Bearer " + KEY.encode() + b"\r\n"
+                 b"Content-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    return (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).decode().lower()
+
+
+async def test_while_draining_kept_alive_connections_are_told_to_close(fakes, router_process):
+    """A load balancer that balances connections (kube-proxy for a Service) leaves a kept-alive
+    client on a draining replica: from SIGTERM on, each answer, JSON or stream, says
+    `Connection: close` and its connection ends, so the client's next request opens a new
+    connection, to a replica that stays, instead of finding this one gone."""
+    up = await fakes("up")
+    rp = await router_process(e2e_config(up, {"m": "gpt-x", "s": "chunks:3+gap:0.05"},
+                                         drain_delay_s=2.0))
+    json_conn = await asyncio.open_connection("127.0.0.1", rp.port)
+    stream_conn = await asyncio.open_connection("127.0.0.1", rp.port)
+    try:
+        head = await raw_chat(*json_conn, "m")
+        assert head.startswith("http/1.1 200") and "connection: close" not in head
+        length = int(head.split("content-length: ")[1].split("\r\n")[0])
+        await json_conn[0].readexactly(length)  # the connection stays open for the next
+
+        rp.send(signal.SIGTERM)
+        async with client(connector=aiohttp.TCPConnector(force_close=True)) as http:
+            async def draining() -> bool:
+                async with http.get(rp.url + "/readyz") as r:
+                    return r.status == 503
+            await eventually(draining, 5, "/readyz 503")
+
+        for (reader, writer), stream in ((json_conn, False), (stream_conn, True)):
+            head = await raw_chat(reader, writer, "s" if stream else "m", stream)
+            assert head.startswith("http/1.1 200") and "connection: close" in head, head
+            rest = await asyncio.wait_for(reader.read(), 5)  # to the end: the router closed
+            assert (b"data: [DONE]" in rest) if stream else b'"chat.completion"' in rest
+    finally:
+        for _, writer in (json_conn, stream_conn):
+            writer.close()
+    assert await rp.wait_exit(10) == 0
+
+
 async def test_a_second_sigterm_cuts_the_drain_delay_short(fakes, router_process):
     up = await fakes("up")
     rp = await router_process(e2e_config(up, {"m": "gpt-x"}, drain_delay_s=60))
