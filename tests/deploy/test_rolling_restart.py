@@ -162,7 +162,7 @@ class Load:
         """Start long streams, each on a new connection, until one runs on `replica` (as its
         own metrics say), so that one is in flight there when its listener closes. Each is
         recorded as it ends."""
-        for _ in range(10):
+        for _ in range(40):  # round robin over three: (2/3)^40 that none lands there
             served: asyncio.Future[str] = asyncio.get_running_loop().create_future()
             self.extra.append(asyncio.ensure_future(self.record("pinned", served)))
             await served
