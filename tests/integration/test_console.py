@@ -225,7 +225,7 @@ async def test_a_drained_backend_gets_no_new_requests_until_undrained(
     assert await post(r, UNDRAIN, {"backend": "a/gpt-x"}) == (200, {
         "backend": "a/gpt-x", "drained": False, "changed": True, "scope": "process"})
     assert {(await ask(r))[1] for _ in range(2)} == {"a/gpt-x", "c/gpt-x"}
-    assert states(((await status(r))[1])) == {"a/gpt-x": "up", "c/gpt-x": "up"}
+    assert states((await status(r))[1]) == {"a/gpt-x": "up", "c/gpt-x": "up"}
     text = await metrics(r)
     assert 'router_backend_up{backend="a/gpt-x"} 1.0' in text
     assert 'router_admin_actions_total{action="undrain"} 1.0' in text
