@@ -341,7 +341,7 @@ class Metrics:
 
     def affinity(self, route: str, outcome: str) -> None:
         """A request placed by its prompt prefix: `first` (the prefix's first choice), `spill`
-        (that one is past its load bound) or `skip` (it is ejected, resting or full)."""
+        (that one is past its load bound) or `skip` (it is ejected, resting, drained or full)."""
         self._affinity[route, outcome].inc()
 
     def config_reloaded(self, ok: bool) -> None:
