@@ -28,7 +28,8 @@ lint: $(STAMP)
 
 # Debian's redis-server, prometheus, kubectl (`kubectl kustomize` renders deploy/k8s/), haproxy
 # (the front of the rolling-restart test) and nginx (the peer `router bench --peers` measures the
-# router beside), when missing and we are root.
+# router beside), when missing and we are root; and, optionally, chromium (the operator console's
+# browser test, which is skipped, saying why, without it).
 system-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  missing=""; \
@@ -41,6 +42,11 @@ system-deps:
 	    echo "installing$$missing"; \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	      --no-install-recommends $$missing >/dev/null) || echo "warning: could not install$$missing"; \
+	  fi; \
+	  if ! command -v chromium >/dev/null; then \
+	    echo "installing chromium (optional)"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends chromium >/dev/null) || echo "warning: could not install chromium"; \
 	  fi; \
 	fi
 

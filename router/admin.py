@@ -124,7 +124,8 @@ def _epoch(at: datetime) -> float:
     return (at if at.tzinfo is not None else at.replace(tzinfo=UTC)).timestamp()
 
 
-def _require_admin(request: web.Request) -> None:
+def require_admin(request: web.Request) -> None:
+    """403 `admin_required` unless the caller is an admin principal."""
     if not request[PRINCIPAL].admin:
         raise Forbidden("this endpoint needs an admin credential", code="admin_required")
 
@@ -144,7 +145,7 @@ def _json(payload: Any, status: int = 200) -> web.Response:
 
 
 async def create_key(request: web.Request) -> web.Response:
-    _require_admin(request)
+    require_admin(request)
     runtime = request[RUNTIME_NOW]
     raw = await read_body(request, MAX_BODY_BYTES, runtime.config.server.body_timeout_s)
     now = time.time()
@@ -156,13 +157,13 @@ async def create_key(request: web.Request) -> web.Response:
 
 
 async def list_keys(request: web.Request) -> web.Response:
-    _require_admin(request)
+    require_admin(request)
     records = await request.app[STORE].list_keys()
     return _json({"object": "list", "data": [public(r) for r in records]})
 
 
 async def revoke_key(request: web.Request) -> web.Response:
-    _require_admin(request)
+    require_admin(request)
     key_id = request.match_info["id"]
     if not KEY_ID.fullmatch(key_id) or not await request.app[STORE].revoke_key(key_id):
         raise NotFound(f"no API key with id {key_id[:64]!r}", code="key_not_found")
@@ -171,7 +172,7 @@ async def revoke_key(request: web.Request) -> web.Response:
 
 
 async def usage_report(request: web.Request) -> web.Response:
-    _require_admin(request)
+    require_admin(request)
     first, end = usage.report_window(request.query, time.time())
     counts = await request.app[STORE].usage(first, end)
     return _json(usage.report(first, end, counts))

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from router import routes
 from router.access_log import AccessLog
+from router.drains import Drains
 from router.errors import (
     HttpError,
     InternalError,
@@ -61,6 +62,8 @@ from router.state import (
     ANSWER_HEADERS,
     CHAT,
     COMPLETIONS,
+    CONFIG_STATUS,
+    DRAINS,
     EMBEDDINGS,
     FACTS,
     LIMITER,
@@ -81,6 +84,7 @@ from router.state import (
     Facts,
     ServerStatus,
 )
+from router.status import ConfigStatus
 from router.store import Store, StoreError
 from router.tracing import trace_id
 from router.usage import UsageMeter
@@ -279,7 +283,10 @@ def responses_stages(app: web.Application) -> Pipeline:
     ], Relay(streams, metrics, responses_stream_ended))
 
 
-def build_app(ref: RuntimeRef, store: Store, metrics: Metrics) -> web.Application:
+def build_app(ref: RuntimeRef, store: Store, metrics: Metrics, *, drains: Drains,
+              config_status: ConfigStatus) -> web.Application:
+    """The app of one worker; `drains` and `config_status` are the worker's (server.py keeps
+    them in step with the store and the config file)."""
     app = web.Application(
         middlewares=[pipeline],
         client_max_size=ref.current.config.server.max_body_bytes,
@@ -297,6 +304,8 @@ def build_app(ref: RuntimeRef, store: Store, metrics: Metrics) -> web.Applicatio
     app[RESPONSE_PINS] = ResponsePins(store, metrics)
     app[RESPONSES] = responses_stages(app)
     app[USAGE] = UsageMeter(store, ref, metrics)
+    app[DRAINS] = drains
+    app[CONFIG_STATUS] = config_status
     # Like the listener, the metrics path is fixed until restart.
     table = routes.endpoints(ref.current.config.metrics.path, metrics.enabled)
     app[OPEN_PATHS] = routes.open_paths(table)

@@ -225,7 +225,8 @@ class Metrics:
         self._active_streams: _Level = self._gauge("router_active_streams",
                                                    "Streams being relayed", "livesum")
         backend_up = self._gauge("router_backend_up",
-                                 "1 when the backend takes traffic (not ejected, probe up)",
+                                 "1 when the backend takes traffic (not ejected, resting, "
+                                 "probed down or drained)",
                                  "livemin", "backend")
         ejections = self._counter("router_backend_ejections_total", "Backends ejected",
                                   "backend", "reason")
@@ -242,6 +243,8 @@ class Metrics:
                                        "result")
         store_errors = self._counter("router_store_errors_total", "Store calls that failed",
                                      "op")
+        admin_actions = self._counter("router_admin_actions_total",
+                                      "Operator actions through the admin API", "action")
 
         # The label order of every metric, in one place: each event's children by its key.
         def done(key: tuple[str, str, int, bool, str]) -> tuple[_Count, _Count, _Observe]:
@@ -273,9 +276,11 @@ class Metrics:
         self._config_reloads: _Children[bool, _Count] = _Children(
             lambda ok: config_reloads.labels("success" if ok else "failure"))
         self._store_errors: _Children[str, _Count] = _Children(store_errors.labels)
+        self._admin_actions: _Children[str, _Count] = _Children(admin_actions.labels)
         # Series known in advance exist from the start, so `increase()` sees their first event.
         self._config_reloads.create(True, False)
         self._session_pins.create("new", "hit", "repin")
+        self._admin_actions.create("drain", "undrain")
 
     # The events. Label values are the config's names or small fixed sets (see the docstring).
 
@@ -336,7 +341,7 @@ class Metrics:
 
     def affinity(self, route: str, outcome: str) -> None:
         """A request placed by its prompt prefix: `first` (the prefix's first choice), `spill`
-        (that one is past its load bound) or `skip` (it is ejected, resting or full)."""
+        (that one is past its load bound) or `skip` (it is ejected, resting, drained or full)."""
         self._affinity[route, outcome].inc()
 
     def config_reloaded(self, ok: bool) -> None:
@@ -344,6 +349,10 @@ class Metrics:
 
     def store_error(self, op: str) -> None:
         self._store_errors[op].inc()
+
+    def admin_action(self, action: str) -> None:
+        """An operator acted through the admin API: `drain`, `undrain` (a backend)."""
+        self._admin_actions[action].inc()
 
     def render(self) -> bytes:
         if self.multiprocess_dir is None:
@@ -505,6 +514,9 @@ class DisabledMetrics(Metrics):
         pass
 
     def store_error(self, op: str) -> None:
+        pass
+
+    def admin_action(self, action: str) -> None:
         pass
 
     def render(self) -> bytes:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel
 
-from router import admin, handlers
+from router import admin, console, handlers
 from router.schema import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -170,6 +170,55 @@ INPUT_ITEMS_QUERY = (
     INCLUDE,
 )
 
+# The operator console's answers (router/status.py, router/console.py).
+_TEXT_OR_NULL = {"type": ["string", "null"]}
+_BACKEND_STATUS = {"type": "object", "required": [
+    "name", "provider", "model", "state", "inflight", "latency_ewma_ms", "ejections",
+    "rest_until"], "properties": {
+    "name": {"type": "string"},
+    "provider": {"type": "string", "description": "the provider's name in the config"},
+    "model": {"type": "string"},
+    "state": {"enum": ["up", "ejected", "resting", "probe_down", "drained"]},
+    "inflight": {"type": "integer", "description": "this worker's requests to it now"},
+    "latency_ewma_ms": {"type": ["number", "null"],
+                        "description": "moving average of its time to first byte"},
+    "ejections": {"type": "integer", "description": "ejections in a row"},
+    "rest_until": {**_TEXT_OR_NULL, "description": "when a resting (429) or ejected backend "
+                   "is back in rotation (ISO 8601 UTC)"}}}
+STATUS_ANSWER = {"description": "This worker's view", "content": {"application/json": {
+    "schema": {"type": "object", "required": [
+        "version", "uptime_s", "worker", "config", "store", "routes"], "properties": {
+        "version": {"type": "string"},
+        "uptime_s": {"type": "number"},
+        "worker": {"type": "object", "required": ["pid", "workers"], "properties": {
+            "pid": {"type": "integer"}, "workers": {"type": "integer"}}},
+        "config": {"type": "object", "required": ["path", "sha256", "loaded_at",
+                                                  "last_reload"], "properties": {
+            "path": {"type": "string"}, "sha256": _TEXT_OR_NULL,
+            "loaded_at": {"type": "string"},
+            "last_reload": {"anyOf": [{"type": "null"}, {
+                "type": "object", "required": ["at", "result", "error"], "properties": {
+                    "at": {"type": "string"}, "result": {"enum": ["success", "failure"]},
+                    "error": _TEXT_OR_NULL}}]}}},
+        "store": {"type": "object", "required": ["kind", "healthy"], "properties": {
+            "kind": {"enum": ["memory", "redis", "sentinel", "cluster"]},
+            "healthy": {"type": "boolean"}}},
+        "routes": {"type": "object", "additionalProperties": {
+            "type": "object", "required": ["strategy", "fanout", "backends"], "properties": {
+                "strategy": {"type": "string"}, "fanout": {"type": "string"},
+                "backends": {"type": "array", "items": _BACKEND_STATUS}}}}}}}}}
+DRAIN_ANSWER = {"description": "The backend's drain as it now stands", "content": {
+    "application/json": {"schema": {"type": "object", "required": [
+        "backend", "drained", "changed", "scope"], "properties": {
+        "backend": {"type": "string"},
+        "drained": {"type": "boolean"},
+        "changed": {"type": "boolean", "description": "false: it already was"},
+        "scope": {"enum": ["store", "process"], "description": "`store`: every replica that "
+                  "shares the store, within a second; `process`: this process only "
+                  "(`memory://`)"}}}}}}
+DRAIN_ERRORS = {**BODY_ERRORS, "403": NOT_ADMIN, "404": _error("No such backend "
+                "(`backend_not_found`)"), "422": INVALID}
+
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("POST", ("/api/v1/chat/completions", "/v1/chat/completions"),
              handlers.chat_completions, CHAT),
@@ -258,6 +307,29 @@ ENDPOINTS: tuple[Endpoint, ...] = (
                     {"name": "to", "in": "query", "required": False, "schema": INSTANT}),
         responses={"200": {"description": "The usage report"}, "403": NOT_ADMIN,
                    "422": INVALID})),
+    Endpoint("GET", ("/api/v1/admin/status",), console.admin_status, Operation(
+        summary="This worker's view: version, config and its last reload, store health, and "
+                "every route's backends with their state",
+        description="`state`: `up`, `ejected`, `resting` (after an upstream 429), "
+                    "`probe_down` or `drained`. With several workers, the one that answered "
+                    "(`worker.pid`). Never a key, a secret or an upstream URL.",
+        responses={"200": STATUS_ANSWER, "403": NOT_ADMIN})),
+    Endpoint("POST", ("/api/v1/admin/backends/drain",), console.drain_backend, Operation(
+        summary="Take a backend out of rotation, on every replica sharing the store",
+        description="No new requests go to it; those under way and its streams finish; "
+                    "sessions pinned to it move on their next request. Kept in the store: "
+                    "it survives reloads and restarts.",
+        body=console.DrainRequest,
+        responses={"200": DRAIN_ANSWER, **DRAIN_ERRORS})),
+    Endpoint("POST", ("/api/v1/admin/backends/undrain",), console.undrain_backend, Operation(
+        summary="Put a drained backend back into rotation",
+        body=console.DrainRequest,
+        responses={"200": DRAIN_ANSWER, **DRAIN_ERRORS})),
+    Endpoint("GET", ("/admin",), console.console_page, Operation(
+        summary="The operator console (an HTML page over the admin status and drain APIs; "
+                "it asks for an admin key)",
+        responses={"200": {"description": "The page", "content": {
+            "text/html": {"schema": {"type": "string"}}}}}), open=True),
     Endpoint("GET", (METRICS_PATH,), handlers.metrics_endpoint, Operation(
         summary="Prometheus metrics",
         responses={"200": {"description": "Prometheus text format"}}), open=True),

@@ -39,6 +39,7 @@ from prometheus_client import multiprocess
 from router.app import build_app, new_request_id
 from router.auth import KeyCache
 from router.config import Config, ConfigError, load_config
+from router.drains import Drains
 from router.errors import BadRequest, InternalError, RouterError
 from router.log import setup_logging
 from router.metrics import DisabledMetrics, Metrics
@@ -47,7 +48,8 @@ from router.prober import probe_forever
 from router.routing.health import BackendState
 from router.runtime import RuntimeRef, build_runtime
 from router.state import LIMITER, STATUS, STREAMS, USAGE
-from router.store import open_store
+from router.status import ConfigStatus, file_sha256
+from router.store import is_shared, open_store
 from router.tasks import spawn
 from router.upstream import AiohttpUpstream, UpstreamClient
 from router.upstream_lean import LeanUpstream
@@ -185,10 +187,19 @@ class Worker:
         self.ref = RuntimeRef(build_runtime(config, self.upstream, self.states,
                                             key_cache=self.key_cache))
         self.metrics = Metrics() if config.metrics.enabled else DisabledMetrics()
-        self.app = build_app(self.ref, self.store, self.metrics)
+        # Backends drained by hand (kept in the store) and the config file's bookkeeping,
+        # both shown by the operator console.
+        self.drains = Drains(self.store, self.states, self.metrics,
+                             shared=is_shared(config.store))
+        self.config_status = ConfigStatus(path)
+        self.app = build_app(self.ref, self.store, self.metrics, drains=self.drains,
+                             config_status=self.config_status)
         self.watcher = _Watcher(path, overrides, self.ref, self.upstream, self.states,
                                 self.metrics)
         self.watcher.key_cache = self.key_cache
+        self.watcher.drains = self.drains
+        self.watcher.config_status = self.config_status
+        self._path = path
         self._reuse_port = reuse_port
         self._tasks: list[asyncio.Task[None]] = []
         server = config.server
@@ -214,6 +225,10 @@ class Worker:
         # map (redis-py fails concurrent first commands on a cold Cluster client). A store that
         # is down costs one store timeout here and is noticed again by the requests.
         await self.store.ping()
+        # Before the first request too: the drains the store holds (a restart keeps them),
+        # and which file, as it was read, serves.
+        await self.drains.refresh()
+        self.config_status.loaded(await asyncio.to_thread(file_sha256, self._path))
         self.site = web.TCPSite(self.runner, server.host, server.port,
                                 reuse_port=self._reuse_port or None, backlog=2048)
         await self.site.start()
@@ -223,6 +238,7 @@ class Worker:
             self.ref.current.oidc.start()
         self._tasks.append(spawn(probe_forever(self.ref, self.metrics), "prober"))
         self._tasks.append(spawn(self.key_cache.run(), "key-cache"))
+        self._tasks.append(spawn(self.drains.run(), "drains"))
         self._tasks.append(spawn(self.app[LIMITER].refresh_forever(), "limits-leases"))
         self._tasks.append(spawn(self.app[USAGE].run(), "usage-flush"))
         self._tasks.append(spawn(self.app[STREAMS].heartbeat(
@@ -369,12 +385,18 @@ class _Watcher:
         self._states = states
         self._digest: bytes | None = None
         self.key_cache: KeyCache | None = None
+        self.drains: Drains | None = None
+        self.config_status: ConfigStatus | None = None
 
     def _read_digest(self) -> bytes | None:
         try:
             return hashlib.sha256(self._path.read_bytes()).digest()
         except OSError:
             return None
+
+    def _load(self) -> tuple[Config, str | None]:
+        """The file's config and the digest of its bytes (blocking: run in a thread)."""
+        return load_config(self._path), file_sha256(self._path)
 
     async def watch(self, every_s: float) -> None:
         self._digest = await asyncio.to_thread(self._read_digest)
@@ -390,14 +412,19 @@ class _Watcher:
         old = self._ref.current.config
         old_oidc = self._ref.current.oidc
         try:
-            new = self._overrides.apply(await asyncio.to_thread(load_config, self._path))
+            loaded, sha256 = await asyncio.to_thread(self._load)
+            new = self._overrides.apply(loaded)
             runtime = build_runtime(new, self._upstream, self._states, old_oidc,
                                     key_cache=self.key_cache)
         except ConfigError as exc:
             log.error("config reload (%s) refused; the old config keeps serving:\n%s",
                       reason, exc)
             self._metrics.config_reloaded(ok=False)
+            if self.config_status is not None:
+                self.config_status.refused(str(exc))
             return False
+        if self.drains is not None:
+            self.drains.apply()  # backends the new config adds may be drained already
         if (new.server.host, new.server.port, new.server.workers) != (
                 old.server.host, old.server.port, old.server.workers):
             log.warning("server.host/port/workers changed: they take effect on restart")
@@ -408,6 +435,8 @@ class _Watcher:
             if old_oidc is not None:
                 spawn(old_oidc.close(), "oidc-close")
         self._metrics.config_reloaded(ok=True)
+        if self.config_status is not None:
+            self.config_status.reloaded(sha256)
         log.info("config reloaded (%s)", reason)
         return True
 

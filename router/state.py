@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from router.access_log import AccessLog
 from router.auth import Principal
+from router.drains import Drains
 from router.limits import Limiter
 from router.metrics import UNKNOWN, Metrics
 from router.relay import ActiveStreams
 from router.runtime import Runtime, RuntimeRef
 from router.schema import OpenApiDocument
 from router.sessions import Sessions
+from router.status import ConfigStatus
 from router.store import Store
 from router.usage import UsageMeter
 
@@ -27,6 +30,7 @@ if TYPE_CHECKING:
 class ServerStatus:
     draining: bool = False
     inflight: int = 0
+    started_at: float = field(default_factory=time.monotonic)  # the worker's uptime counts from it
 
 
 RUNTIME = web.AppKey("runtime", RuntimeRef)
@@ -39,6 +43,8 @@ SESSIONS = web.AppKey("sessions", Sessions)
 OPENAPI = web.AppKey("openapi", OpenApiDocument)  # rendered once per set of routes
 USAGE = web.AppKey("usage", UsageMeter)
 ACCESS_LOG = web.AppKey("access_log", AccessLog)
+DRAINS = web.AppKey("drains", Drains)  # the backends taken out of rotation by hand
+CONFIG_STATUS = web.AppKey("config_status", ConfigStatus)  # the file served, the last reload
 OPEN_PATHS = web.AppKey("open_paths", frozenset)  # served without a credential
 # The chat endpoint's stages (app.py).
 CHAT: web.AppKey[Pipeline] = web.AppKey("chat")

@@ -1,5 +1,5 @@
-"""Backend health: in-flight count, time-to-first-byte EWMA, passive ejection, probe results;
-and a route's recent times to first byte (the `p95` of `fanout: hedge`).
+"""Backend health: in-flight count, time-to-first-byte EWMA, passive ejection, probe results,
+an operator's drain; and a route's recent times to first byte (the `p95` of `fanout: hedge`).
 
 State is per process and survives config reloads for backends whose name is unchanged.
 """
@@ -24,14 +24,23 @@ class BackendState:
     ejected_until: float = 0.0
     resting_until: float = 0.0  # an upstream 429 asked us to wait: honoured even in panic
     probe_down: bool = False
+    # Taken out of rotation by an operator (router/drains.py keeps it in step with the store):
+    # no new requests, even in panic; those under way finish.
+    drained: bool = False
     # Where cool-downs and rests are measured from: the monotonic clock callers pass as `now`.
     clock: Callable[[], float] = field(default=time.monotonic, repr=False, compare=False)
 
     def available(self, now: float) -> bool:
-        return not self.probe_down and now >= self.ejected_until and now >= self.resting_until
+        return (not self.probe_down and not self.drained and now >= self.ejected_until
+                and now >= self.resting_until)
 
     def resting(self, now: float) -> bool:
         return now < self.resting_until
+
+    def held_out(self, now: float) -> bool:
+        """Out of rotation even when every backend of a route is down (panic): drained by an
+        operator, or resting because its upstream said when to come back."""
+        return self.drained or now < self.resting_until
 
     def record_ttfb(self, seconds: float) -> None:
         prev = self.ewma_ttfb_s

@@ -54,7 +54,8 @@ class Route:
 
         When every backend is ejected or probed down, all are candidates again: the last backend
         is never ejected (Envoy's panic threshold, at 100%). A backend resting after an upstream
-        429 stays out even then: its upstream told us when to come back.
+        429 stays out even then: its upstream told us when to come back; so does a drained one:
+        an operator took it out.
         """
         now = time.monotonic()
         # Every request's path: one pass when some backend is healthy and has room.
@@ -65,7 +66,7 @@ class Route:
         untried = [b for b in self.backends if b.name not in exclude]
         healthy = [b for b in untried if b.state.available(now)]
         if not healthy and not any(b.state.available(now) for b in self.backends):
-            healthy = [b for b in untried if not b.state.resting(now)]
+            healthy = [b for b in untried if not b.state.held_out(now)]
         candidates = [b for b in healthy if b.has_room()]
         if not candidates:
             return None

@@ -1,5 +1,5 @@
-"""The state store behind limits, session pins, managed keys and usage, chosen by `store.url`;
-its protocols, one per concern, are in base.py.
+"""The state store behind limits, session pins, managed keys, usage and drains, chosen by
+`store.url`; its protocols, one per concern, are in base.py.
 
 `memory://` keeps state in the process (one worker); `redis://`, `rediss://` (TLS),
 `redis+sentinel://` and `redis+cluster://` (and their `rediss+` TLS forms) share it between
@@ -11,6 +11,7 @@ from __future__ import annotations
 from router.config.model import StoreConfig
 from router.config.store_url import REDIS_PREFIXES
 from router.store.base import (
+    DrainStore,
     KeyRecord,
     KeyStore,
     Lifecycle,
@@ -22,8 +23,8 @@ from router.store.base import (
 )
 from router.store.memory import MemoryStore
 
-__all__ = ["KeyRecord", "KeyStore", "Lifecycle", "LimitStore", "MemoryStore", "SessionStore",
-           "Store", "StoreError", "UsageStore", "is_shared", "open_store"]
+__all__ = ["DrainStore", "KeyRecord", "KeyStore", "Lifecycle", "LimitStore", "MemoryStore",
+           "SessionStore", "Store", "StoreError", "UsageStore", "is_shared", "open_store"]
 
 
 def open_store(config: StoreConfig, *, timeout_s: float | None = None) -> Store:

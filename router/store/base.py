@@ -7,6 +7,7 @@ error. A caller depends on the protocol it uses (the limiter on `LimitStore`, th
     LimitStore      admit, settle, refresh_leases (router/limits.py)
     SessionStore    pins and automation settings (router/sessions.py)
     UsageStore      hourly usage buckets (router/usage.py)
+    DrainStore      backends an operator took out of rotation (router/drains.py)
 
 A managed API key is stored only as its SHA-256 digest: the plaintext exists once, in the answer
 that created it.
@@ -250,9 +251,28 @@ class UsageStore(Protocol):
         ...
 
 
+# -- Drains --------------------------------------------------------------------------------------
+
+class DrainStore(Protocol):
+    """Backends (by name) taken out of rotation by hand, on every replica that shares the store.
+    Each replica polls `drained()`; the set outlives config reloads and restarts."""
+
+    async def drained(self) -> frozenset[str]:
+        """The names of the drained backends (one read)."""
+        ...
+
+    async def drain(self, backend: str) -> bool:
+        """Take `backend` out of rotation; False when it already was."""
+        ...
+
+    async def undrain(self, backend: str) -> bool:
+        """Put `backend` back into rotation; False when it was not drained."""
+        ...
+
+
 # -- All of them -----------------------------------------------------------------------------------
 
-class Store(Lifecycle, KeyStore, LimitStore, SessionStore, UsageStore, Protocol):
+class Store(Lifecycle, KeyStore, LimitStore, SessionStore, UsageStore, DrainStore, Protocol):
     """Shared state: what `open_store` returns and MemoryStore and RedisStore implement. Code
     that serves more than one concern (the app, the worker) holds a Store; the rest the
     protocol it uses."""

@@ -41,6 +41,7 @@ class MemoryStore:
         self._settings: dict[str, dict[str, object]] = {}  # user -> stored settings
         self._sweep_at = 1024  # pins held before expired ones are swept (amortised O(1))
         self._usage: dict[int, tuple[float, dict[str, UsageCount]]] = {}  # hour -> (expiry, ..)
+        self._drained: set[str] = set()  # backend names
 
     # Lifecycle: nothing to connect to or close.
 
@@ -305,6 +306,23 @@ class MemoryStore:
                     held = totals.get(count.principal)
                     totals[count.principal] = count if held is None else held.plus(count)
         return list(totals.values())
+
+    # Drains: this process only (another worker or replica has its own memory).
+
+    async def drained(self) -> frozenset[str]:
+        return frozenset(self._drained)
+
+    async def drain(self, backend: str) -> bool:
+        if backend in self._drained:
+            return False
+        self._drained.add(backend)
+        return True
+
+    async def undrain(self, backend: str) -> bool:
+        if backend not in self._drained:
+            return False
+        self._drained.discard(backend)
+        return True
 
 
 def _gcra(tat: float, now: float, limit: int, cost: int) -> tuple[float, float, float, float]:

@@ -23,9 +23,11 @@ such as the limiter's, can read it from the same slot):
                             TTL; U is a digest of the user, so a user's keys share one slot
                             and user names never show in a key listing (sessions.lua)
     router:usage:{HOUR}     hash: an hour's per-principal counts, expiring after retention
+    router:{drains}:backends  set: names of the backends drained by hand (every replica polls
+                            it with one SMEMBERS; one key, so one slot on a Cluster)
 
 The store's methods come in the order of base.py's protocols (lifecycle, keys, limits,
-sessions, usage); how script calls reach Redis (EVALSHA, batching) is scripts.py's.
+sessions, usage, drains); how script calls reach Redis (EVALSHA, batching) is scripts.py's.
 """
 
 from __future__ import annotations
@@ -162,6 +164,11 @@ def usage_key(hour: int) -> str:
     """A bucket per hour (hours since the epoch), tagged by its hour: on a Cluster the hours
     spread over the slots and each flush is a single-slot script."""
     return f"router:usage:{{{hour}}}"
+
+
+# -- Drains ----------------------------------------------------------------------------------------
+
+DRAINED = "router:{drains}:backends"
 
 
 # -- The store -------------------------------------------------------------------------------------
@@ -499,6 +506,20 @@ class RedisStore:
                 pipe.hgetall(usage_key(hour))
             rows: list[dict[Any, Any]] = await pipe.execute()
         return rows
+
+    # Drains: one set; SADD and SREM may run twice and end in the same state.
+
+    async def drained(self) -> frozenset[str]:
+        names = await self._idempotent("drains", partial(self._redis.smembers, DRAINED))
+        return frozenset(map(_text, names))
+
+    async def drain(self, backend: str) -> bool:
+        return bool(await self._idempotent("drain", partial(self._redis.sadd, DRAINED,
+                                                            backend)))
+
+    async def undrain(self, backend: str) -> bool:
+        return bool(await self._idempotent("undrain", partial(self._redis.srem, DRAINED,
+                                                              backend)))
 
 
 def _failure(what: str, exc: BaseException) -> StoreError:

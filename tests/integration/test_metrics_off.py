@@ -72,7 +72,7 @@ EVENT_ARGS: dict[str, tuple[Any, ...]] = {
     "stream_closed": (), "rate_limited": ("rpm",), "auth_failed": ("api_key", "unknown"),
     "backend_up": ("up/x", True), "ejected": ("up/x", "timeout"), "retried": ("m", "timeout"),
     "fanout": ("race", "won"), "session_pin": ("hit",), "config_reloaded": (True,),
-    "store_error": ("admit",), "affinity": ("m", "first")}
+    "store_error": ("admit",), "affinity": ("m", "first"), "admin_action": ("drain",)}
 
 
 async def test_metrics_path(fakes: Any, start_router: Any) -> None:

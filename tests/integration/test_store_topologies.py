@@ -142,6 +142,22 @@ async def test_cluster_managed_keys(cluster: Cluster) -> None:
 
 
 @needs_redis
+async def test_cluster_drains(cluster: Cluster) -> None:
+    """The drained set is one key (one slot): SADD, SREM and SMEMBERS without CROSSSLOT."""
+    store, other = redis_store(cluster.url), redis_store(cluster.url)
+    try:
+        assert await store.drained() == frozenset()
+        assert await store.drain("a/x") and await store.drain("b/y")
+        assert not await store.drain("a/x")
+        assert await other.drained() == {"a/x", "b/y"}
+        assert await other.undrain("a/x") and not await other.undrain("a/x")
+        assert await store.drained() == {"b/y"}
+    finally:
+        await store.close()
+        await other.close()
+
+
+@needs_redis
 async def test_cluster_through_a_router(start_router: Any, cluster: Cluster) -> None:
     r = await start_router(config(cluster.url, timeout_ms=1000))
     status, made = await create(r, {"user": "dora", "limits": {"rpm": 100}, "models": ["*"]})

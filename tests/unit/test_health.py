@@ -1,4 +1,5 @@
-"""Backend health: passive ejection, growing cool-downs, Retry-After rests, what a route picks."""
+"""Backend health: passive ejection, growing cool-downs, Retry-After rests, drains, what a route
+picks, and the word the status gives each state."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from router.providers.mock import MockProvider
 from router.routing.health import BackendState
 from router.routing.strategies import RoundRobin
 from router.routing.table import Backend, Route
+from router.status import backend_state
 
 POLICY = EjectionConfig(consecutive_failures=3, base_cooldown_s=10, max_cooldown_s=25)
 
@@ -159,3 +161,47 @@ def test_route_skips_backends_at_their_concurrency_cap():
     assert {route.pick(set()).name for _ in range(4)} == {"b"}
     route.backends[1].state.inflight = 1
     assert route.pick(set()) is None
+
+
+# --- drained by an operator --------------------------------------------------------------------
+
+def test_a_drained_backend_is_unavailable_until_undrained():
+    state = BackendState()
+    state.drained = True
+    assert not state.available(time.monotonic())
+    state.drained = False
+    assert state.available(time.monotonic())
+
+
+def test_a_drained_backend_stays_out_even_when_every_other_is_down():
+    """Panic offers ejected and probed-down backends again, never a drained (or resting) one:
+    an operator took it out, as its upstream's Retry-After does."""
+    route = make_route("a", "b", "c")
+    route.backends[0].state.drained = True
+    eject(route.backends[1].state)
+    route.backends[2].state.probe_down = True
+    assert {route.pick(set()).name for _ in range(4)} == {"b", "c"}
+    route.backends[1].state.rest(60)
+    route.backends[2].state.drained = True
+    assert route.pick(set()) is None
+    solo = make_route("only")
+    solo.backends[0].state.drained = True
+    assert solo.pick(set()) is None
+
+
+def test_the_state_word_names_the_first_reason_a_backend_is_out():
+    state = BackendState()
+    now = time.monotonic()
+    assert backend_state(state, now) == "up"
+    eject(state)
+    assert backend_state(state, time.monotonic()) == "ejected"
+    state.rest(60)
+    assert backend_state(state, time.monotonic()) == "resting"
+    state.probe_down = True
+    assert backend_state(state, time.monotonic()) == "probe_down"
+    state.drained = True
+    assert backend_state(state, time.monotonic()) == "drained"
+    # An ejection whose cool-down is over is up again (until the next failure decides).
+    later = BackendState()
+    eject(later)
+    assert backend_state(later, later.ejected_until) == "up"

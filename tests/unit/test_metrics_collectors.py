@@ -57,6 +57,7 @@ def test_same_samples_as_prometheus_client() -> None:
     # The series known in advance exist from the start.
     assert mine[("router_config_reloads_total", (("result", "failure"),))] == 0
     assert mine[("router_session_pins_total", (("outcome", "repin"),))] == 0
+    assert mine[("router_admin_actions_total", (("action", "undrain"),))] == 0
 
 
 def test_each_event_writes_its_series() -> None:
@@ -82,6 +83,7 @@ def test_each_event_writes_its_series() -> None:
     m.affinity("r", "spill")
     m.config_reloaded(ok=False)
     m.store_error("admit")
+    m.admin_action("drain")
     after = {k: v for k, v in samples(m.render()).items()
              if k[0].startswith("router_") and not k[0].endswith("_bucket")
              and v != before.get(k)}
@@ -117,4 +119,5 @@ def test_each_event_writes_its_series() -> None:
         ("router_affinity_total", (("outcome", "spill"), ("route", "r"))): 1,
         ("router_config_reloads_total", (("result", "failure"),)): 1,
         ("router_store_errors_total", (("op", "admit"),)): 1,
+        ("router_admin_actions_total", (("action", "drain"),)): 1,
     }
