@@ -293,7 +293,8 @@ def build_app(ref: RuntimeRef, store: Store, metrics: Metrics, *, drains: Drains
     )
     app[RUNTIME] = ref
     app[STREAMS] = ActiveStreams()
-    app[STATUS] = ServerStatus()
+    started = ref.current.config  # the worker count and store hold until restart
+    app[STATUS] = ServerStatus(workers=started.server.workers, store=started.store)
     app[STORE] = store
     app[METRICS] = metrics
     app[LIMITER] = Limiter(store, metrics, ref)

@@ -57,11 +57,11 @@ class DrainRequest(BaseModel):
 
 async def admin_status(request: web.Request) -> web.Response:
     require_admin(request)
-    runtime = request[RUNTIME_NOW]
-    config = runtime.config
+    runtime, status = request[RUNTIME_NOW], request.app[STATUS]
+    assert status.store is not None
     healthy = await request.app[STORE].ping()
-    return _json(status_document(runtime.table, config.server.workers, request.app[CONFIG_STATUS],
-                                 config.store, healthy, request.app[STATUS].started_at))
+    return _json(status_document(runtime.table, status.workers, request.app[CONFIG_STATUS],
+                                 status.store, healthy, status.started_at))
 
 
 async def drain_backend(request: web.Request) -> web.Response:

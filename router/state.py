@@ -10,6 +10,7 @@ from aiohttp import web
 
 from router.access_log import AccessLog
 from router.auth import Principal
+from router.config.model import StoreConfig
 from router.drains import Drains
 from router.limits import Limiter
 from router.metrics import UNKNOWN, Metrics
@@ -31,6 +32,9 @@ class ServerStatus:
     draining: bool = False
     inflight: int = 0
     started_at: float = field(default_factory=time.monotonic)  # the worker's uptime counts from it
+    # Fixed until restart (a reload does not change them): what the status reports.
+    workers: int = 1
+    store: StoreConfig | None = None
 
 
 RUNTIME = web.AppKey("runtime", RuntimeRef)

@@ -425,7 +425,9 @@ class MetricsConfig(Frozen):
     @field_validator("path")
     @classmethod
     def _not_an_api_path(cls, v: str) -> str:
-        if v in ("/healthz", "/readyz", "/openapi.json") or v.startswith(("/api/", "/v1/")):
+        # The route table's own paths (router/routes.py) outside /api/ and /v1/.
+        if v in ("/healthz", "/readyz", "/openapi.json", "/admin") \
+                or v.startswith(("/api/", "/v1/")):
             raise ValueError(f"{v!r} is taken by the router's own endpoints")
         return v
 

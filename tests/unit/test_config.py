@@ -14,9 +14,11 @@ from pathlib import Path
 import pydantic
 import pytest
 
+from router import routes
 from router.cli import main
 from router.config import Config, ConfigError, Problem, load_config, parse_config
 from router.config.loader import format_path
+from router.config.model import MetricsConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "configs"
@@ -216,3 +218,14 @@ def test_check_config_as_a_process():
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     usage = run_cli("check-config")
     assert usage.returncode == 2 and "usage:" in usage.stderr
+
+
+def test_metrics_path_cannot_take_any_path_of_the_route_table() -> None:
+    """A metrics path on one of the router's own paths would fail the server's start (aiohttp
+    refuses a second route): every such path is refused by validation instead."""
+    own = {path for endpoint in routes.ENDPOINTS for path in endpoint.paths
+           if path != "/metrics"}
+    assert "/admin" in own
+    for path in own:
+        with pytest.raises(pydantic.ValidationError):
+            MetricsConfig(path=path.replace("{", "x").replace("}", "x").replace(":.+", ""))
