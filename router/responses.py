@@ -90,7 +90,7 @@ class ResponsePins:
     @staticmethod
     def query(user: str, response_id: str, ttl_s: float) -> SessionQuery:
         """What the admission asks the store about a response named by the request (its TTL
-        slides to `ttl_s`, the users' session settings aside)."""
+        slides to `ttl_s`, whatever the user's session settings)."""
         return SessionQuery(user, pin_name(response_id), ttl_s, fixed_ttl=True)
 
     async def find(self, query: SessionQuery, ticket: Ticket | None) -> Pin | None:
