@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,23 +200,31 @@ def start_router(procs: Processes, machine: Machine, tmp: Path, upstream_port: i
                                                    "--config", str(config), "--port",
                                                    str(port)]),
                            stdout=err, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    last = ""
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            break
+    wait_ready(proc, port, [log], 30)
+    return proc, port, log
+
+
+def wait_ready(proc: subprocess.Popen[bytes], port: int, logs: Sequence[Path],
+               timeout: float) -> None:
+    """Until a non-streamed chat completion through `port` answers 200; RuntimeError with the
+    logs' tails when the process exits or `timeout` passes first."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
-            status, body = post(port, "bench-fast", timeout=2)
+            status, body = post(port, "bench-fast", timeout=5)
         except OSError as exc:
             last = str(exc)
-            time.sleep(0.1)
+            time.sleep(0.2)
             continue
         if status == 200:
-            return proc, port, log
+            return
         last = f"HTTP {status}: {body[:300]!r}"
-        time.sleep(0.2)
-    tail = log.read_text(errors="replace")[-2000:]
-    raise RuntimeError(f"the router did not answer ({last}); its log:\n{tail}")
+        time.sleep(0.3)
+    tails = "\n".join(f"{log}:\n{log.read_text(errors='replace')[-1500:]}"
+                      for log in logs if log.exists())
+    exited = "" if proc.poll() is None else f", exited {proc.returncode}"
+    raise RuntimeError(f"{proc.args!r} did not answer ({last}{exited}); {tails}")
 
 
 # -- measurements -------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from router.bench.harness import KEY, ROUTER_CPU, Machine, Processes
-from router.bench.peer_process import Started, wait_ready
+from router.bench.harness import KEY, ROUTER_CPU, Machine, Processes, wait_ready
+from router.bench.peer_process import Started
 from router.bench.redis_server import free_port
 
 SOURCE_ROOT = Path(__file__).resolve().parents[2]

@@ -7,8 +7,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from router.bench.harness import ROUTER_CPU, Machine, Processes
-from router.bench.peer_process import Started, wait_ready
+from router.bench.harness import ROUTER_CPU, Machine, Processes, wait_ready
+from router.bench.peer_process import Started
 from router.bench.redis_server import free_port
 
 
