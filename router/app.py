@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -28,6 +27,7 @@ from router.errors import (
     StoreUnavailable,
     Unauthorized,
 )
+from router.ids import request_id
 from router.limits import Limiter
 from router.log import redact, redact_message, redact_path
 from router.metrics import Metrics
@@ -143,8 +143,7 @@ def name_request(request: web.Request) -> None:
     request[REQUEST_ID] = given if given and SAFE_ID.fullmatch(given) else new_request_id()
 
 
-def new_request_id() -> str:
-    return os.urandom(12).hex()
+new_request_id = request_id
 
 
 async def authenticate(request: web.Request) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 from router.auth import Principal
 from router.config.model import Config, Limits
 from router.errors import RouterError
+from router.ids import lease_id
 from router.metrics import Metrics
 from router.runtime import RuntimeRef
 from router.store import LimitStore, MemoryStore, StoreError
@@ -96,7 +96,7 @@ class Limiter:
             and max_tokens > 0 else config.limits.default_max_tokens
         if not completes:
             completion = 0  # embeddings: the input is all there is
-        lease = os.urandom(8).hex() if limits.concurrency else None
+        lease = lease_id() if limits.concurrency else None
         ttl_s = config.limits.lease_ttl_s
         store = self._store
         try:
@@ -249,32 +249,60 @@ def actual_tokens(ticket: Ticket, used: Used | None) -> int:
 
 def rate_headers(limits: Limits, a: Admission) -> dict[str, str]:
     """OpenAI's x-ratelimit-* and the IETF RateLimit-Policy / RateLimit, for the limits held."""
-    headers: dict[str, str] = {}
-    policy: list[str] = []
+    fixed = _fixed_headers(limits)
+    headers = dict(fixed.headers)
     state: list[str] = []
     if limits.rpm:
-        headers["x-ratelimit-limit-requests"] = str(limits.rpm)
         headers["x-ratelimit-remaining-requests"] = str(a.requests_remaining)
         headers["x-ratelimit-reset-requests"] = duration(a.requests_reset_ms)
-        policy.append(f'"rpm";q={limits.rpm};w={WINDOW_S}')
         state.append(f'"rpm";r={a.requests_remaining};t={_secs(a.requests_reset_ms)}')
     if limits.tpm:
-        headers["x-ratelimit-limit-tokens"] = str(limits.tpm)
         headers["x-ratelimit-remaining-tokens"] = str(a.tokens_remaining)
         headers["x-ratelimit-reset-tokens"] = duration(a.tokens_reset_ms)
-        policy.append(f'"tpm";q={limits.tpm};w={WINDOW_S}')
         state.append(f'"tpm";r={a.tokens_remaining};t={_secs(a.tokens_reset_ms)}')
     if limits.tokens_per_day:
-        policy.append(f'"tpd";q={limits.tokens_per_day};w={DAY_S}')
         state.append(f'"tpd";r={a.day_remaining};t={_secs(a.day_reset_ms)}')
-    if policy:
-        headers["RateLimit-Policy"] = ", ".join(policy)
+    if state:
         headers["RateLimit"] = ", ".join(state)
     return headers
 
 
+@dataclass(frozen=True, slots=True)
+class _FixedHeaders:
+    """The rate-limit headers a Limits object always sends the same (its limits, its
+    policy), written once per object."""
+
+    limits: Limits
+    headers: dict[str, str]
+
+
+_FIXED: dict[int, _FixedHeaders] = {}
+
+
+def _fixed_headers(limits: Limits) -> _FixedHeaders:
+    known = _FIXED.get(id(limits))
+    if known is not None and known.limits is limits:
+        return known
+    headers: dict[str, str] = {}
+    policy: list[str] = []
+    if limits.rpm:
+        headers["x-ratelimit-limit-requests"] = str(limits.rpm)
+        policy.append(f'"rpm";q={limits.rpm};w={WINDOW_S}')
+    if limits.tpm:
+        headers["x-ratelimit-limit-tokens"] = str(limits.tpm)
+        policy.append(f'"tpm";q={limits.tpm};w={WINDOW_S}')
+    if limits.tokens_per_day:
+        policy.append(f'"tpd";q={limits.tokens_per_day};w={DAY_S}')
+    if policy:
+        headers["RateLimit-Policy"] = ", ".join(policy)
+    if len(_FIXED) >= 4096:  # managed keys come and go
+        _FIXED.clear()
+    known = _FIXED[id(limits)] = _FixedHeaders(limits, headers)
+    return known
+
+
 def _secs(ms: int) -> int:
-    return max(0, math.ceil(ms / 1000))
+    return -(-ms // 1000) if ms > 0 else 0
 
 
 def duration(ms: int) -> str:

@@ -39,9 +39,8 @@ TAIL = 16  # enough for b"data: [DONE]\n\n" and an event boundary
 def relay_json(opened: Opened, headers: Mapping[str, str]) -> web.Response:
     opened.bytes_relayed = len(opened.first)
     opened.finish(upstream_failed=False)
-    resp = web.Response(status=opened.exchange.status, body=opened.first, headers=headers)
-    resp.content_type = "application/json"
-    return resp
+    return web.Response(status=opened.exchange.status, body=opened.first, headers=headers,
+                        content_type="application/json")
 
 
 @dataclass(eq=False, slots=True)
