@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from router import routes
 from router.access_log import AccessLog
@@ -98,43 +99,48 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 UNAUTHENTICATED = routes.open_paths(routes.ENDPOINTS)
 
 
-@web.middleware
-async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The stages in order, in one frame: request id -> error boundary -> auth -> handler.
+def request_pipeline(app: web.Application) -> Middleware:
+    """The middleware that runs the stages in order, in one frame: request id -> error
+    boundary -> auth -> handler. The app's parts it uses are looked up once, here.
 
     Each stage is a plain call below; one middleware instead of a chain of them saves a
     coroutine hop per stage on every request.
     """
-    started = time.monotonic()
-    runtime = request[RUNTIME_NOW] = request.app[RUNTIME].current
-    facts = request[FACTS] = Facts()
-    name_request(request)
-    status = request.app[STATUS]
-    status.inflight += 1
-    resp: web.StreamResponse | None = None
-    try:
+    ref, status, metrics = app[RUNTIME], app[STATUS], app[METRICS]
+    usage, access_log, open_paths = app[USAGE], app[ACCESS_LOG], app[OPEN_PATHS]
+
+    @web.middleware
+    async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.monotonic()
+        runtime = request[RUNTIME_NOW] = ref.current
+        facts = request[FACTS] = Facts()
+        name_request(request)
+        status.inflight += 1
+        resp: web.StreamResponse | None = None
         try:
-            await authenticate(request)
-            resp = await handler(request)
-        except Exception as caught:
-            exc = translate(request, caught)
-            resp = error_response(request, exc)
-            facts.error = exc.code if isinstance(exc, RouterError) else "internal_error"
-        return resp
-    finally:
-        status.inflight -= 1
-        code = resp.status if resp is not None else 499
-        if facts.endpoint is not None:
-            request.app[METRICS].request_done(facts.route, facts.backend, code, facts.stream,
-                                              time.monotonic() - started, facts.endpoint)
-            if runtime.config.usage.enabled:
-                principal = request.get(PRINCIPAL)
-                if principal is not None:
-                    request.app[USAGE].record(principal, facts.tokens, code >= 400)
-        if runtime.config.logging.access_log:
-            access_log = request.app[ACCESS_LOG]
-            if access_log.enabled:
+            try:
+                if request.path not in open_paths:
+                    request[PRINCIPAL] = await runtime.auth.authenticate(
+                        request.headers.getall("Authorization", []))
+                resp = await handler(request)
+            except Exception as caught:
+                exc = translate(request, caught)
+                resp = error_response(request, exc)
+                facts.error = exc.code if isinstance(exc, RouterError) else "internal_error"
+            return resp
+        finally:
+            status.inflight -= 1
+            code = resp.status if resp is not None else 499
+            if facts.endpoint is not None:
+                metrics.request_done(facts.route, facts.backend, code, facts.stream,
+                                     time.monotonic() - started, facts.endpoint)
+                if runtime.config.usage.enabled:
+                    principal = request.get(PRINCIPAL)
+                    if principal is not None:
+                        usage.record(principal, facts.tokens, code >= 400)
+            if runtime.config.logging.access_log and access_log.enabled:
                 log_access(access_log, request, facts, code, started)
+    return pipeline
 
 
 def name_request(request: web.Request) -> None:
@@ -144,13 +150,6 @@ def name_request(request: web.Request) -> None:
 
 
 new_request_id = request_id
-
-
-async def authenticate(request: web.Request) -> None:
-    if request.path not in request.app[OPEN_PATHS]:
-        authenticator = request[RUNTIME_NOW].auth
-        request[PRINCIPAL] = await authenticator.authenticate(
-            request.headers.getall("Authorization", []))
 
 
 def translate(request: web.Request, exc: Exception) -> Exception:
@@ -286,10 +285,7 @@ def build_app(ref: RuntimeRef, store: Store, metrics: Metrics, *, drains: Drains
               config_status: ConfigStatus) -> web.Application:
     """The app of one worker; `drains` and `config_status` are the worker's (server.py keeps
     them in step with the store and the config file)."""
-    app = web.Application(
-        middlewares=[pipeline],
-        client_max_size=ref.current.config.server.max_body_bytes,
-    )
+    app = web.Application(client_max_size=ref.current.config.server.max_body_bytes)
     app[RUNTIME] = ref
     app[STREAMS] = ActiveStreams()
     started = ref.current.config  # the worker count and store hold until restart
@@ -314,6 +310,7 @@ def build_app(ref: RuntimeRef, store: Store, metrics: Metrics, *, drains: Drains
         plain_paths=[path for endpoint in table for path in endpoint.paths if "{" not in path])
     app[OPENAPI] = OpenApiDocument(routes.openapi_document(table))
     app.on_response_prepare.append(_response_head(app[STATUS]))
+    app.middlewares.append(request_pipeline(app))
 
     async def close_access_log(_: web.Application) -> None:
         access_log.close()

@@ -17,13 +17,16 @@ async def read_body(request: web.Request, cap: int, timeout_s: float) -> bytes:
 
     Counted here rather than by aiohttp's client_max_size, which streaming reads bypass.
     """
-    if request.content_length is not None and request.content_length > cap:
+    length = request.content_length
+    if length is not None and length > cap:
         raise PayloadTooLarge(f"request body is larger than {cap} bytes")
     content = request.content
-    data = bytearray(content.read_nowait())  # usually the whole body came with the head
-    if len(data) > cap:
+    first = content.read_nowait()  # usually the whole body came with the head
+    if len(first) > cap:
         raise PayloadTooLarge(f"request body is larger than {cap} bytes")
+    data: bytes | bytearray = first
     if not content.is_eof():
+        data = bytearray(first)
         try:
             async with asyncio.timeout(timeout_s):
                 async for chunk in content.iter_any():
@@ -32,7 +35,10 @@ async def read_body(request: web.Request, cap: int, timeout_s: float) -> bytes:
                         raise PayloadTooLarge(f"request body is larger than {cap} bytes")
         except TimeoutError:
             raise RequestTimeout("the request body did not arrive in time") from None
-    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    encoding = request.headers.get("Content-Encoding")
+    if encoding is None:
+        return bytes(data)  # no copy when it came whole: `data` is bytes then
+    encoding = encoding.strip().lower()
     if encoding in ("", "identity"):
         return bytes(data)
     if encoding not in ("gzip", "deflate"):
