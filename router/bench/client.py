@@ -391,6 +391,8 @@ async def hold(host: str, port: int, request: bytes, count: int, max_hold: float
     for d in dones:
         if not d.done():
             d.cancel()
+        elif not d.cancelled():
+            d.exception()  # a stream that failed (counted by `ready`): seen, not an orphan
     return {"ready": ready, "open_at_ready": still_open, "failed_open": failed_open,
             "ramp_s": ramp}
 

@@ -80,7 +80,7 @@ def parse(argv: Sequence[str], description: str | None = None) -> Plan:
                         help="open-loop rate for the latency figures (default 300 req/s)")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--streams", type=int, default=1000,
-                        help="streams held open for the RSS figure (default 1000)")
+                        help="streams held open for the RSS figure (default 1000, at most 10,000)")
     parser.add_argument("--profile", action="store_true",
                         help="also sample the router with py-spy under the c=64 load")
     for name, what in EXTRAS:  # --NAME runs it with the rest, --NAME-only alone
@@ -105,7 +105,7 @@ def parse(argv: Sequence[str], description: str | None = None) -> Plan:
                      f"(known: {', '.join(PEER_TARGETS)})")
     duration = min(args.duration, 3.0) if args.quick else args.duration
     duration = max(1.0, min(duration, 120.0))
-    plan_streams = max(1, min(args.streams, 5000))
+    plan_streams = max(1, min(args.streams, 10_000))
     return Plan(duration=duration, rate=max(1.0, min(args.rate, 5000.0)),
                 connections=max(1, min(args.connections, 1024)),
                 ttfb_count=100 if args.quick else 200,
