@@ -42,7 +42,8 @@ class Machine:
     wrk: str | None
     notes: list[str] = field(default_factory=list)
 
-    def on(self, cpu: int, argv: list[str]) -> list[str]:
+    def on(self, cpu: int | str, argv: list[str]) -> list[str]:
+        """`argv` run on `cpu` (a CPU number, or a taskset list such as "0,1")."""
         return ["taskset", "-c", str(cpu), *argv] if self.pinned else argv
 
 
@@ -192,9 +193,10 @@ def start_router(procs: Processes, machine: Machine, tmp: Path, upstream_port: i
                  store_url: str | None = None, name: str = "router",
                  sections: dict[str, object] | None = None,
                  edit: Callable[[dict[str, object]], None] | None = None,
-                 ) -> tuple[subprocess.Popen[bytes], int, Path]:
+                 cpus: int | str = ROUTER_CPU) -> tuple[subprocess.Popen[bytes], int, Path]:
     """`sections`: top-level config sections to add (the metrics bench); `edit`: changes the
-    generated config in place before it is written (the sessions bench adds its route)."""
+    generated config in place before it is written (the sessions bench adds its route);
+    `cpus`: where it runs (the workers bench gives a supervisor of two workers both CPUs)."""
     port = free_port()
     config = tmp / f"{name}.yaml"
     data = {**router_config(upstream_port, port, store_url), **(sections or {})}
@@ -203,7 +205,7 @@ def start_router(procs: Processes, machine: Machine, tmp: Path, upstream_port: i
     config.write_text(yaml.safe_dump(data))
     log = tmp / f"{name}.log"
     with log.open("wb") as err:
-        proc = procs.start(machine.on(ROUTER_CPU, [sys.executable, "-m", "router", "serve",
+        proc = procs.start(machine.on(cpus, [sys.executable, "-m", "router", "serve",
                                                    "--config", str(config), "--port",
                                                    str(port)]),
                            stdout=err, stderr=subprocess.STDOUT)

@@ -45,6 +45,10 @@ class Plan:
     results_dir: str = "bench-results"
     affinity: bool = False
     affinity_only: bool = False
+    workers: bool = False
+    workers_only: bool = False
+    workers_rounds: int = 3
+    workers_phase_s: float = 5.0
 
 
 # The optional measurements: (flag, what it measures), for --NAME and --NAME-only.
@@ -63,6 +67,8 @@ EXTRAS = (
                   "passthrough (about 40 s)"),
     ("metrics", "the per-request cost of metrics (and of the usage report): routers with "
                 "metrics off / on / on + usage, same run; about 100 s"),
+    ("workers", "server.workers: 2 on both CPUs against one pinned worker, every feature on: "
+                "req/s, CPU used by each part, req/s per router core (about 40 s)"),
     ("peers", "the router beside nginx and LiteLLM (and direct): throughput, latency, streams, "
               "memory and CPU per request, 3 rounds, written to --results as JSON, Markdown "
               "and PNG (about 6 min; --quick about 3)"),
@@ -125,4 +131,6 @@ def parse(argv: Sequence[str], description: str | None = None) -> Plan:
                 peers_phase_s=2.0 if args.quick else min(duration, 5.0),
                 peers_streams=min(plan_streams, 200) if args.quick else plan_streams,
                 results_dir=args.results,
-                affinity=args.affinity, affinity_only=args.affinity_only)
+                affinity=args.affinity, affinity_only=args.affinity_only,
+                workers=args.workers, workers_only=args.workers_only,
+                workers_rounds=1 if args.quick else 3, workers_phase_s=min(duration, 5.0))

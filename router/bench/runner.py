@@ -84,6 +84,7 @@ from router.bench import (
     metrics_cost,
     pinning,
     translate_cost,
+    workers_cost,
 )
 from router.bench.harness import (
     LOAD_CPU,
@@ -115,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tmp = Path(tmpdir)
         if not (plan.auth_only or plan.limits_only or plan.sessions_only or plan.fanout_only
                 or plan.metrics_only or plan.translate_only or plan.peers_only
-                or plan.affinity_only):
+                or plan.affinity_only or plan.workers_only):
             code, profile = direct.run(procs, machine, tmp, plan, rows, notes)
             if code:
                 return code
@@ -145,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
              lambda: metrics_cost.run(procs, machine, tmp, plan, notes)),
             ("translate", plan.translate or plan.translate_only,
              lambda: translate_cost.run(procs, machine, tmp, plan, notes)),
+            ("workers", plan.workers or plan.workers_only,
+             lambda: workers_cost.run(procs, machine, tmp, plan, notes)),
             ("peers", plan.peers or plan.peers_only, peers_run),
         ]
         extra_rows: dict[str, list[tuple[str, ...]]] = {}
@@ -163,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     fanout_rows = extra_rows.get("fanout", [])
     metrics_rows = extra_rows.get("metrics", [])
     translate_rows = extra_rows.get("translate", [])
+    workers_rows = extra_rows.get("workers", [])
 
     if rows:
         _table("", ["metric", "direct", "router", "router vs direct", "target"], rows)
@@ -197,6 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _table("Metrics cost: the same router with metrics off, on, and on with the usage report",
                ["variant", "req/s", "vs metrics off", "added µs/req (req/s)", "router CPU/req",
                 "added CPU/req", "latency p50 / p99, open loop"], metrics_rows)
+    if workers_rows:
+        _table("Workers: server.workers 2 on both CPUs against one pinned worker, every feature "
+               "on", workers_cost.COLUMNS, workers_rows)
     for table in peers_tables:
         print()
         print(table, end="")
