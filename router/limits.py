@@ -13,7 +13,7 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from router.auth import Principal
 from router.config.model import Config, Limits
@@ -85,17 +85,7 @@ class Limiter:
         limits = principal.limits if tokens else _without_tokens(principal.limits)
         if not (limits.rpm or limits.tpm or limits.concurrency or limits.tokens_per_day):
             return None
-        prompt = prompt_estimate(body)
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") \
-            or body.get("max_output_tokens")  # the Responses API's
-        if isinstance(max_tokens, float) and max_tokens.is_integer() and max_tokens < 2**31:
-            max_tokens = int(max_tokens)  # 1000.0 is as much an integer as 1000
-        # Capped like `max_tokens` (max_completion_tokens passes through unvalidated): the
-        # store's counters take 64-bit integers, and no answer is longer.
-        completion = min(max_tokens, MAX_COMPLETION) if isinstance(max_tokens, int) \
-            and max_tokens > 0 else config.limits.default_max_tokens
-        if not completes:
-            completion = 0  # embeddings: the input is all there is
+        prompt, completion = _estimate(body, config, completes)
         lease = lease_id() if limits.concurrency else None
         ttl_s = config.limits.lease_ttl_s
         store = self._store
@@ -114,6 +104,32 @@ class Limiter:
             store = self._fallback
             admission = await store.admit(principal.id, limits, prompt + completion,
                                           lease or "", ttl_s)
+        return self._ticket(principal.id, limits, prompt, completion, lease, store, admission,
+                            session)
+
+    def at_once(self, session: SessionQuery | None) -> bool:
+        """Whether `admit_now` can decide: the store is this process's memory and there is no
+        session to ask."""
+        return session is None and type(self._store) is MemoryStore
+
+    def admit_now(self, principal: Principal, body: Mapping[str, Any], config: Config, *,
+                  completes: bool = True) -> Ticket | None:
+        """`admit` when `at_once`: the same decision, without an await."""
+        limits = principal.limits
+        if not (limits.rpm or limits.tpm or limits.concurrency or limits.tokens_per_day):
+            return None
+        store = cast(MemoryStore, self._store)
+        prompt, completion = _estimate(body, config, completes)
+        lease = lease_id() if limits.concurrency else None
+        admission = store.admit_now(principal.id, limits, prompt + completion, lease or "",
+                                    config.limits.lease_ttl_s)
+        return self._ticket(principal.id, limits, prompt, completion, lease, store, admission,
+                            None)
+
+    def _ticket(self, principal: str, limits: Limits, prompt: int, completion: int,
+                lease: str | None, store: LimitStore, admission: Admission,
+                session: SessionQuery | None) -> Ticket:
+        """The admitted request's ticket, or RateLimited when the store refused it."""
         headers = rate_headers(limits, admission)
         if not admission.allowed:
             limit = admission.denied or "rpm"
@@ -121,7 +137,7 @@ class Limiter:
             retry = max(1, math.ceil(admission.retry_after_ms / 1000))
             raise RateLimited(f"rate limit exceeded ({limit}); retry after {retry} s",
                               headers={**headers, "Retry-After": str(retry)}, code=limit)
-        ticket = Ticket(principal.id, limits, prompt + completion, prompt, completion, lease,
+        ticket = Ticket(principal, limits, prompt + completion, prompt, completion, lease,
                         store, headers, session=None if session is None
                         else admission.session or SESSION_UNAVAILABLE)
         if lease is not None:
@@ -141,13 +157,13 @@ class Limiter:
             delta = actual_tokens(ticket, used) - ticket.estimate
         if ticket.lease is None and not delta:
             return
+        store = ticket.store
+        if type(store) is MemoryStore:  # this process's memory: done now, nothing to report
+            store.settle_now(ticket.principal, ticket.limits, delta, ticket.lease)
+            return
         # Sent by the store at once (batched with this loop turn's other calls): no task here.
-        outcome = ticket.store.settle(ticket.principal, ticket.limits, delta, ticket.lease)
-        if outcome.done():  # settled already (the in-memory store): no callback to schedule
-            self._settled(outcome)
-        else:
-            outcome.add_done_callback(self._settled)
-
+        store.settle(ticket.principal, ticket.limits, delta, ticket.lease
+                     ).add_done_callback(self._settled)
 
     async def refresh_forever(self) -> None:
         """Keep in-flight requests' leases alive: one pipeline per worker every TTL/3."""
@@ -178,6 +194,22 @@ def _without_tokens(limits: Limits) -> Limits:
         known = _WITHOUT_TOKENS[id(limits)] = (
             limits, Limits(rpm=limits.rpm, concurrency=limits.concurrency))
     return known[1]
+
+
+def _estimate(body: Mapping[str, Any], config: Config, completes: bool) -> tuple[int, int]:
+    """The request's (prompt, completion) token estimate: what it is charged on admission."""
+    prompt = prompt_estimate(body)
+    if not completes:
+        return prompt, 0  # embeddings: the input is all there is
+    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") \
+        or body.get("max_output_tokens")  # the Responses API's
+    if isinstance(max_tokens, float) and max_tokens.is_integer() and max_tokens < 2**31:
+        max_tokens = int(max_tokens)  # 1000.0 is as much an integer as 1000
+    # Capped like `max_tokens` (max_completion_tokens passes through unvalidated): the store's
+    # counters take 64-bit integers, and no answer is longer.
+    if isinstance(max_tokens, int) and max_tokens > 0:
+        return prompt, min(max_tokens, MAX_COMPLETION)
+    return prompt, config.limits.default_max_tokens
 
 
 def prompt_estimate(body: Mapping[str, Any]) -> int:

@@ -41,7 +41,7 @@ from router.runtime import Runtime
 from router.sessions import Sessions, inject_first_event, inject_json
 from router.state import ANSWER_HEADERS
 from router.store import StoreError
-from router.store.base import SessionState
+from router.store.base import SessionQuery, SessionState
 from router.tracing import trace_headers
 
 log = logging.getLogger("router.stages")
@@ -163,15 +163,22 @@ class Admit(Stage):
         self.limiter = limiter
 
     def __call__(self, call: Call) -> Awaitable[None] | None:
-        if not self.limiter.limits(call.principal):
+        limiter = self.limiter
+        if not limiter.limits(call.principal):
             return None  # no limits: no store call (ticket None)
-        return self._admit(call)
-
-    async def _admit(self, call: Call) -> None:
         session = call.session
+        query = call.previous if session is None else session.query
+        if not limiter.at_once(query):
+            return self._admit(call, query)
+        ticket = call.ticket = limiter.admit_now(call.principal, call.body, call.runtime.config,
+                                                 completes=call.endpoint != "embeddings")
+        if ticket is not None:
+            call.headers.update(ticket.headers)
+        return None
+
+    async def _admit(self, call: Call, query: SessionQuery | None) -> None:
         ticket = call.ticket = await self.limiter.admit(
-            call.principal, call.body, call.runtime.config,
-            session=call.previous if session is None else session.query,
+            call.principal, call.body, call.runtime.config, session=query,
             completes=call.endpoint != "embeddings")
         if ticket is not None:
             call.headers.update(ticket.headers)

@@ -27,12 +27,23 @@ DAY_MS = 86_400_000
 EPS = 0.001
 
 
+@dataclasses.dataclass(slots=True, eq=False)
+class _Bucket:
+    """One principal's limits (limits.lua's keys for it): GCRA arrival times in ms (`tpm_tat`
+    None until first charged), the day's tokens, and the concurrency leases (lease -> expiry,
+    ms)."""
+
+    rpm_tat: float = 0.0
+    tpm_tat: float | None = None
+    day: int = -1  # the UTC day number `day_used` counts
+    day_used: int = 0
+    leases: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
 class MemoryStore:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock  # epoch seconds: the day's budget ends at UTC midnight
-        self._tat: dict[str, float] = {}  # "rpm:"/"tpm:" + principal -> GCRA arrival time (ms)
-        self._leases: dict[str, dict[str, float]] = {}  # principal -> lease -> expiry (ms)
-        self._day: dict[str, tuple[int, int]] = {}  # principal -> (day number, tokens used)
+        self._buckets: dict[str, _Bucket] = {}  # principal -> its limits' state
         self._finished: asyncio.Future[Any] | None = None  # see _done
         self._keys: dict[str, KeyRecord] = {}  # id -> record
         self._by_digest: dict[str, str] = {}  # digest -> id
@@ -89,7 +100,7 @@ class MemoryStore:
 
     async def admit(self, principal: str, limits: Limits, tokens: int, lease: str,
                     lease_ttl_s: float, session: SessionQuery | None = None) -> Admission:
-        admission = self._admit(principal, limits, tokens, lease, lease_ttl_s)
+        admission = self.admit_now(principal, limits, tokens, lease, lease_ttl_s)
         if session is None:
             return admission
         # Only an admitted request counts as a use of its pin.
@@ -97,34 +108,34 @@ class MemoryStore:
             self._read_state(session)
         return admission._replace(session=state)
 
-    def _admit(self, principal: str, limits: Limits, tokens: int, lease: str,
-               lease_ttl_s: float) -> Admission:
+    def admit_now(self, principal: str, limits: Limits, tokens: int, lease: str,
+                  lease_ttl_s: float) -> Admission:
+        """`admit` without a session to answer, decided at once (no await)."""
         now = self._clock() * 1000
+        bucket = self._buckets.get(principal)
+        if bucket is None:
+            bucket = self._buckets[principal] = _Bucket()
         denied = 0
         retry = 0.0
-        r_tat = r_rem = r_reset = t_tat = t_rem = t_reset = 0.0
+        r_tat = r_reset = t_tat = t_reset = 0.0
+        r_rem = t_rem = 0
         if limits.rpm:
-            r_tat, r_rem, r_reset, ahead = _gcra(self._tat.get("rpm:" + principal, 0.0), now,
-                                                 limits.rpm, 1)
+            r_tat, r_rem, r_reset, ahead = _gcra(bucket.rpm_tat, now, limits.rpm, 1)
             if ahead:
                 denied, retry = 1, ahead
         if limits.tpm:
-            t_tat, t_rem, t_reset, ahead = _gcra(self._tat.get("tpm:" + principal, 0.0), now,
-                                                 limits.tpm, tokens)
+            t_tat, t_rem, t_reset, ahead = _gcra(bucket.tpm_tat or 0.0, now, limits.tpm, tokens)
             if ahead:
                 denied, retry = denied or 2, max(retry, ahead)
         day_no = int(now // DAY_MS)
         midnight = (day_no + 1) * DAY_MS
         used = 0
         if limits.tokens_per_day:
-            day, used = self._day.get(principal, (day_no, 0))
-            used = used if day == day_no else 0
+            used = bucket.day_used if bucket.day == day_no else 0
             if used + min(tokens, limits.tokens_per_day) > limits.tokens_per_day:
                 denied = denied or 3
                 retry = max(retry, midnight - now)
-        leases = self._leases.get(principal)
-        if leases is None:
-            leases = self._leases[principal] = {}
+        leases = bucket.leases
         if limits.concurrency:
             # Leases are held in the order they expire as a rule (each is added, or refreshed,
             # with the latest expiry): the expired ones are at the front. A reload that shortens
@@ -142,50 +153,51 @@ class MemoryStore:
                 retry = max(retry, 1000.0)
         if not denied:
             if limits.rpm:
-                self._tat["rpm:" + principal] = r_tat
+                bucket.rpm_tat = r_tat
             if limits.tpm:
-                self._tat["tpm:" + principal] = t_tat
+                bucket.tpm_tat = t_tat
             if limits.tokens_per_day:
                 used += tokens
-                self._day[principal] = (day_no, used)
+                bucket.day, bucket.day_used = day_no, used
             if limits.concurrency:
                 leases[lease] = now + lease_ttl_s * 1000
         return Admission(
-            allowed=not denied, denied=LIMIT_NAMES[denied - 1] if denied else None,
-            retry_after_ms=math.ceil(retry), requests_remaining=int(r_rem),
-            requests_reset_ms=round(r_reset), tokens_remaining=int(t_rem),
-            tokens_reset_ms=round(t_reset),
-            day_remaining=max(0, (limits.tokens_per_day or 0) - used),
-            day_reset_ms=round(midnight - now), in_flight=len(leases))
+            not denied, LIMIT_NAMES[denied - 1] if denied else None, math.ceil(retry),
+            r_rem, round(r_reset), t_rem, round(t_reset),
+            max(0, (limits.tokens_per_day or 0) - used), round(midnight - now), len(leases))
 
     def settle(self, principal: str, limits: Limits, token_delta: int,
                lease: str | None) -> asyncio.Future[Any]:
-        self._settle(principal, limits, token_delta, lease)
+        self.settle_now(principal, limits, token_delta, lease)
         return self._done()
 
-    def _settle(self, principal: str, limits: Limits, token_delta: int,
-                lease: str | None) -> None:
+    def settle_now(self, principal: str, limits: Limits, token_delta: int,
+                   lease: str | None) -> None:
+        """`settle`, done at once (it cannot fail)."""
+        bucket = self._buckets.get(principal)
+        if bucket is None:
+            return
         if lease is not None:
-            self._leases.get(principal, {}).pop(lease, None)
+            bucket.leases.pop(lease, None)
         if not token_delta:
             return
         now = self._clock() * 1000
         if limits.tpm:
-            key = "tpm:" + principal
-            tat = self._tat.get(key)
+            tat = bucket.tpm_tat
             if tat is not None or token_delta > 0:
-                self._tat[key] = (now if tat is None else tat) + \
+                bucket.tpm_tat = (now if tat is None else tat) + \
                     token_delta * PERIOD_MS / limits.tpm
-        if limits.tokens_per_day and principal in self._day:
-            day, used = self._day[principal]
-            if day == int(now // DAY_MS):
-                self._day[principal] = (day, max(0, used + token_delta))
+        if limits.tokens_per_day and bucket.day == int(now // DAY_MS):
+            bucket.day_used = max(0, bucket.day_used + token_delta)
 
     async def refresh_leases(self, leases: Mapping[str, Sequence[str]],
                              lease_ttl_s: float) -> None:
         expiry = self._clock() * 1000 + lease_ttl_s * 1000
         for principal, ids in leases.items():
-            held = self._leases.get(principal, {})
+            bucket = self._buckets.get(principal)
+            if bucket is None:
+                continue
+            held = bucket.leases
             for lease in ids:
                 if held.pop(lease, None) is not None:
                     held[lease] = expiry  # at the end: the latest expiry
@@ -325,7 +337,7 @@ class MemoryStore:
         return True
 
 
-def _gcra(tat: float, now: float, limit: int, cost: int) -> tuple[float, float, float, float]:
+def _gcra(tat: float, now: float, limit: int, cost: int) -> tuple[float, int, float, float]:
     """One GCRA bucket (limits.lua's): the new theoretical arrival time, the remaining count,
     the time to its reset and, when the request does not fit, how long until it would (else
     0)."""

@@ -155,7 +155,7 @@ async def test_limits_see_a_streams_tokens_the_client_did_not_ask_for(claude_fak
         assert resp.headers["x-ratelimit-remaining-tokens"] == "38"
         raw = await resp.read()
     assert b'"usage"' not in raw
-    await eventually(lambda: r.worker.store._day["test"][1] == PROMPT + 5,
+    await eventually(lambda: r.worker.store._buckets["test"].day_used == PROMPT + 5,
                      what="the stream settled on its real usage")
     async with r.chat(body) as resp:
         assert resp.status == 200
