@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from router.auth import Principal
 from router.config.model import Config, Limits
@@ -182,18 +182,28 @@ class Limiter:
                     log.warning("could not refresh concurrency leases: %s", exc)
 
 
+T = TypeVar("T")
+
+
+def _per_limits(cache: dict[int, tuple[Limits, T]], limits: Limits,
+                make: Callable[[Limits], T]) -> T:
+    """`make(limits)`, made once per Limits object (managed keys come and go: at most 4,096
+    are kept)."""
+    known = cache.get(id(limits))
+    if known is None or known[0] is not limits:
+        if len(cache) >= 4096:
+            cache.clear()
+        known = cache[id(limits)] = (limits, make(limits))
+    return known[1]
+
+
 _WITHOUT_TOKENS: dict[int, tuple[Limits, Limits]] = {}
 
 
 def _without_tokens(limits: Limits) -> Limits:
-    """`limits` but its token limits (tpm, tokens_per_day), made once per Limits object."""
-    known = _WITHOUT_TOKENS.get(id(limits))
-    if known is None or known[0] is not limits:
-        if len(_WITHOUT_TOKENS) >= 4096:  # managed keys come and go
-            _WITHOUT_TOKENS.clear()
-        known = _WITHOUT_TOKENS[id(limits)] = (
-            limits, Limits(rpm=limits.rpm, concurrency=limits.concurrency))
-    return known[1]
+    """`limits` but its token limits (tpm, tokens_per_day)."""
+    return _per_limits(_WITHOUT_TOKENS, limits,
+                       lambda held: Limits(rpm=held.rpm, concurrency=held.concurrency))
 
 
 def _estimate(body: Mapping[str, Any], config: Config, completes: bool) -> tuple[int, int]:
@@ -281,8 +291,8 @@ def actual_tokens(ticket: Ticket, used: Used | None) -> int:
 
 def rate_headers(limits: Limits, a: Admission) -> dict[str, str]:
     """OpenAI's x-ratelimit-* and the IETF RateLimit-Policy / RateLimit, for the limits held."""
-    fixed = _fixed_headers(limits)
-    headers = dict(fixed.headers)
+    fixed: dict[str, str] = _per_limits(_FIXED, limits, _fixed_headers)
+    headers = dict(fixed)
     state: list[str] = []
     if limits.rpm:
         headers["x-ratelimit-remaining-requests"] = str(a.requests_remaining)
@@ -299,22 +309,11 @@ def rate_headers(limits: Limits, a: Admission) -> dict[str, str]:
     return headers
 
 
-@dataclass(frozen=True, slots=True)
-class _FixedHeaders:
-    """The rate-limit headers a Limits object always sends the same (its limits, its
-    policy), written once per object."""
-
-    limits: Limits
-    headers: dict[str, str]
+_FIXED: dict[int, tuple[Limits, dict[str, str]]] = {}
 
 
-_FIXED: dict[int, _FixedHeaders] = {}
-
-
-def _fixed_headers(limits: Limits) -> _FixedHeaders:
-    known = _FIXED.get(id(limits))
-    if known is not None and known.limits is limits:
-        return known
+def _fixed_headers(limits: Limits) -> dict[str, str]:
+    """The rate-limit headers that are the same on every answer: the limits and the policy."""
     headers: dict[str, str] = {}
     policy: list[str] = []
     if limits.rpm:
@@ -327,10 +326,7 @@ def _fixed_headers(limits: Limits) -> _FixedHeaders:
         policy.append(f'"tpd";q={limits.tokens_per_day};w={DAY_S}')
     if policy:
         headers["RateLimit-Policy"] = ", ".join(policy)
-    if len(_FIXED) >= 4096:  # managed keys come and go
-        _FIXED.clear()
-    known = _FIXED[id(limits)] = _FixedHeaders(limits, headers)
-    return known
+    return headers
 
 
 def _secs(ms: int) -> int:
