@@ -13,7 +13,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from router.auth import Principal
 from router.config.model import Config, Limits
@@ -118,7 +118,9 @@ class Limiter:
         limits = principal.limits
         if not (limits.rpm or limits.tpm or limits.concurrency or limits.tokens_per_day):
             return None
-        store = cast(MemoryStore, self._store)
+        store = self._store
+        if type(store) is not MemoryStore:
+            raise TypeError("admit_now needs the in-memory store (see at_once)")
         prompt, completion = _estimate(body, config, completes)
         lease = lease_id() if limits.concurrency else None
         admission = store.admit_now(principal.id, limits, prompt + completion, lease or "",

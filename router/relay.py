@@ -39,6 +39,8 @@ TAIL = 16  # enough for b"data: [DONE]\n\n" and an event boundary
 def relay_json(opened: Opened, headers: Mapping[str, str]) -> web.Response:
     opened.bytes_relayed = len(opened.first)
     opened.finish(upstream_failed=False)
+    # `headers` are the router's own (rate limits, session, backend), never a Content-Type:
+    # aiohttp refuses both that header and `content_type`.
     return web.Response(status=opened.exchange.status, body=opened.first, headers=headers,
                         content_type="application/json")
 

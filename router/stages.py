@@ -15,7 +15,7 @@ that waits on I/O resumes through two frames, not ten.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from types import CoroutineType
 from typing import Any, cast
 
@@ -47,7 +47,7 @@ from router.tracing import trace_headers
 log = logging.getLogger("router.stages")
 
 # The last stage: the response, or an awaitable of it (a stream is written as it arrives).
-Answer = Callable[[Call], web.StreamResponse | Awaitable[web.StreamResponse]]
+Answer = Callable[[Call], web.StreamResponse | Coroutine[Any, Any, web.StreamResponse]]
 
 
 class Stage:
@@ -85,7 +85,7 @@ class Pipeline:
             answer = self._answer(call)
             # A type test, not isinstance: StreamResponse is an ABC, slow to test against.
             if type(answer) is CoroutineType:
-                return await cast(Awaitable[web.StreamResponse], answer)
+                return await cast(Coroutine[Any, Any, web.StreamResponse], answer)
             return cast(web.StreamResponse, answer)
         except (RouterError, StoreError):
             call.request[ANSWER_HEADERS] = call.headers
@@ -362,7 +362,8 @@ class Relay:
         self.metrics = metrics
         self.ended = ended  # a stream without `[DONE]`: whether its last events end it
 
-    def __call__(self, call: Call) -> web.StreamResponse | Awaitable[web.StreamResponse]:
+    def __call__(self, call: Call
+                 ) -> web.StreamResponse | Coroutine[Any, Any, web.StreamResponse]:
         opened = call.opened
         assert opened is not None
         if not call.stream:

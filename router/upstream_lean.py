@@ -369,16 +369,20 @@ class _Host:
 
 
 class _LeanResponse:
-    __slots__ = ("_conn", "_deadline", "_host", "_idle_s", "_released", "headers", "status")
+    __slots__ = ("_complete", "_conn", "_deadline", "_host", "_idle_s", "_released", "headers",
+                 "status")
 
     def __init__(self, conn: _Conn, host: _Host, idle_s: float, deadline: float) -> None:
         assert conn.headers is not None
         self._conn, self._host, self._idle_s, self._deadline = conn, host, idle_s, deadline
         self._released = False
+        self._complete = False  # released after its whole body
         self.status = conn.status
         self.headers: Mapping[str, str] = conn.headers
 
     def iter_chunks(self) -> AsyncIterator[bytes]:
+        """The body's chunks. Its end or a failure releases the connection; whoever stops
+        iterating earlier must call `close()` (nothing releases it when it is dropped)."""
         return _Chunks(self)
 
     def close(self) -> None:
@@ -386,6 +390,7 @@ class _LeanResponse:
         if not self._released:
             self._released = True
             conn = self._conn
+            self._complete = conn.done
             reusable = conn.done and conn.keep_alive
             if reusable:
                 conn.reset()
@@ -409,7 +414,7 @@ class _Chunks:
     async def __anext__(self) -> bytes:
         resp = self._resp
         if self._ended or resp._released:
-            if self._ended:
+            if self._ended or resp._complete:
                 raise StopAsyncIteration
             raise UpstreamError("the upstream answer was closed before its end")
         try:

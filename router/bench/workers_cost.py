@@ -7,7 +7,7 @@ understates what a second core gives the router. The table therefore also shows 
 part used and the router's req/s per core of CPU it used; "per router core" is the figure that
 carries over to a machine where the upstream and the load are elsewhere.
 
-Every feature is on, as in production: the bench key with limits (memory://, far above the
+Every feature is on: the bench key with limits (memory://, kept per worker, far above the
 load), metrics, and the JSON access log.
 """
 

@@ -176,7 +176,9 @@ class MemoryStore:
         """`settle`, done at once (it cannot fail)."""
         bucket = self._buckets.get(principal)
         if bucket is None:
-            return
+            if token_delta <= 0:
+                return  # nothing held, nothing to give back
+            bucket = self._buckets[principal] = _Bucket()  # charged from now, as limits.lua does
         if lease is not None:
             bucket.leases.pop(lease, None)
         if not token_delta:

@@ -318,6 +318,29 @@ async def test_unread_body_is_never_reused(client):
         assert up.connections == 2
 
 
+async def test_a_finished_body_iterates_as_ended_and_an_unfinished_one_as_an_error():
+    """The lean client's chunks after the body's end (iterated again, or asked anew) end at
+    once, without touching the connection, now back in the pool; after an early close they
+    are an error, never a silent end of a cut body."""
+    lean = LeanUpstream(max_connections=10, max_per_host=10)
+    big = b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n" + b"x" * 200_000
+    try:
+        async with raw_upstream(Answer(OK), Answer(big), Answer(OK)) as up:
+            resp = await lean.post(up.url, {}, b"{}", TIMEOUTS)
+            chunks = resp.iter_chunks()
+            assert b"".join([c async for c in chunks]) == b"ok"
+            assert [c async for c in chunks] == [] and [c async for c in resp.iter_chunks()] == []
+            cut = await lean.post(up.url, {}, b"{}", TIMEOUTS)  # the same connection, reused
+            assert up.connections == 1
+            cut.close()  # left after the head: the connection is dropped
+            with pytest.raises(UpstreamError, match="closed before its end"):
+                await anext(cut.iter_chunks())
+            assert await exchange(lean, up.url) == (200, b"ok")
+            assert up.connections == 2
+    finally:
+        await lean.close()
+
+
 # -- outgoing: a line break in a header value never reaches the wire --------------------------
 
 @pytest.mark.parametrize("value", ["a\r\nX-Evil: 1", "a\nX-Evil: 1", "a\rX-Evil: 1"])

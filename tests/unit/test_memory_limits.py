@@ -34,3 +34,15 @@ async def test_a_refreshed_lease_outlives_older_ones() -> None:
     admitted = await store.admit("k", LIMITS, 1, "c", 10.0)
     assert admitted.allowed and admitted.in_flight == 2
     assert not (await store.admit("k", LIMITS, 1, "d", 10.0)).allowed
+
+
+async def test_a_settlement_before_any_admission_charges_tokens_from_now() -> None:
+    """As limits.lua does: a positive delta for a principal the store has not seen yet is a
+    charge (a negative one is nothing to give back)."""
+    now = [1000.0]
+    store = MemoryStore(clock=lambda: now[0])
+    tpm = Limits(tpm=600)
+    store.settle_now("fresh", tpm, 100, None)
+    store.settle_now("other", tpm, -100, None)
+    assert (await store.admit("fresh", tpm, 1, "", 60.0)).tokens_remaining == 600 - 100 - 1
+    assert (await store.admit("other", tpm, 1, "", 60.0)).tokens_remaining == 600 - 1
