@@ -146,10 +146,7 @@ def request_pipeline(app: web.Application) -> Middleware:
 def name_request(request: web.Request) -> None:
     """The client's x-request-id when it is sane, else a new one; echoed and sent upstream."""
     given = request.headers.get("x-request-id")
-    request[REQUEST_ID] = given if given and SAFE_ID.fullmatch(given) else new_request_id()
-
-
-new_request_id = request_id
+    request[REQUEST_ID] = given if given and SAFE_ID.fullmatch(given) else request_id()
 
 
 def translate(request: web.Request, exc: Exception) -> Exception:

@@ -36,11 +36,12 @@ from aiohttp.http_exceptions import (
 )
 from prometheus_client import multiprocess
 
-from router.app import build_app, new_request_id
+from router.app import build_app
 from router.auth import KeyCache
 from router.config import Config, ConfigError, load_config
 from router.drains import Drains
 from router.errors import BadRequest, InternalError, RouterError
+from router.ids import request_id
 from router.log import setup_logging
 from router.metrics import DisabledMetrics, Metrics
 from router.open_files import raise_open_files_limit
@@ -327,7 +328,7 @@ class _Protocol(web.RequestHandler):
             log.error("unhandled error outside the request pipeline", exc_info=exc)
             error = InternalError("internal error")
         resp = error.to_response()
-        resp.headers["x-request-id"] = new_request_id()
+        resp.headers["x-request-id"] = request_id()
         resp.force_close()
         return resp
 
