@@ -78,11 +78,12 @@ def run(procs: Processes, machine: Machine, tmp: Path, plan: Plan,
         for n, proc, port, _ in (routers if r % 2 == 0 else routers[::-1]):
             cpu0, up0, t0 = tree_cpu_seconds(proc.pid), cpu_seconds(upstream.pid), \
                 time.monotonic()
-            machine0 = [cpu_times(c) for c in (0, 1)]
+            machine0 = [cpu_times(c) for c in (ROUTER_CPU, LOAD_CPU)]
             t = throughput(procs, machine, tmp, port, plan, seconds)
             wall = time.monotonic() - t0
             busy = sum((b1 - b0) / max(1, n1 - n0) for (b0, _, n0), (b1, _, n1)
-                       in zip(machine0, [cpu_times(c) for c in (0, 1)], strict=True))
+                       in zip(machine0, [cpu_times(c) for c in (ROUTER_CPU, LOAD_CPU)],
+                              strict=True))
             samples[n].append(WorkersSample(
                 t.rps, (tree_cpu_seconds(proc.pid) - cpu0) / wall,
                 (cpu_seconds(upstream.pid) - up0) / wall, busy, t.failures))
