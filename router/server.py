@@ -169,6 +169,46 @@ async def _run_worker(path: str, config: Config, overrides: Overrides, *,
     await stop.wait()
     await worker.stop(drain_delay_s=worker.ref.current.config.server.drain_delay_s
                       if delayed else 0.0)
+    await _end_leftover_tasks(LEFTOVER_TIMEOUT_S)
+
+
+def _awaiting(coro: Any) -> str:
+    """Where a suspended coroutine waits: each coroutine of its await chain, innermost last,
+    then what the innermost awaits."""
+    where: list[str] = []
+    while coro is not None and len(where) < 32:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is None:
+            where.append(type(coro).__qualname__)
+            break
+        where.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} "
+                     f"{frame.f_code.co_name}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return " > ".join(where) or "?"
+
+
+# After the drain, how long the tasks still running get to end once cancelled.
+LEFTOVER_TIMEOUT_S = 5.0
+
+
+async def _end_leftover_tasks(timeout_s: float) -> None:
+    """Cancel what still runs after the drain and wait for it, at most `timeout_s`. A task that
+    will not end is named in the log with where it waits, and the worker exits without it
+    (asyncio.run would otherwise wait for it forever)."""
+    me = asyncio.current_task()
+    leftover = [t for t in asyncio.all_tasks() if t is not me]
+    for task in leftover:
+        task.cancel()
+    if not leftover:
+        return
+    _, pending = await asyncio.wait(leftover, timeout=timeout_s)
+    if not pending:
+        return
+    for task in pending:
+        log.error("task %s did not end when cancelled; it waits in %s", task.get_name(),
+                  _awaiting(task.get_coro()))
+    logging.shutdown()
+    os._exit(0)
 
 
 class Worker:

@@ -5,10 +5,10 @@ CPU; the rounds go over the targets in turn (the order reversed every other roun
 shared machine hits them alike, and each figure is reported as min/median/max over the rounds.
 Scenarios per target and round: closed-loop throughput (wrk, c=64, non-streamed, with the proxy's
 CPU per request from /proc), open-loop latency at a fixed rate (the generator's send lag too),
-closed-loop c=1 latency, 20-chunk streams at 32 concurrent (streams/s, first byte, time per
-chunk); after the rounds, the proxy's RSS with many streams open. LiteLLM is slow: its phases
-are shorter and, when it cannot keep the open-loop rate, it is marked saturated and measured at
-a rate it can keep.
+closed-loop c=1 latency and stream first byte, 20-chunk streams at 32 concurrent (streams/s,
+first byte, time per chunk); after the rounds, the proxy's RSS with many streams open. LiteLLM
+is slow: its phases are shorter and, when it cannot keep the open-loop rate, it is marked
+saturated and measured at a rate it can keep.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from router.bench.direct import hold_streams
+from router.bench.floor_peer import start_floor
 from router.bench.harness import (
     KEY,
     LIMITED_KEY,
@@ -141,6 +142,11 @@ def _start(procs: Processes, machine: Machine, tmp: Path, name: str, s: PeersSet
                                      edit=_chunks_route)
         return Target(name, port, KEY, proc.pid, "this checkout",
                       "API key without limits, metrics off, access log off; one worker")
+    if name == "floor":
+        f = start_floor(procs, machine, tmp, up_port)
+        return Target(name, f.port, KEY, f.proc.pid, f.version,
+                      "aiohttp relaying through the router's upstream client, no router logic "
+                      "(router/bench/floor_peer.py): what the router's stack costs by itself")
     if name == "nginx":
         n = start_nginx(procs, machine, tmp, up_port, s.open_streams)
         return Target(name, n.port, KEY, n.proc.pid, n.version,
@@ -191,9 +197,14 @@ def _openloop(procs: Processes, machine: Machine, s: PeersSettings, t: Target) -
 
 
 def _c1(procs: Processes, machine: Machine, s: PeersSettings, t: Target) -> dict[str, Any]:
+    """One connection, one request at a time: a JSON answer's latency, then a 20-chunk
+    stream's first byte (the relay's own delay, with no queue in front of it)."""
     count = s.slow_c1_count if t.slow else s.c1_count
     r = client(procs, machine, "ttfb", t.port, "--count", str(count), timeout=120, key=t.key)
-    return {"count": count, "latency_ms": r["total_ms"], "errors": r["errors"]}
+    streamed = client(procs, machine, "ttfb", t.port, "--count", str(count), "--stream",
+                      "--model", CHUNKS_MODEL, timeout=120, key=t.key)
+    return {"count": count, "latency_ms": r["total_ms"], "stream_ttfb_ms": streamed["ttfb_ms"],
+            "errors": int(r["errors"]) + int(streamed["errors"])}  # type: ignore[call-overload]
 
 
 def _streams(procs: Processes, machine: Machine, s: PeersSettings, t: Target

@@ -16,8 +16,12 @@ from typing import Any
 from router.bench.peers import PeersRun, Target, settings_dict
 
 FORMAT_VERSION = 1
-ROUTERS = ("router", "router-bare")
-PEERS = ("direct", "nginx", "litellm")
+ROUTERS = ("router", "router-bare", "floor")
+PEERS = ("direct", "floor", "nginx", "litellm")
+# The ratio columns of the Markdown table, when both sides were measured. floor / litellm is
+# the most any router ratio to LiteLLM can be on this stack.
+COLUMNS = (("router", "nginx"), ("router", "litellm"), ("router", "floor"),
+           ("floor", "litellm"))
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,8 @@ METRICS = (
     Metric("send_lag_p99_ms", "generator send lag p99, open loop", "openloop",
            ("send_lag_ms", "p99"), "ms", openloop=True),
     Metric("c1_p50_ms", "latency p50, closed loop c=1", "c1", ("latency_ms", "p50"), "ms"),
+    Metric("c1_stream_ttfb_p50_ms", "stream first byte p50, closed loop c=1", "c1",
+           ("stream_ttfb_ms", "p50"), "ms"),
     Metric("streams_per_s", "20-chunk streams/s, {stream_connections} concurrent", "streams",
            ("streams_per_s",), "streams/s"),
     Metric("stream_ttfb_p50_ms", "stream first byte p50, {stream_connections} concurrent",
@@ -57,7 +63,8 @@ METRICS = (
            ("cpu_us_per_stream",), "µs"),
 )
 RATIO_KEYS = ("rps", "streams_per_s", "cpu_us_per_req", "cpu_us_per_stream", "rss_open_mb")
-ADDED_KEYS = ("open_p50_ms", "open_p99_ms", "c1_p50_ms", "stream_ttfb_p50_ms")
+ADDED_KEYS = ("open_p50_ms", "open_p99_ms", "c1_p50_ms", "c1_stream_ttfb_p50_ms",
+              "stream_ttfb_p50_ms")
 
 
 def stats(values: Sequence[float]) -> dict[str, float] | None:
@@ -103,6 +110,8 @@ def ratios(doc: dict[str, Any]) -> dict[str, dict[str, float]]:
         pairs: dict[str, float] = {}
         for mine in ROUTERS:
             for other in PEERS:
+                if other == mine:
+                    continue
                 a, b = _median(doc, mine, key), _median(doc, other, key)
                 if a is not None and b:
                     pairs[f"{mine}/{other}"] = a / b
@@ -184,8 +193,8 @@ def _signed(x: float | None) -> str:
 def markdown(doc: dict[str, Any]) -> str:
     s = doc["settings"]
     shown = [n for n, e in doc["targets"].items() if e["status"] != "skipped"]
-    vs = [p for p in ("nginx", "litellm") if p in shown and "router" in shown]
-    header = ["metric", *shown, *(f"router / {p}" for p in vs)]
+    vs = [f"{a}/{b}" for a, b in COLUMNS if a in shown and b in shown]
+    header = ["metric", *shown, *(v.replace("/", " / ") for v in vs)]
     rows: list[list[str]] = []
     fmt = {"connections": s["connections"], "rate": s["rate"],
            "stream_connections": s["stream_connections"]}
@@ -197,12 +206,14 @@ def markdown(doc: dict[str, Any]) -> str:
             if m.openloop and entry["saturated"] and cell != "-":
                 cell = f"saturated; at {entry['open_loop_rate']:g} req/s: {cell}"
             row.append(cell)
-        row += [_ratio(doc["ratios"].get(m.key, {}).get(f"router/{p}")) for p in vs]
+        row += [_ratio(doc["ratios"].get(m.key, {}).get(v)) for v in vs]
         rows.append(row)
     for key, label in (("open_p50_ms", "added p50 vs direct, open loop (ms)"),
                        ("open_p99_ms", "added p99 vs direct, open loop (ms)"),
                        ("c1_p50_ms", "added p50 vs direct, c=1 (ms)"),
-                       ("stream_ttfb_p50_ms", "added stream first byte p50 vs direct (ms)")):
+                       ("c1_stream_ttfb_p50_ms", "added stream first byte p50 vs direct, c=1 (ms)"),
+                       ("stream_ttfb_p50_ms", "added stream first byte p50 vs direct, "
+                        f"{s['stream_connections']} concurrent (ms)")):
         row = [label]
         for name in shown:
             added = doc["added_vs_direct_ms"].get(name)
@@ -218,7 +229,7 @@ def markdown(doc: dict[str, Any]) -> str:
     for key, label in (("rss_idle_mb", "proxy RSS, idle after the rounds (MiB)"),
                        ("rss_open_mb", f"proxy RSS, {streams:,} open streams (MiB, once)")):
         row = [label, *(_cell(doc["targets"][n]["summary"][key], "MiB") for n in shown)]
-        row += [_ratio(doc["ratios"].get(key, {}).get(f"router/{p}")) for p in vs]
+        row += [_ratio(doc["ratios"].get(key, {}).get(v)) for v in vs]
         rows.append(row)
     lines = [f"Peers, run {doc['run_id']} ({doc['started_at']}): median (min-max) over "
              f"{s['rounds']} rounds; ratios between medians of this run", "",

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 # `--peers`: every target, in the order of the tables; `direct` is the upstream itself.
-PEER_TARGETS = ("direct", "router", "router-bare", "nginx", "litellm")
+PEER_TARGETS = ("direct", "router", "router-bare", "floor", "nginx", "litellm")
 
 
 @dataclass(frozen=True)

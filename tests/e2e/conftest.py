@@ -70,13 +70,30 @@ class RouterProcess:
 
     async def wait_exit(self, within_s: float) -> int:
         try:
-            return await asyncio.wait_for(self.proc.wait(), within_s)
+            return await asyncio.wait_for(asyncio.shield(self.proc.wait()), within_s)
         except TimeoutError:
-            raise AssertionError(f"router did not exit within {within_s:.1f} s:\n"
-                                 + self.log()[-3000:]) from None
+            state = process_state(self.pid)
+            if state not in ("gone", "Z"):
+                # Started with PYTHONFAULTHANDLER: SIGABRT writes every thread's stack to
+                # the log, which says where the exit got stuck.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGABRT)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self.proc.wait()), 3.0)
+            raise AssertionError(f"router did not exit within {within_s:.1f} s "
+                                 f"(process state then: {state}):\n"
+                                 + self.log()[-6000:]) from None
 
     def children(self) -> list[int]:
         return children_of(self.pid)
+
+
+def process_state(pid: int) -> str:
+    """The kernel's one-letter state of the process (R, S, D, Z, ...), or "gone"."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "gone"
 
 
 def children_of(pid: int) -> list[int]:
@@ -126,7 +143,8 @@ async def router_process(tmp_path: Path) -> AsyncIterator[StartRouter]:
         for _attempt in range(3 if port is None else 1):
             listen = free_port() if port is None else port
             log_path = tmp_path / f"router-{n}-{listen}.log"
-            full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+            full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1",
+                        **(env or {})}
             with log_path.open("wb") as log_file:
                 proc = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "router", "serve", "--config", str(path),

@@ -23,7 +23,7 @@ def test_peers_run_against_nginx(tmp_path: Path) -> None:
     if nginx_binary() is None:
         pytest.skip("nginx is not installed (`make bench-deps` installs it)")
     out = tmp_path / "results"
-    plan = parse(["--peers-only", "--rate", "100", "--peer-targets", "direct,router,nginx",
+    plan = parse(["--peers-only", "--rate", "100", "--peer-targets", "direct,router,floor,nginx",
                   "--peer-rounds", "2", "--results", str(out)])
     tiny = dataclasses.replace(peers.settings(plan), phase_s=0.3, warmup_s=0.3, c1_count=10,
                                open_streams=10, settle_s=0.1)
@@ -36,7 +36,7 @@ def test_peers_run_against_nginx(tmp_path: Path) -> None:
     assert written[1].read_text().startswith(f"Peers, run {doc['run_id']}")
 
     assert doc["kind"] == "router-bench-peers" and doc["settings"]["rounds"] == 2
-    assert list(doc["targets"]) == ["direct", "router", "nginx"]
+    assert list(doc["targets"]) == ["direct", "router", "floor", "nginx"]
     for name, entry in doc["targets"].items():
         assert entry["status"] == "measured", (name, entry.get("failure"))
         assert not entry["saturated"] and entry["open_loop_rate"] == 100
@@ -75,4 +75,9 @@ def test_peers_run_against_nginx(tmp_path: Path) -> None:
     added = doc["added_vs_direct_ms"]["nginx"]["open_p50_ms"]
     assert added == pytest.approx(med("nginx", ("latency_ms", "p50"), "openloop")
                                   - med("direct", ("latency_ms", "p50"), "openloop"))
-    assert set(doc["added_vs_direct_ms"]) == {"router", "nginx"}
+    added = doc["added_vs_direct_ms"]["router"]["c1_stream_ttfb_p50_ms"]
+    assert added == pytest.approx(med("router", ("stream_ttfb_ms", "p50"), "c1")
+                                  - med("direct", ("stream_ttfb_ms", "p50"), "c1"))
+    assert set(doc["added_vs_direct_ms"]) == {"router", "floor", "nginx"}
+    assert doc["ratios"]["rps"]["router/floor"] == pytest.approx(
+        med("router", ("rps",), "throughput") / med("floor", ("rps",), "throughput"))

@@ -103,6 +103,7 @@ def _run() -> PeersRun:
                       slow_c1_count=5, open_streams=100, results_dir="out")
     targets = [_target("direct", [60000, 50000, 70000], [0.1, 0.2, 0.1]),
                _target("router", [4000, 3000, 5000], [0.5, 0.6, 0.7], rss=70),
+               _target("floor", [8000, 9000, 7000], [0.3, 0.4, 0.3], rss=30),
                _target("nginx", [40000, 45000, 41000], [0.3, 0.3, 0.4], rss=8),
                _target("litellm", [60, 64, 70], [15, 16, 14], saturated=True, rss=600)]
     machine = {"cpus": 2, "pinned": True, "proxy_cpu": 0, "load_cpu": 1,
@@ -120,6 +121,10 @@ def test_report_ratios_are_between_medians_of_the_run() -> None:
     assert doc["ratios"]["rps"]["router/direct"] == pytest.approx(4000 / 60000)
     assert doc["ratios"]["rss_open_mb"]["router/nginx"] == pytest.approx(80 / 18)
     assert "router-bare/nginx" not in doc["ratios"]["rps"]  # skipped: no figure, no ratio
+    # The floor: the router's share of it, and the most the router could reach over LiteLLM.
+    assert doc["ratios"]["rps"]["router/floor"] == pytest.approx(4000 / 8000)
+    assert doc["ratios"]["rps"]["floor/litellm"] == pytest.approx(8000 / 64)
+    assert "floor/floor" not in doc["ratios"]["rps"]
     added = doc["added_vs_direct_ms"]
     assert added["router"]["open_p50_ms"] == pytest.approx(0.6 - 0.1)
     assert added["nginx"]["c1_p50_ms"] == pytest.approx(0.15 - 0.05)
@@ -132,8 +137,10 @@ def test_report_ratios_are_between_medians_of_the_run() -> None:
 def test_report_markdown_names_every_target_and_the_saturated_one() -> None:
     text = markdown(document(_run()))
     header = next(line for line in text.splitlines() if line.startswith("| metric"))
-    assert header.split(" | ")[1:5] == ["direct", "router", "nginx", "litellm"]
-    assert "router / nginx" in header and "router / litellm" in header
+    assert header.split(" | ")[1:6] == ["direct", "router", "floor", "nginx", "litellm"]
+    assert header.rstrip(" |").split(" | ")[6:] == ["router / nginx", "router / litellm",
+                                                   "router / floor", "floor / litellm"]
+    assert "| 125x |" in text  # floor / litellm throughput: 8,000 / 64
     assert "saturated; at 300 req/s" in text
     assert "| 4,000 (3,000-5,000) |" in text
     assert "router-bare: skipped: not asked" in text
