@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import gc
 import hashlib
 import logging
@@ -94,6 +95,7 @@ def serve(path: str, overrides: Overrides, *, worker: bool = False) -> int:
     _announce(config, worker)
     _install_uvloop()
     asyncio.run(_run_worker(path, config, overrides, reuse_port=config.server.workers > 1))
+    faulthandler.cancel_dump_traceback_later()  # armed once the drain is over
     return 0
 
 
@@ -169,6 +171,9 @@ async def _run_worker(path: str, config: Config, overrides: Overrides, *,
     await stop.wait()
     await worker.stop(drain_delay_s=worker.ref.current.config.server.drain_delay_s
                       if delayed else 0.0)
+    # Whatever would still hold the exit up (a task, the loop's own teardown): past this, every
+    # thread's stack goes to stderr and the process exits 1.
+    faulthandler.dump_traceback_later(EXIT_WATCHDOG_S, exit=True)
     await _end_leftover_tasks(LEFTOVER_TIMEOUT_S)
 
 
@@ -187,8 +192,10 @@ def _awaiting(coro: Any) -> str:
     return " > ".join(where) or "?"
 
 
-# After the drain, how long the tasks still running get to end once cancelled.
-LEFTOVER_TIMEOUT_S = 5.0
+# After the drain, how long the tasks still running get to end once cancelled (they take
+# milliseconds), and how long the whole exit may take before the watchdog ends it.
+LEFTOVER_TIMEOUT_S = 1.0
+EXIT_WATCHDOG_S = 10.0
 
 
 async def _end_leftover_tasks(timeout_s: float) -> None:
@@ -201,7 +208,11 @@ async def _end_leftover_tasks(timeout_s: float) -> None:
         task.cancel()
     if not leftover:
         return
-    _, pending = await asyncio.wait(leftover, timeout=timeout_s)
+    done, pending = await asyncio.wait(leftover, timeout=timeout_s)
+    for task in done:  # as asyncio.run would have reported them
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed while the worker stopped", task.get_name(),
+                      exc_info=task.exception())
     if not pending:
         return
     for task in pending:

@@ -18,8 +18,8 @@ from router.bench.peers import PeersRun, Target, settings_dict
 FORMAT_VERSION = 1
 ROUTERS = ("router", "router-bare", "floor")
 PEERS = ("direct", "floor", "nginx", "litellm")
-# The ratio columns of the Markdown table, when both sides were measured. floor / litellm is
-# the most any router ratio to LiteLLM can be on this stack.
+# The ratio columns of the Markdown table, when both sides were measured. For req/s and
+# streams/s, floor / litellm is the most router / litellm can be on this stack.
 COLUMNS = (("router", "nginx"), ("router", "litellm"), ("router", "floor"),
            ("floor", "litellm"))
 
@@ -183,6 +183,8 @@ def _cell(summary: dict[str, float] | None, unit: str) -> str:
 def _ratio(x: float | None) -> str:
     if x is None:
         return "-"
+    if x < 0.01:
+        return f"{x:.4f}x"
     return f"{x:.2f}x" if x < 10 else f"{x:,.0f}x"
 
 
